@@ -1,0 +1,3 @@
+from personalityd.daemon import main
+
+raise SystemExit(main())

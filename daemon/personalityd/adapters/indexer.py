@@ -1,0 +1,275 @@
+"""Index a mounted personality volume: every path under each hierarchy, and its kind.
+
+The index feeds the conflict finder (core/conflicts.py), so it follows what overlayfs itself
+sees in a lower layer:
+
+- a directory is OPAQUE_DIR when its `trusted.overlay.opaque` (or `user.overlay.opaque`)
+  xattr is `y`, else DIR;
+- a char device 0:0 is a WHITEOUT;
+- a zero-size regular file with the `overlay.whiteout` xattr is a WHITEOUT only inside a
+  directory marked for such "xattr whiteouts" (`overlay.opaque` = `x`, or the
+  `overlay.whiteouts` xattr of Linux 6.7), exactly as the kernel requires. Elsewhere the kernel
+  shows it as an empty file, and so does the index. This also keeps the walk fast: regular
+  files are never stat'ed outside such directories; their kind comes from `d_type`.
+
+The walk never follows symlinks and uses an explicit stack, so deep trees cannot hit the
+recursion limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+import sys
+from collections.abc import Sequence
+
+from personalityd.core import model
+
+# The nine kind strings, interned once: every value of every index is one of these objects,
+# so a 100,000-entry index stores 100,000 pointers, not 100,000 strings.
+DIR = sys.intern(model.DIR)
+OPAQUE_DIR = sys.intern(model.OPAQUE_DIR)
+FILE = sys.intern(model.FILE)
+SYMLINK = sys.intern(model.SYMLINK)
+WHITEOUT = sys.intern(model.WHITEOUT)
+CHAR_DEVICE = sys.intern(model.CHAR_DEVICE)
+BLOCK_DEVICE = sys.intern(model.BLOCK_DEVICE)
+FIFO = sys.intern(model.FIFO)
+SOCKET = sys.intern(model.SOCKET)
+
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+_WHITEOUTS_MARK_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
+_OVERLAY_XATTRS = frozenset(_OPAQUE_XATTRS + _WHITEOUTS_MARK_XATTRS)
+
+# Errors that mean "this path is not there" rather than "this volume is broken".
+_ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG})
+# Errors that mean "no xattrs here" (a filesystem without xattr support).
+_NO_XATTR_ERRNOS = frozenset({errno.ENOTSUP, errno.ENODATA})
+
+COMPARE_CHUNK = 1024 * 1024
+
+
+def index_volume(mount_path: str, hierarchies: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Index each hierarchy (`/usr`) the volume mounted at `mount_path` provides.
+
+    Returns hierarchy -> TreeIndex (relative path -> kind). A hierarchy the volume does not
+    have as a real directory (missing, a file, or a symlink anywhere on the way) is absent
+    from the result. An unreadable directory or an I/O error raises OSError naming the path.
+    """
+    result: dict[str, dict[str, str]] = {}
+    for hierarchy in hierarchies:
+        top = _hierarchy_dir(mount_path, hierarchy)
+        if top is not None:
+            result[hierarchy] = index_tree(top)
+    return result
+
+
+def _hierarchy_dir(mount_path: str, hierarchy: str) -> str | None:
+    """`mount_path` + `hierarchy` if every component is a real directory, else None."""
+    path = mount_path
+    for component in hierarchy.strip("/").split("/"):
+        if not component:
+            continue
+        path = os.path.join(path, component)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            if e.errno in _ABSENT_ERRNOS:
+                return None
+            raise OSError(e.errno, e.strerror, path) from e
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+    return path
+
+
+def index_tree(top: str) -> dict[str, str]:
+    """Index everything below the directory `top` (not `top` itself)."""
+    index: dict[str, str] = {}
+    # (absolute directory path, its relative path + "/" or "" for top, holds xattr whiteouts)
+    stack: list[tuple[str, str, bool]] = [(top, "", _dir_marks(top)[1])]
+    # Local names: this loop runs once per entry of the volume.
+    pop = stack.pop
+    push = stack.append
+    dir_marks = _dir_marks
+    other_kind = _other_kind
+    is_xattr_whiteout = _is_xattr_whiteout
+    while stack:
+        dirpath, prefix, xwhiteouts = pop()
+        try:
+            with os.scandir(dirpath) as entries:
+                for entry in entries:
+                    relpath = prefix + entry.name
+                    # Regular files first: they are most entries, and d_type answers.
+                    if entry.is_file(follow_symlinks=False):
+                        if xwhiteouts and is_xattr_whiteout(entry):
+                            index[relpath] = WHITEOUT
+                        else:
+                            index[relpath] = FILE
+                    elif entry.is_dir(follow_symlinks=False):
+                        opaque, child_xwhiteouts = dir_marks(entry.path)
+                        index[relpath] = OPAQUE_DIR if opaque else DIR
+                        push((entry.path, relpath + "/", child_xwhiteouts))
+                    elif entry.is_symlink():
+                        index[relpath] = SYMLINK
+                    else:
+                        index[relpath] = other_kind(entry.stat(follow_symlinks=False))
+        except OSError as e:
+            where = e.filename if isinstance(e.filename, str) else dirpath
+            raise OSError(e.errno, e.strerror, where) from e
+    return index
+
+
+def _dir_marks(path: str) -> tuple[bool, bool]:
+    """(opaque, holds xattr whiteouts) for a directory, from its overlay xattrs."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in _NO_XATTR_ERRNOS:
+            return False, False
+        raise OSError(e.errno, e.strerror, path) from e
+    if not names or _OVERLAY_XATTRS.isdisjoint(names):
+        return False, False
+    opaque = False
+    xwhiteouts = any(name in names for name in _WHITEOUTS_MARK_XATTRS)
+    for name in _OPAQUE_XATTRS:
+        if name in names:
+            value = _getxattr(path, name)
+            opaque = opaque or value == b"y"
+            xwhiteouts = xwhiteouts or value == b"x"
+    return opaque, xwhiteouts
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in _NO_XATTR_ERRNOS:
+            return None
+        raise OSError(e.errno, e.strerror, path) from e
+
+
+def _is_xattr_whiteout(entry: os.DirEntry[str]) -> bool:
+    if entry.stat(follow_symlinks=False).st_size != 0:
+        return False
+    return any(_getxattr(entry.path, name) is not None for name in _WHITEOUT_XATTRS)
+
+
+def _other_kind(st: os.stat_result) -> str:
+    """The kind of an entry that is not a directory, regular file or symlink."""
+    mode = st.st_mode
+    if stat.S_ISCHR(mode):
+        return WHITEOUT if st.st_rdev == 0 else CHAR_DEVICE
+    if stat.S_ISBLK(mode):
+        return BLOCK_DEVICE
+    if stat.S_ISFIFO(mode):
+        return FIFO
+    if stat.S_ISSOCK(mode):
+        return SOCKET
+    if stat.S_ISDIR(mode):
+        return DIR
+    if stat.S_ISLNK(mode):
+        return SYMLINK
+    return FILE
+
+
+def kind_of(st: os.stat_result) -> str:
+    """The kind of an lstat result (no xattrs consulted: directories are DIR)."""
+    if stat.S_ISREG(st.st_mode):
+        return FILE
+    return _other_kind(st)
+
+
+def identical_entries(paths: Sequence[str]) -> bool:
+    """True when all `paths` are regular files with equal content, or all are symlinks with
+    equal targets. Any error while reading, a mix of kinds, or an empty list: False."""
+    if not paths:
+        return False
+    try:
+        first = os.lstat(paths[0])
+        if stat.S_ISLNK(first.st_mode):
+            target = os.readlink(paths[0])
+            return all(
+                stat.S_ISLNK(os.lstat(p).st_mode) and os.readlink(p) == target for p in paths[1:]
+            )
+        if stat.S_ISREG(first.st_mode):
+            return _same_content(paths)
+    except OSError:
+        return False
+    return False
+
+
+def _same_content(paths: Sequence[str]) -> bool:
+    """Compare regular files: sizes first, then their bytes in COMPARE_CHUNK pieces."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fds: list[int] = []
+    try:
+        size: int | None = None
+        seen: set[tuple[int, int]] = set()
+        for path in paths:
+            fd = os.open(path, flags)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+                os.close(fd)
+                return False
+            size = st.st_size
+            if (st.st_dev, st.st_ino) in seen:  # the same inode twice: nothing to compare
+                os.close(fd)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            fds.append(fd)
+        while True:
+            reference = _read_full(fds[0], COMPARE_CHUNK)
+            if any(_read_full(fd, COMPARE_CHUNK) != reference for fd in fds[1:]):
+                return False
+            if len(reference) < COMPARE_CHUNK:
+                return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _read_full(fd: int, size: int) -> bytes:
+    """Read `size` bytes, fewer only at end of file."""
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    remaining = size - len(data)
+    while remaining:
+        more = os.read(fd, remaining)
+        if not more:
+            break
+        parts.append(more)
+        remaining -= len(more)
+    return b"".join(parts)
+
+
+def base_kind(base_dir: str, relpath: str) -> str | None:
+    """The kind of `base_dir`/`relpath` from lstat, or None when the base has no such entry.
+
+    Errors other than "not there" (ENOENT, ENOTDIR, ENAMETOOLONG) propagate as OSError.
+    """
+    path = os.path.join(base_dir, relpath.lstrip("/"))
+    try:
+        return kind_of(os.lstat(path))
+    except OSError as e:
+        if e.errno in _ABSENT_ERRNOS:
+            return None
+        raise
+
+
+class BaseLookup:
+    """`base_kind` for one base directory, with an LRU cache: `lookup("bin/tool")`."""
+
+    def __init__(self, base_dir: str, maxsize: int = 65536) -> None:
+        self.base_dir = base_dir
+        self._cached = functools.lru_cache(maxsize=maxsize)(functools.partial(base_kind, base_dir))
+
+    def __call__(self, relpath: str) -> str | None:
+        return self._cached(relpath)
+
+    def cache_clear(self) -> None:
+        self._cached.cache_clear()

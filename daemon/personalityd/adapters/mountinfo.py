@@ -1,0 +1,81 @@
+"""Reading /proc/self/mountinfo."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    devnum: tuple[int, int]
+    root: str  # the path inside the filesystem that is mounted here
+    mount_point: str
+    fs_type: str
+    source: str
+    super_options: str
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            major, minor = fields[2].split(":")
+            entries.append(
+                MountEntry(
+                    mount_id=int(fields[0]),
+                    parent_id=int(fields[1]),
+                    devnum=(int(major), int(minor)),
+                    root=_unescape(fields[3]),
+                    mount_point=_unescape(fields[4]),
+                    fs_type=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                    super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
+                )
+            )
+        except (ValueError, IndexError):
+            continue
+    return entries
+
+
+def read_mountinfo() -> list[MountEntry]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
+
+
+def mounts_at(entries: Iterable[MountEntry], mount_point: str) -> list[MountEntry]:
+    """The mounts stacked at `mount_point`, bottom first (each child of the one before)."""
+    here = [e for e in entries if e.mount_point == mount_point]
+    ids = {e.mount_id for e in here}
+    bottom = [e for e in here if e.parent_id not in ids]
+    ordered: list[MountEntry] = []
+    current = bottom[0] if bottom else None
+    while current is not None:
+        ordered.append(current)
+        current = next((e for e in here if e.parent_id == current.mount_id), None)
+    return ordered
+
+
+def top_mount_at(entries: Iterable[MountEntry], mount_point: str) -> MountEntry | None:
+    stack = mounts_at(entries, mount_point)
+    return stack[-1] if stack else None
+
+
+def mounted_from_device(entries: Iterable[MountEntry], devnum: tuple[int, int]) -> list[MountEntry]:
+    """Mounts of the whole filesystem on this block device."""
+    return [e for e in entries if e.devnum == devnum and e.root == "/"]
+
+
+def is_mount_point(entries: Iterable[MountEntry], path: str) -> bool:
+    return any(e.mount_point == path for e in entries)

@@ -1,0 +1,360 @@
+"""Linux mount syscalls through ctypes: the new mount API, plus the legacy calls for fallbacks.
+
+Every wrapper raises a real OSError (errno, message, path) on failure. Nothing here decides what
+to mount; engine.py does. A detached mount is held as a file descriptor (`Detached`), and is
+freed by the kernel when the last descriptor to it closes, so a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# Syscall numbers from 424 on are the same on every architecture.
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+SYS_MOUNT_SETATTR = 442
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_BENEATH = 0x200
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_NODIRATIME = 0x80
+MOUNT_ATTR_SIZE_VER0 = 32
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# Mount options that are per-mount attributes rather than filesystem parameters.
+MOUNT_ATTR_OPTIONS = {
+    "ro": MOUNT_ATTR_RDONLY,
+    "nosuid": MOUNT_ATTR_NOSUID,
+    "nodev": MOUNT_ATTR_NODEV,
+    "noexec": MOUNT_ATTR_NOEXEC,
+    "noatime": MOUNT_ATTR_NOATIME,
+    "nodiratime": MOUNT_ATTR_NODIRATIME,
+}
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str, path: str | None = None) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return result
+
+
+def _syscall(number: int, *args: object) -> int:
+    return int(_libc.syscall(number, *args))
+
+
+def _b(value: str) -> bytes:
+    return os.fsencode(value)
+
+
+@dataclass
+class Detached:
+    """A mount that is not attached anywhere yet, held by its file descriptor."""
+
+    fd: int
+    description: str
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Detached:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split_options(options: Iterable[str]) -> tuple[int, list[str]]:
+    """Split mount options into MOUNT_ATTR_* flags and filesystem parameters."""
+    attrs = 0
+    params: list[str] = []
+    for option in options:
+        if option in MOUNT_ATTR_OPTIONS:
+            attrs |= MOUNT_ATTR_OPTIONS[option]
+        elif option in ("rw", "suid", "dev", "exec", "atime", "relatime", "defaults"):
+            continue
+        else:
+            params.append(option)
+    return attrs, params
+
+
+class FsContext:
+    """A filesystem context from fsopen(); configure it, then `mount()` it detached."""
+
+    def __init__(self, fs_type: str) -> None:
+        self.fs_type = fs_type
+        self.fd = _check(_syscall(SYS_FSOPEN, _b(fs_type), FSOPEN_CLOEXEC), f"fsopen({fs_type})")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FsContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fail(self, what: str, key: str) -> OSError:
+        err = ctypes.get_errno()
+        detail = self._kernel_message()
+        text = f"{what} {key}: {os.strerror(err)}" + (f" ({detail})" if detail else "")
+        return OSError(err, text)
+
+    def _kernel_message(self) -> str:
+        """The kernel's own explanation, read from the context fd (e.g. overlay's reasons)."""
+        messages = []
+        try:
+            while True:
+                data = os.read(self.fd, 1024)
+                if not data:
+                    break
+                messages.append(data.decode(errors="replace").strip())
+        except OSError:
+            pass
+        return "; ".join(messages)
+
+    def set_flag(self, key: str) -> None:
+        if _syscall(SYS_FSCONFIG, self.fd, FSCONFIG_SET_FLAG, _b(key), None, 0) < 0:
+            raise self._fail("fsconfig flag", key)
+
+    def set_string(self, key: str, value: str) -> None:
+        if _syscall(SYS_FSCONFIG, self.fd, FSCONFIG_SET_STRING, _b(key), _b(value), 0) < 0:
+            raise self._fail("fsconfig", f"{key}={value}")
+
+    def set_option(self, option: str) -> None:
+        key, sep, value = option.partition("=")
+        if sep:
+            self.set_string(key, value)
+        else:
+            self.set_flag(key)
+
+    def mount(self, attrs: int, description: str) -> Detached:
+        if _syscall(SYS_FSCONFIG, self.fd, FSCONFIG_CMD_CREATE, None, None, 0) < 0:
+            raise self._fail("creating", f"{self.fs_type} for {description}")
+        fd = _syscall(SYS_FSMOUNT, self.fd, FSMOUNT_CLOEXEC, attrs)
+        if fd < 0:
+            raise self._fail("fsmount", description)
+        return Detached(fd, description)
+
+
+def mount_block_device(
+    device: str, fs_type: str, options: Sequence[str], description: str
+) -> Detached:
+    """Mount a block device read-only (superblock and mount), detached."""
+    attrs, params = split_options(options)
+    with FsContext(fs_type) as ctx:
+        ctx.set_string("source", device)
+        ctx.set_flag("ro")
+        for param in params:
+            ctx.set_option(param)
+        return ctx.mount(attrs | MOUNT_ATTR_RDONLY, description)
+
+
+def mount_tmpfs(options: Sequence[str], description: str) -> Detached:
+    attrs, params = split_options(options)
+    with FsContext("tmpfs") as ctx:
+        ctx.set_string("source", "personalityd")
+        for param in params:
+            ctx.set_option(param)
+        return ctx.mount(attrs, description)
+
+
+def mount_device_rw(device: str, fs_type: str, attrs: int, description: str) -> Detached:
+    with FsContext(fs_type) as ctx:
+        ctx.set_string("source", device)
+        return ctx.mount(attrs, description)
+
+
+def overlay_options(upper: str | None, work: str | None) -> list[str]:
+    options = ["index=off", "redirect_dir=off", "metacopy=off", "xino=off"]
+    if upper is not None and work is not None:
+        options += [f"upperdir={upper}", f"workdir={work}"]
+    return options
+
+
+def mount_overlay(
+    lowers: Sequence[str], upper: str | None, work: str | None, description: str
+) -> Detached:
+    """An overlay built with `lowerdir+` (Linux 6.8+): one fsconfig call per layer, top first."""
+    with FsContext("overlay") as ctx:
+        ctx.set_string("source", "personalityd")
+        for lower in lowers:
+            ctx.set_string("lowerdir+", lower)
+        for option in overlay_options(upper, work):
+            ctx.set_option(option)
+        attrs = MOUNT_ATTR_NODEV | (0 if upper else MOUNT_ATTR_RDONLY)
+        return ctx.mount(attrs, description)
+
+
+def mount_overlay_legacy(
+    lowers: Sequence[str], upper: str | None, work: str | None, target: str, links_dir: str
+) -> None:
+    """An overlay mounted with mount(2) and one option string, for kernels before 6.8.
+
+    The option string is limited to a page, so each layer is named by a short relative symlink
+    in `links_dir`, and the mount is made with that directory as the working directory.
+    """
+    os.makedirs(links_dir, exist_ok=True)
+    for entry in os.listdir(links_dir):
+        os.unlink(os.path.join(links_dir, entry))
+    short = []
+    for i, lower in enumerate(lowers):
+        link = format(i, "x")
+        os.symlink(lower, os.path.join(links_dir, link))
+        short.append(link)
+    data = ",".join([f"lowerdir={':'.join(short)}", *overlay_options(upper, work)])
+    if len(data) >= 4096:
+        raise OSError(errno.E2BIG, f"overlay option string too long for mount(2): {len(data)}")
+    flags = MS_NODEV | (0 if upper else MS_RDONLY)
+    previous = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(links_dir)
+        mount("personalityd", target, "overlay", flags, data)
+    finally:
+        os.fchdir(previous)
+        os.close(previous)
+
+
+def mount(source: str | None, target: str, fs_type: str | None, flags: int, data: str) -> None:
+    result = _libc.mount(
+        _b(source) if source else None,
+        _b(target),
+        _b(fs_type) if fs_type else None,
+        ctypes.c_ulong(flags),
+        _b(data) if data else None,
+    )
+    _check(result, f"mount {fs_type or 'bind'} on {target}", target)
+
+
+def clone_tree(path: str, recursive: bool = False) -> Detached:
+    """A detached bind mount of `path` (open_tree with OPEN_TREE_CLONE), made private."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _check(_syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path), flags), "open_tree", path)
+    detached = Detached(fd, f"bind of {path}")
+    try:
+        set_attributes(detached, 0, 0, propagation=MS_PRIVATE, recursive=recursive)
+    except OSError:
+        detached.close()
+        raise
+    return detached
+
+
+def set_attributes(
+    detached: Detached, attr_set: int, attr_clr: int, propagation: int = 0, recursive: bool = False
+) -> None:
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    result = _syscall(
+        SYS_MOUNT_SETATTR, detached.fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    _check(result, f"mount_setattr on {detached.description}")
+
+
+def attach(detached: Detached, target: str, beneath: bool = False) -> None:
+    """Attach a detached mount at `target`; with `beneath`, under the mount on top there."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
+    result = _syscall(SYS_MOVE_MOUNT, detached.fd, b"", AT_FDCWD, _b(target), flags)
+    _check(result, f"move_mount{' beneath' if beneath else ''} of {detached.description}", target)
+
+
+def move(source: str, target: str, beneath: bool = False) -> None:
+    """Move the mount at path `source` to `target` (beneath the top mount there if asked)."""
+    flags = MOVE_MOUNT_BENEATH if beneath else 0
+    result = _syscall(SYS_MOVE_MOUNT, AT_FDCWD, _b(source), AT_FDCWD, _b(target), flags)
+    _check(result, f"move_mount {source}", target)
+
+
+def attach_any(item: Detached | str, target: str, beneath: bool = False) -> None:
+    """Attach a detached mount, or move a mount found at a staging path, to `target`."""
+    if isinstance(item, Detached):
+        attach(item, target, beneath)
+    else:
+        move(item, target, beneath)
+
+
+def unmount(target: str, lazy: bool = True) -> None:
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    _check(_libc.umount2(_b(target), flags), "umount", target)
+
+
+def kernel_supports_lowerdir_plus() -> bool:
+    """Probe by configuring (not creating) an overlay context with a `lowerdir+` layer."""
+    try:
+        with FsContext("overlay") as ctx:
+            ctx.set_string("lowerdir+", "/")
+            return True
+    except OSError:
+        return False
+
+
+def kernel_supports_beneath(scratch_dir: str) -> bool:
+    """Probe MOVE_MOUNT_BENEATH with two throwaway tmpfs mounts on `scratch_dir`.
+
+    The probe mounts at `scratch_dir` and removes what it mounted before returning.
+    """
+    os.makedirs(scratch_dir, exist_ok=True)
+    top = mount_tmpfs(["size=4k"], "beneath probe top")
+    try:
+        attach(top, scratch_dir)
+    finally:
+        top.close()
+    try:
+        with mount_tmpfs(["size=4k"], "beneath probe bottom") as bottom:
+            try:
+                attach(bottom, scratch_dir, beneath=True)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    return False
+                raise
+        unmount(scratch_dir)
+        return True
+    finally:
+        unmount(scratch_dir)

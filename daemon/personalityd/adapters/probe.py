@@ -1,0 +1,97 @@
+"""Recognising personality volumes: read the manifest of a block device without exposing it.
+
+The device is mounted read-only as a detached mount (no mount point anywhere) and read through
+the mount's file descriptor; closing the descriptor unmounts it. A device that is already
+mounted elsewhere is read through that existing mount instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from personalityd.adapters import mounts
+from personalityd.adapters.mountinfo import mounted_from_device, read_mountinfo
+from personalityd.core.errors import PersonalityError
+from personalityd.core.manifest import (
+    EXTENSION_RELEASE_DIRS,
+    manifest_name_from_filename,
+    parse_manifest,
+)
+from personalityd.core.model import BlockDevice, Manifest
+
+MAX_MANIFEST_SIZE = 64 * 1024
+SUPPORTED_FS_TYPES = ("squashfs", "erofs", "ext4", "ext3", "ext2", "xfs", "btrfs", "vfat")
+# Filesystems with a journal that a read-only mount must not replay (it would write).
+NO_RECOVERY_FS_TYPES = ("ext4", "ext3", "xfs")
+
+
+class NotAPersonality(Exception):
+    """The device is not a usable personality volume; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    manifest: Manifest
+    existing_mount: str | None  # where the device was already mounted, if it was
+
+
+def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, ...]:
+    """The configured options, forced read-only, plus what keeps journalled filesystems
+    from writing to the device."""
+    forced = [o for o in options if o != "rw"]
+    if "ro" not in forced:
+        forced.append("ro")
+    if fs_type in NO_RECOVERY_FS_TYPES and "norecovery" not in forced:
+        forced.append("norecovery")
+    return tuple(forced)
+
+
+def read_manifest(tree: str) -> Manifest:
+    """Find exactly one extension-release file in a mounted tree and parse it."""
+    found: list[tuple[str, str]] = []
+    for rel in EXTENSION_RELEASE_DIRS:
+        directory = os.path.join(tree, rel)
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for filename in sorted(names):
+            name = manifest_name_from_filename(filename)
+            if name is not None:
+                found.append((name, os.path.join(directory, filename)))
+    if not found:
+        raise NotAPersonality("no extension-release manifest found")
+    if len(found) > 1:
+        listed = ", ".join(os.path.basename(path) for _, path in found)
+        raise NotAPersonality(f"more than one manifest ({listed})")
+    name, path = found[0]
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not os.path.isfile(f"/proc/self/fd/{fd}") or os.fstat(fd).st_size > MAX_MANIFEST_SIZE:
+            raise NotAPersonality(f"manifest {os.path.basename(path)} is not a small regular file")
+        text = os.read(fd, MAX_MANIFEST_SIZE).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+    try:
+        return parse_manifest(name, text)
+    except PersonalityError as exc:
+        raise NotAPersonality(str(exc)) from exc
+
+
+def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeResult:
+    """Read the manifest of `device`. Raises NotAPersonality or OSError (mount failed)."""
+    fs_type = device.fs_type
+    if not fs_type:
+        raise NotAPersonality("udev reports no filesystem type (ID_FS_TYPE)")
+    if fs_type not in SUPPORTED_FS_TYPES:
+        raise NotAPersonality(f"unsupported filesystem type {fs_type!r}")
+    existing = mounted_from_device(read_mountinfo(), device.devnum)
+    if existing:
+        where = existing[0].mount_point
+        return ProbeResult(read_manifest(where), where)
+    options = (*volume_mount_options(fs_type, mount_options), "noexec")
+    with mounts.mount_block_device(
+        device.devnode, fs_type, options, f"probe of {device.devnode}"
+    ) as detached:
+        return ProbeResult(read_manifest(f"/proc/self/fd/{detached.fd}"), None)

@@ -1,0 +1,476 @@
+"""personalityctl: look at and change the personality stack through personalityd on D-Bus.
+
+Exit status: 0 success, 1 the operation failed (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from personalityd import __version__
+from personalityd.build import (
+    FORMATS,
+    BuildError,
+    ImageSpec,
+    base_identity,
+    build_image,
+    read_base_os_release,
+)
+from personalityd.dbus.names import (
+    BUS_NAME,
+    ERROR_NAME_HAS_NO_OWNER,
+    ERROR_SERVICE_UNKNOWN,
+    INTERFACE,
+    OBJECT_PATH,
+    OPTION_FORCE,
+    OPTION_TIMEOUT,
+    PROPERTIES_INTERFACE,
+    SIG_NAMES,
+    SIG_OPTIONS,
+    system_bus_address,
+)
+
+PROG: Final = "personalityctl"
+READ_TIMEOUT: Final = 25.0  # seconds for a reading call, as sd-bus's default
+CHANGE_TIMEOUT: Final = 120.0  # seconds for a stack change, on top of --wait
+UINT32_MAX: Final = 2**32 - 1
+UNREACHABLE: Final = "cannot reach personalityd on the system bus"
+READING_VERBS: Final = ("list", "status", "conflicts")
+
+
+class CliError(Exception):
+    """The operation failed; `str()` is the one line printed after `personalityctl: `."""
+
+
+# -- talking to the daemon --------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Client:
+    """Method calls on the Manager object, with D-Bus errors turned into CliError."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+
+    @classmethod
+    async def connect(cls, address: str | None) -> Client:
+        resolved = system_bus_address(address)
+        try:
+            bus = await asyncio.wait_for(
+                MessageBus(bus_address=resolved, bus_type=BusType.SYSTEM).connect(),
+                READ_TIMEOUT,
+            )
+        except TimeoutError:
+            raise CliError(f"{UNREACHABLE}: {resolved}: connection timed out") from None
+        except Exception as exc:
+            raise CliError(f"{UNREACHABLE}: {resolved}: {_one_line(str(exc))}") from None
+        return cls(bus)
+
+    def disconnect(self) -> None:
+        self._bus.disconnect()
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        interface: str = INTERFACE,
+        timeout: float = READ_TIMEOUT,
+    ) -> list[Any]:
+        msg = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        try:
+            reply = await asyncio.wait_for(self._bus.call(msg), timeout)
+        except TimeoutError:
+            raise CliError(f"no answer from personalityd to {member} after {timeout:g}s") from None
+        except Exception as exc:  # the connection broke
+            raise CliError(f"{UNREACHABLE}: {_one_line(str(exc))}") from None
+        if reply.message_type is MessageType.ERROR:
+            text = _one_line(str(reply.body[0])) if reply.body else str(reply.error_name)
+            if reply.error_name in (ERROR_SERVICE_UNKNOWN, ERROR_NAME_HAS_NO_OWNER):
+                raise CliError(f"{UNREACHABLE}: {text}")
+            raise CliError(text)
+        return list(reply.body)
+
+    async def properties(self) -> dict[str, Any]:
+        (values,) = await self.call("GetAll", "s", [INTERFACE], interface=PROPERTIES_INTERFACE)
+        return {key: variant.value for key, variant in values.items()}
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned as systemctl does: upper-case header, empty cells as '-'."""
+    cells = [[h.upper() for h in headers]] + [[c if c else "-" for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append(" ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+PERSONALITY_FIELDS: Final = ("name", "state", "version", "device", "mount_point")
+PERSONALITY_HEADERS: Final = ("NAME", "STATE", "VERSION", "DEVICE", "MOUNT POINT")
+
+
+def personalities_as_dicts(rows: Sequence[Sequence[str]]) -> list[dict[str, str]]:
+    return [dict(zip(PERSONALITY_FIELDS, row, strict=True)) for row in rows]
+
+
+def conflicts_as_dicts(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [
+        {"path": p, "winner": w, "shadowed": list(s), "identical": bool(i)} for p, w, s, i in rows
+    ]
+
+
+def render_list(rows: Sequence[Sequence[str]]) -> str:
+    if not rows:
+        return "No personalities."
+    table = format_table(PERSONALITY_HEADERS, rows)
+    return f"{table}\n\n{_count(len(rows), 'personality', 'personalities')} listed."
+
+
+def render_conflicts(rows: Sequence[Sequence[Any]]) -> str:
+    if not rows:
+        return "No conflicts."
+    table = format_table(
+        ("PATH", "WINNER", "SHADOWED", "IDENTICAL"),
+        [(p, w, ",".join(s), "yes" if i else "no") for p, w, s, i in rows],
+    )
+    return f"{table}\n\n{_count(len(rows), 'conflict', 'conflicts')} listed."
+
+
+def render_status(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> str:
+    """hostnamectl-style: right-aligned labels; the live stack bottom to top."""
+    by_name = {row[0]: row for row in rows}
+    attached: list[str] = list(props.get("Attached", []))
+    desired: list[str] = list(props.get("Desired", []))
+    fields: list[tuple[str, str]] = []
+
+    if attached:
+        stack_rows = []
+        for position, name in enumerate(attached, 1):
+            row = by_name.get(name, (name, "", "", "", ""))
+            stack_rows.append((f"{position}.", name, row[2], row[3], row[4]))
+        table = format_table(("", "NAME", "VERSION", "DEVICE", "MOUNT POINT"), stack_rows)
+        fields.append(("Stack", "bottom to top\n" + table.split("\n", 1)[1]))
+    else:
+        fields.append(("Stack", "empty: the base only"))
+
+    not_live = [n for n in desired if n not in attached]
+    if not_live:
+        fields.append(("Pending", ", ".join(_with_state(n, by_name, "pending") for n in not_live)))
+    for state in ("incompatible", "draining", "failed", "available"):
+        names = [r[0] for r in rows if r[1] == state and r[0] not in not_live]
+        if names:
+            fields.append((state.capitalize(), ", ".join(names)))
+
+    writable = str(props.get("WritableDevice", ""))
+    if writable == "tmpfs":
+        writable = "tmpfs (volatile: changes are lost at reboot)"
+    fields.append(("Writable", writable or "none (read-only stack)"))
+    fields.append(("Generation", str(props.get("Generation", 0))))
+    conflicts = int(props.get("ConflictCount", 0))
+    fields.append(("Conflicts", f"{conflicts} (see '{PROG} conflicts')" if conflicts else "none"))
+
+    width = max(len(label) for label, _ in fields)
+    lines = []
+    for label, value in fields:
+        first, *rest = value.split("\n")
+        lines.append(f"{label.rjust(width)}: {first}")
+        lines.extend(" " * (width + 2) + line for line in rest)
+    return "\n".join(lines)
+
+
+def _with_state(name: str, by_name: dict[str, Sequence[str]], usual: str) -> str:
+    row = by_name.get(name)
+    state = row[1] if row is not None else "no volume"
+    return name if state == usual else f"{name} ({state})"
+
+
+def status_as_dict(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
+    return {
+        "attached": list(props.get("Attached", [])),
+        "desired": list(props.get("Desired", [])),
+        "generation": int(props.get("Generation", 0)),
+        "conflict_count": int(props.get("ConflictCount", 0)),
+        "writable_device": str(props.get("WritableDevice", "")),
+        "personalities": personalities_as_dicts(rows),
+    }
+
+
+# -- verbs --------------------------------------------------------------------------------------
+
+
+async def verb_list(client: Client, args: argparse.Namespace) -> int:
+    (rows,) = await client.call("ListPersonalities")
+    if args.json:
+        _print_json(personalities_as_dicts(rows))
+    else:
+        print(render_list(rows))
+    return 0
+
+
+async def verb_status(client: Client, args: argparse.Namespace) -> int:
+    props = await client.properties()
+    (rows,) = await client.call("ListPersonalities")
+    if args.json:
+        _print_json(status_as_dict(props, rows))
+    else:
+        print(render_status(props, rows))
+    return 0
+
+
+async def verb_conflicts(client: Client, args: argparse.Namespace) -> int:
+    (rows,) = await client.call("ListConflicts")
+    if args.json:
+        _print_json(conflicts_as_dicts(rows))
+    else:
+        print(render_conflicts(rows))
+    return 0
+
+
+def change_options(wait: int | None = None, force: bool = False) -> dict[str, Variant]:
+    """The a{sv} options of Attach and Switch; keys only for what was asked."""
+    options: dict[str, Variant] = {}
+    if wait is not None:
+        options[OPTION_TIMEOUT] = Variant("u", wait)
+    if force:
+        options[OPTION_FORCE] = Variant("b", True)
+    return options
+
+
+async def verb_attach(client: Client, args: argparse.Namespace) -> int:
+    options = change_options(args.wait, args.force)
+    timeout = CHANGE_TIMEOUT + (args.wait or 0)
+    (changed,) = await client.call(
+        "Attach", "s" + SIG_OPTIONS, [args.name, options], timeout=timeout
+    )
+    print(f"Attached {args.name}." if changed else f"{args.name} is already attached.")
+    return 0
+
+
+async def verb_detach(client: Client, args: argparse.Namespace) -> int:
+    (changed,) = await client.call(
+        "Detach", "s" + SIG_OPTIONS, [args.name, {}], timeout=CHANGE_TIMEOUT
+    )
+    print(f"Detached {args.name}." if changed else f"{args.name} is not attached.")
+    return 0
+
+
+async def verb_switch(client: Client, args: argparse.Namespace) -> int:
+    options = change_options(args.wait, args.force)
+    timeout = CHANGE_TIMEOUT + (args.wait or 0)
+    (changed,) = await client.call(
+        "Switch", SIG_NAMES + SIG_OPTIONS, [args.names, options], timeout=timeout
+    )
+    wanted = " ".join(args.names) if args.names else "the base only"
+    print(f"Switched to: {wanted}." if changed else f"Already at: {wanted}.")
+    return 0
+
+
+def verb_build(args: argparse.Namespace) -> int:
+    base_id, base_version_id = base_identity(read_base_os_release())
+    if args.os_id is not None:  # another base: take nothing from ours
+        os_id, version_id = args.os_id, args.version_id or ""
+    else:
+        os_id = base_id
+        version_id = args.version_id if args.version_id is not None else base_version_id
+    spec = ImageSpec(
+        name=args.name,
+        os_id=os_id,
+        version_id=version_id,
+        image_version=args.image_version or "",
+        description=args.description or "",
+        services=tuple(args.services.replace(",", " ").split()) if args.services else (),
+    )
+    try:
+        build_image(Path(args.dir), Path(args.output), spec, args.format)
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"{exc.filename or args.output}: {exc.strerror}") from None
+    print(f"Wrote {args.output} ({args.format}): personality {spec.name}.")
+    return 0
+
+
+DBusVerb = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+async def run_dbus_verb(verb: DBusVerb, args: argparse.Namespace) -> int:
+    client = await Client.connect(args.bus_address)
+    try:
+        return await verb(client, args)
+    finally:
+        client.disconnect()
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not 0 <= value <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"out of range: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Show and change the personalities stacked over this system.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--bus-address",
+        metavar="ADDRESS",
+        help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS, "
+        "else the standard system bus)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        dest="global_json",
+        help="JSON output, for the reading verbs (list, status, conflicts)",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def reading(name: str, help_: str, verb: DBusVerb) -> None:
+        sub = verbs.add_parser(name, help=help_, description=help_)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sub.set_defaults(dbus_verb=verb)
+
+    reading("list", "List the known personalities and their state.", verb_list)
+    reading(
+        "status", "Show the live stack, pending personalities and the writable device.", verb_status
+    )
+    reading(
+        "conflicts", "List paths provided by more than one attached personality.", verb_conflicts
+    )
+
+    attach = verbs.add_parser(
+        "attach",
+        help="Attach a personality on top of the stack.",
+        description="Attach a personality on top of the stack (nothing to do if it is).",
+    )
+    attach.add_argument("name", metavar="NAME")
+    attach.add_argument(
+        "--wait",
+        metavar="SEC",
+        type=_seconds,
+        help="wait up to SEC seconds for the personality's volume to appear",
+    )
+    attach.add_argument(
+        "--force", action="store_true", help="attach even if incompatible with the base"
+    )
+    attach.set_defaults(dbus_verb=verb_attach)
+
+    detach = verbs.add_parser(
+        "detach",
+        help="Detach a personality from the stack.",
+        description="Detach a personality from the stack (nothing to do if it is not there).",
+    )
+    detach.add_argument("name", metavar="NAME")
+    detach.set_defaults(dbus_verb=verb_detach)
+
+    switch = verbs.add_parser(
+        "switch",
+        help="Replace the whole stack, bottom first.",
+        description="Replace the desired list with NAME... (bottom first) in one transaction; "
+        "no NAME leaves the base only.",
+    )
+    switch.add_argument("names", metavar="NAME", nargs="*")
+    switch.add_argument("--wait", metavar="SEC", type=_seconds, help="wait for missing volumes")
+    switch.add_argument(
+        "--force", action="store_true", help="attach even if incompatible with the base"
+    )
+    switch.set_defaults(dbus_verb=verb_switch)
+
+    build = verbs.add_parser(
+        "build",
+        help="Make a personality image from a directory tree.",
+        description="Make a personality image (squashfs or erofs) from DIR, a root-relative "
+        "tree such as DIR/usr/bin/tool, with its manifest "
+        "usr/lib/extension-release.d/extension-release.NAME. DIR is not modified.",
+    )
+    build.add_argument("dir", metavar="DIR")
+    build.add_argument("--name", required=True, help="the personality's name")
+    build.add_argument("-o", "--output", metavar="IMAGE", required=True, help="image to write")
+    build.add_argument("--format", choices=FORMATS, default="squashfs", help="(default: squashfs)")
+    build.add_argument(
+        "--version", dest="image_version", metavar="V", help="IMAGE_VERSION, shown as its version"
+    )
+    build.add_argument(
+        "--id",
+        dest="os_id",
+        metavar="ID",
+        help="the base's os-release ID it is made for (default: this system's, or _any)",
+    )
+    build.add_argument(
+        "--version-id",
+        metavar="V",
+        help="the base's VERSION_ID it is made for (default: this system's unless --id)",
+    )
+    build.add_argument("--description", metavar="TEXT", help="PERSONALITY_DESCRIPTION")
+    build.add_argument(
+        "--services",
+        metavar="UNITS",
+        help="units to start after attach and stop before detach, space- or comma-separated",
+    )
+    build.set_defaults(local_verb=verb_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.global_json:
+        if args.verb not in READING_VERBS:
+            parser.error(f"--json is for {', '.join(READING_VERBS)}, not {args.verb}")
+        args.json = True
+    try:
+        if hasattr(args, "local_verb"):
+            local_verb: Callable[[argparse.Namespace], int] = args.local_verb
+            return local_verb(args)
+        return asyncio.run(run_dbus_verb(args.dbus_verb, args))
+    except CliError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""Journal MESSAGE_IDs (DESIGN section 5) and the identifier every entry carries."""
+
+from __future__ import annotations
+
+SYSLOG_IDENTIFIER = "personalityd"
+
+MESSAGE_ID_CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
+MESSAGE_ID_STACK_CHANGED = "745778a2970b4475acba70df8299437b"
+MESSAGE_ID_VOLUME_REFUSED = "18d0afe90a164b398024e69871a6bc44"
+MESSAGE_ID_CHANGE_FAILED = "091e1791abd44213b5aa028ad69c8fce"
+
+# At most this many conflict entries per stack change; the summary says how many were left out.
+MAX_CONFLICT_ENTRIES = 1000

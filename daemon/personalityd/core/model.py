@@ -1,0 +1,135 @@
+"""The domain's plain data: devices, manifests, volumes, indexes, plans and reports.
+
+Everything here is immutable and free of I/O; adapters convert to these types at the edge.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# One character per directory entry kind in a TreeIndex.
+DIR = "d"  # a directory that merges with the same directory in lower layers
+OPAQUE_DIR = "o"  # a directory marked trusted.overlay.opaque=y: hides lower layers below it
+FILE = "f"
+SYMLINK = "l"
+WHITEOUT = "w"  # char device 0:0 (or overlay.whiteout xattr): deletes the path below it
+CHAR_DEVICE = "c"
+BLOCK_DEVICE = "b"
+FIFO = "p"
+SOCKET = "s"
+
+MERGING_KINDS = frozenset({DIR})
+
+# A TreeIndex maps a path relative to the hierarchy ("bin/tool", no leading slash; the
+# hierarchy's own directory is not a key) to its kind character above.
+TreeIndex = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A udev block device, converted at the edge from pyudev."""
+
+    devnode: str  # /dev/loop3
+    devnum: tuple[int, int]  # (major, minor)
+    properties: Mapping[str, str] = field(hash=False, compare=False)
+    diskseq: int = 0  # kernel DISKSEQ; a reattached loop device gets a new one
+
+    @property
+    def identity(self) -> str:
+        """Stable while the same medium is attached; changes when a device is re-used."""
+        return f"{self.devnum[0]}:{self.devnum[1]}:{self.diskseq}"
+
+    @property
+    def fs_type(self) -> str:
+        return self.properties.get("ID_FS_TYPE", "")
+
+
+@dataclass(frozen=True)
+class OsRelease:
+    """The base's os-release, the fields that compatibility needs."""
+
+    id: str
+    id_like: tuple[str, ...] = ()
+    version_id: str | None = None
+    sysext_level: str | None = None
+    architecture: str = ""  # the machine's architecture in systemd spelling (x86-64, arm64)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A personality volume's extension-release file."""
+
+    name: str
+    fields: Mapping[str, str] = field(hash=False, compare=False)
+
+    def get(self, key: str) -> str | None:
+        return self.fields.get(key)
+
+    @property
+    def version(self) -> str:
+        return self.fields.get("IMAGE_VERSION") or self.fields.get("VERSION_ID") or ""
+
+    @property
+    def description(self) -> str:
+        return self.fields.get("PERSONALITY_DESCRIPTION", "")
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(self.fields.get("PERSONALITY_SERVICES", "").split())
+
+
+class State(enum.StrEnum):
+    AVAILABLE = "available"
+    ATTACHED = "attached"
+    PENDING = "pending"
+    INCOMPATIBLE = "incompatible"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A present, recognised personality volume."""
+
+    name: str
+    device: BlockDevice
+    manifest: Manifest
+    incompatibility: str | None = None  # reason, or None when compatible with the base
+
+    @property
+    def compatible(self) -> bool:
+        return self.incompatibility is None
+
+
+@dataclass(frozen=True)
+class DesiredEntry:
+    name: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Conflict:
+    path: str  # as seen in the stacked system, e.g. "/usr/bin/python3"
+    hierarchy: str  # "/usr"
+    winner: str
+    shadowed: tuple[str, ...]  # top first
+    identical: bool
+
+
+@dataclass(frozen=True)
+class ConflictReport:
+    conflicts: tuple[Conflict, ...]
+    overrides: int  # paths where a personality replaces an entry of the base
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What the stack should look like: the live personalities and each hierarchy's layers."""
+
+    live: tuple[str, ...]  # bottom first (attach order)
+    layers: Mapping[str, tuple[str, ...]]  # hierarchy -> personality names, top first
+
+    def hierarchies_stacked(self) -> tuple[str, ...]:
+        return tuple(h for h, names in self.layers.items() if names)

@@ -1,0 +1,231 @@
+"""personalityd: wiring of config, event sources, the manager and the front ends."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from personalityd import __version__
+from personalityd.adapters import notify
+from personalityd.adapters.groups import personality_group_gids
+from personalityd.adapters.journal import Journal
+from personalityd.adapters.state import load_state
+from personalityd.adapters.udev import UdevMonitor
+from personalityd.config import load_config
+from personalityd.core.config import Config
+from personalityd.core.errors import ConfigError, PersonalityError
+from personalityd.core.model import OsRelease
+from personalityd.core.osrelease import base_os_release, parse_os_release, systemd_architecture
+from personalityd.engine import Engine, detect_features
+from personalityd.log import setup_logging
+from personalityd.manager import Manager, ServiceHooks
+from personalityd.registry import VolumeRegistry
+from personalityd.spool_service import SpoolService
+
+log = structlog.get_logger()
+
+DBUS_RETRY_SECONDS = 5.0
+
+
+def read_base_os_release(config: Config) -> OsRelease:
+    for candidate in ("/etc/os-release", "/usr/lib/os-release"):
+        path = config.path(candidate)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        return base_os_release(parse_os_release(text), systemd_architecture(platform.machine()))
+    log.warning("base_os_release_missing", root=str(config.root))
+    return OsRelease(id="", architecture=systemd_architecture(platform.machine()))
+
+
+def ensure_directories(config: Config) -> None:
+    """Create what the daemon needs under root, as tmpfiles.d does on an installed system."""
+    spool = config.path(config.spool_dir)
+    try:
+        spool_gid = grp.getgrnam(config.allowed_groups[0]).gr_gid if config.allowed_groups else 0
+    except KeyError:
+        spool_gid = -1
+    for directory, mode in (
+        (spool, 0o1730 if spool_gid > 0 else 0o700),
+        (spool / "done", 0o750),
+        (spool / "failed", 0o750),
+        (config.path(config.state_dir), 0o700),
+        (config.path(config.runtime_dir), 0o755),
+        (config.path(config.mount_root), 0o755),
+    ):
+        if not directory.is_dir():
+            directory.mkdir(mode=mode, parents=True)
+            os.chmod(directory, mode)
+            if directory == spool and spool_gid > 0:
+                os.chown(directory, 0, spool_gid)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.ready = False
+
+    async def run(self) -> int:
+        config = self.config
+        notify.status("starting")
+        ensure_directories(config)
+        state = load_state(config.path(config.state_dir))
+        runtime = config.path(config.runtime_dir)
+        features = detect_features(config, str(runtime / "probe"))
+        journal = Journal()
+        engine = Engine(config, features)
+        registry = VolumeRegistry(config, read_base_os_release(config), journal.volume_refused)
+        hooks = await self._service_hooks()
+        manager = Manager(
+            config,
+            engine,
+            registry,
+            journal,
+            state,
+            allowed_gids=lambda: personality_group_gids(),
+            hooks=hooks,
+        )
+        engine.prepare_base_references()
+        monitor = UdevMonitor()
+        monitor.start()
+        try:
+            notify.status("probing devices and restoring the stack")
+            await manager.start()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(manager.run())
+                tasks.create_task(self._forward_udev(monitor, manager))
+                tasks.create_task(manager.watch_draining())
+                tasks.create_task(SpoolService(config, manager).run())
+                tasks.create_task(self._dbus(manager))
+                tasks.create_task(self._watchdog())
+                self._install_signals()
+                notify.ready()
+                notify.status(self._status_line(manager))
+                manager.subscribe(lambda _event: notify.status(self._status_line(manager)))
+                log.info(
+                    "daemon_ready",
+                    version=__version__,
+                    generation=manager.generation,
+                    attached=" ".join(manager.attached),
+                    root=str(config.root),
+                )
+                await self.stopping.wait()
+                notify.stopping()
+                log.info("daemon_stopping", attached=" ".join(manager.attached))
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            monitor.stop()
+        return 0
+
+    @staticmethod
+    def _status_line(manager: Manager) -> str:
+        attached = " ".join(manager.attached) or "nothing"
+        return f"generation {manager.generation}: {attached} attached"
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        if self.config.block_signal:
+            # Lets tests prove that systemd's watchdog restarts a daemon whose loop hangs.
+            loop.add_signal_handler(signal.SIGUSR2, lambda: time.sleep(1e6))
+
+    async def _forward_udev(self, monitor: UdevMonitor, manager: Manager) -> None:
+        async for event in monitor.events():
+            manager.device_event(event)
+
+    async def _watchdog(self) -> None:
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            notify.watchdog()
+            await asyncio.sleep(interval / 3)
+
+    async def _dbus(self, manager: Manager) -> None:
+        """Serve on the system bus; keep trying while the bus is not there yet."""
+        warned = False
+        while True:
+            try:
+                from personalityd.dbus.service import serve
+
+                bus = await serve(manager)
+            except Exception as exc:  # no bus, or the name is not ours to own
+                if not warned:
+                    log.warning("dbus_unavailable", error=str(exc), retry_seconds=5)
+                    warned = True
+                await asyncio.sleep(DBUS_RETRY_SECONDS)
+                continue
+            log.info("dbus_ready")
+            try:
+                await bus.wait_for_disconnect()
+            finally:
+                bus.disconnect()
+            log.warning("dbus_disconnected")
+            warned = False
+
+    async def _service_hooks(self) -> ServiceHooks:
+        if self.config.manage_services == "no":
+            return ServiceHooks()
+        if self.config.manage_services == "auto" and (
+            str(self.config.root) != "/" or not Path("/run/systemd/system").is_dir()
+        ):
+            return ServiceHooks()
+        from personalityd.adapters.systemd import connect_service_hooks
+
+        return await connect_service_hooks()
+
+
+class _Stop(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="personalityd",
+        description="Stack read-only personality volumes over the base OS with overlayfs.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="use FILE instead of the admin file")
+    parser.add_argument("--root", metavar="DIR", help="take every path relative to DIR")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("PERSONALITYD_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    parser.add_argument("--version", action="version", version=f"personalityd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config, warnings = load_config(args.config, args.root)
+    except ConfigError as exc:
+        print(f"personalityd: {exc}", file=sys.stderr)
+        return 1
+    for warning in warnings:
+        log.warning("config_warning", message=warning)
+    if os.geteuid() != 0:
+        print("personalityd: must run as root (it mounts filesystems)", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(Daemon(config).run())
+    except PersonalityError as exc:
+        print(f"personalityd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+

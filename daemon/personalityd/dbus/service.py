@@ -1,0 +1,441 @@
+"""The org.personalityd.personality1.Manager interface: a thin layer over api.ManagerAPI.
+
+It converts D-Bus arguments to domain calls and domain errors to D-Bus errors, finds out who
+is calling, and turns the manager's stack events into signals. It makes no decisions of its
+own beyond "may this caller change the stack at all", which it checks before the manager does.
+
+How the caller is known: dbus-fast (5.x) gives a service method only its arguments, never the
+message, and has no supported accessor for the sender. It does document message handlers
+(`MessageBus.add_message_handler`): they run for every incoming message, synchronously, before
+the service dispatch, in `_process_message`. Ours only stores the (bus, message) pair in a
+ContextVar and returns False (not handled). The dispatch that follows in the same synchronous
+call creates the Task for our coroutine method, and a Task copies the current context when it
+is created, so the method reads back its own message. To fail closed should a future dbus-fast
+dispatch differently, the method checks that the stored message is for the same member and
+carries the very argument objects it was called with (dbus-fast passes the message body's
+elements themselves); otherwise the call is refused with AccessDenied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import structlog
+from dbus_fast import (
+    BusType,
+    DBusError,
+    Message,
+    MessageType,
+    NameFlag,
+    RequestNameReply,
+    Variant,
+)
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+from personalityd.adapters.groups import DEFAULT_GROUPS, personality_group_gids, user_gids
+from personalityd.api import Caller, ManagerAPI, StackEvent
+from personalityd.core.access import may_change
+from personalityd.core.errors import AccessDenied, InvalidRequest, PersonalityError
+from personalityd.core.names import check_name
+from personalityd.dbus.names import (
+    BUS_NAME,
+    DBUS_BUS_NAME,
+    DBUS_INTERFACE,
+    DBUS_OBJECT_PATH,
+    ERROR_FAILED,
+    INTERFACE,
+    OBJECT_PATH,
+    OPTION_FORCE,
+    OPTION_SIGNATURES,
+    OPTION_TIMEOUT,
+    ConflictList,
+    Names,
+    NoResult,
+    Options,
+    PersonalityList,
+    StackChangedArgs,
+    system_bus_address,
+)
+
+log = structlog.get_logger("personalityd.dbus")
+
+_T = TypeVar("_T")
+
+# Bus calls the service makes itself (credentials, name owner) must not hang a request.
+BUS_CALL_TIMEOUT: Final = 10.0
+
+# The (bus, message) being dispatched; see the module docstring.
+_current_call: contextvars.ContextVar[tuple[MessageBus, Message] | None] = contextvars.ContextVar(
+    "personalityd_dbus_current_call", default=None
+)
+
+
+class ServeError(Exception):
+    """The service could not be put on the bus; `str()` says why and what to check."""
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    timeout: float = 0.0
+    force: bool = False
+
+
+def parse_options(
+    options: Mapping[str, Variant], method: str, known: Collection[str]
+) -> CallOptions:
+    """Check an a{sv} options argument; raise InvalidRequest (InvalidArgs) naming the culprit."""
+    timeout = 0.0
+    force = False
+    for key, variant in options.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise InvalidRequest(f"unknown option {key!r} for {method} (known options: {allowed})")
+        expected = OPTION_SIGNATURES[key]
+        if variant.signature != expected:
+            raise InvalidRequest(
+                f"option {key!r} must be of D-Bus type {expected!r}, got {variant.signature!r}"
+            )
+        if key == OPTION_TIMEOUT:
+            timeout = float(variant.value)
+        elif key == OPTION_FORCE:
+            force = bool(variant.value)
+    return CallOptions(timeout=timeout, force=force)
+
+
+def check_names(names: Sequence[str]) -> list[str]:
+    """Validate a Switch list: every name valid (InvalidName), none twice (InvalidArgs)."""
+    seen: set[str] = set()
+    for name in names:
+        check_name(name)
+        if name in seen:
+            raise InvalidRequest(f"personality {name!r} is listed more than once")
+        seen.add(name)
+    return list(names)
+
+
+class ManagerInterface(ServiceInterface):
+    """org.personalityd.personality1.Manager, backed by a ManagerAPI (DESIGN section 7)."""
+
+    def __init__(
+        self, manager: ManagerAPI, *, allowed_groups: Iterable[str] = DEFAULT_GROUPS
+    ) -> None:
+        super().__init__(INTERFACE)
+        self._manager = manager
+        self._allowed_groups = tuple(allowed_groups)
+        self._properties = self._property_values()
+        manager.subscribe(self._on_stack_event)
+
+    def export_on(self, bus: MessageBus) -> None:
+        """Export at OBJECT_PATH and install the handler that tells methods their caller."""
+
+        def remember_call(msg: Message) -> bool:
+            is_call = msg.message_type is MessageType.METHOD_CALL
+            _current_call.set((bus, msg) if is_call else None)
+            return False  # never handled here: dbus-fast dispatches it next
+
+        bus.add_message_handler(remember_call)
+        bus.export(OBJECT_PATH, self)
+
+    # -- methods ------------------------------------------------------------------------
+
+    @dbus_method()
+    def ListPersonalities(self) -> PersonalityList:
+        return self._reading(
+            "ListPersonalities",
+            lambda: [
+                (p.name, p.state, p.version, p.device, p.mount_point)
+                for p in self._manager.list_personalities()
+            ],
+        )
+
+    @dbus_method()
+    async def Attach(self, name: DBusStr, options: Options) -> DBusBool:
+        call = _this_call("Attach", (name, options))
+        return await self._changing("Attach", call, self._attach(call, name, options))
+
+    @dbus_method()
+    async def Detach(self, name: DBusStr, options: Options) -> DBusBool:
+        call = _this_call("Detach", (name, options))
+        return await self._changing("Detach", call, self._detach(call, name, options))
+
+    @dbus_method()
+    async def Switch(self, names: Names, options: Options) -> DBusBool:
+        call = _this_call("Switch", (names, options))
+        return await self._changing("Switch", call, self._switch(call, names, options))
+
+    @dbus_method()
+    def ListConflicts(self) -> ConflictList:
+        return self._reading(
+            "ListConflicts",
+            lambda: [
+                (c.path, c.winner, list(c.shadowed), c.identical) for c in self._manager.conflicts()
+            ],
+        )
+
+    @dbus_method()
+    async def Refresh(self) -> NoResult:
+        call = _this_call("Refresh", ())
+        await self._changing("Refresh", call, self._refresh(call))
+
+    # -- properties ---------------------------------------------------------------------
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Attached(self) -> Names:
+        return list(self._manager.attached)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Desired(self) -> Names:
+        return list(self._manager.desired)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Generation(self) -> DBusUInt64:
+        return self._manager.generation
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConflictCount(self) -> DBusUInt32:
+        return len(self._manager.conflicts())
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WritableDevice(self) -> DBusStr:
+        return self._manager.writable_device
+
+    # -- signals ------------------------------------------------------------------------
+
+    @dbus_signal()
+    def StackChanged(self, generation: int, attached: list[str]) -> StackChangedArgs:
+        return (generation, attached)
+
+    @dbus_signal()
+    def PersonalityAttached(self, name: str) -> DBusStr:
+        return name
+
+    @dbus_signal()
+    def PersonalityDetached(self, name: str) -> DBusStr:
+        return name
+
+    # -- the work behind the methods ----------------------------------------------------
+
+    async def _attach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
+        opts = parse_options(options, "Attach", (OPTION_TIMEOUT, OPTION_FORCE))
+        check_name(name)
+        caller = await self._authorize("Attach", call)
+        return await self._manager.attach(caller, name, timeout=opts.timeout, force=opts.force)
+
+    async def _detach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
+        parse_options(options, "Detach", ())
+        check_name(name)
+        caller = await self._authorize("Detach", call)
+        return await self._manager.detach(caller, name)
+
+    async def _switch(
+        self, call: tuple[MessageBus, Message], names: list[str], options: Options
+    ) -> bool:
+        opts = parse_options(options, "Switch", (OPTION_TIMEOUT, OPTION_FORCE))
+        checked = check_names(names)
+        caller = await self._authorize("Switch", call)
+        return await self._manager.switch(caller, checked, timeout=opts.timeout, force=opts.force)
+
+    async def _refresh(self, call: tuple[MessageBus, Message]) -> None:
+        caller = await self._authorize("Refresh", call)
+        await self._manager.refresh(caller)
+
+    async def _changing(
+        self, method: str, call: tuple[MessageBus, Message], work: Awaitable[_T]
+    ) -> _T:
+        try:
+            result = await work
+        except PersonalityError as exc:
+            log.info("dbus_method_refused", method=method, sender=call[1].sender, code=exc.code)
+            raise DBusError(exc.dbus_name, str(exc)) from None
+        except DBusError:
+            raise
+        except Exception as exc:
+            log.exception("dbus_method_failed", method=method, sender=call[1].sender)
+            raise _internal_error(exc) from None
+        finally:
+            # Desired can change without a stack change (a pending attach): no StackEvent.
+            self._sync_properties()
+        return result
+
+    def _reading(self, method: str, read: Callable[[], _T]) -> _T:
+        try:
+            return read()
+        except PersonalityError as exc:
+            raise DBusError(exc.dbus_name, str(exc)) from None
+        except Exception as exc:
+            log.exception("dbus_method_failed", method=method)
+            raise _internal_error(exc) from None
+
+    async def _authorize(self, method: str, call: tuple[MessageBus, Message]) -> Caller:
+        caller = await caller_from_bus(*call)
+        if caller.uid != 0:
+            allowed = await asyncio.to_thread(personality_group_gids, self._allowed_groups)
+            if not may_change(caller, allowed):
+                log.warning("dbus_access_denied", method=method, caller=caller.description)
+                groups = " or ".join(repr(g) for g in self._allowed_groups)
+                raise AccessDenied(
+                    f"{method} is only allowed for root and members of the group {groups}"
+                )
+        return caller
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_stack_event(self, event: StackEvent) -> None:
+        """Manager callback, on the event loop's thread: emit the signals for one change."""
+        try:
+            self.StackChanged(event.generation, list(event.attached))
+            for name in event.detached:
+                self.PersonalityDetached(name)
+            for name in event.newly_attached:
+                self.PersonalityAttached(name)
+            self._sync_properties()
+        except Exception:
+            log.exception("dbus_signal_failed", generation=event.generation)
+
+    def _property_values(self) -> dict[str, Any]:
+        m = self._manager
+        return {
+            "Attached": list(m.attached),
+            "Desired": list(m.desired),
+            "Generation": m.generation,
+            "ConflictCount": len(m.conflicts()),
+            "WritableDevice": m.writable_device,
+        }
+
+    def _sync_properties(self) -> None:
+        """Emit PropertiesChanged for the properties that differ from the last emitted values."""
+        try:
+            current = self._property_values()
+        except Exception:
+            log.exception("dbus_properties_read_failed")
+            return
+        changed = {k: v for k, v in current.items() if self._properties.get(k) != v}
+        self._properties = current
+        if changed:
+            self.emit_properties_changed(changed)
+
+
+def _this_call(member: str, args: tuple[object, ...]) -> tuple[MessageBus, Message]:
+    """The bus and message of the method call being served; refuse if it cannot be told."""
+    call = _current_call.get()
+    if call is not None:
+        msg = call[1]
+        body = msg.body
+        if (
+            msg.member == member
+            and msg.sender
+            and len(body) == len(args)
+            and all(a is b for a, b in zip(body, args, strict=True))
+        ):
+            return call
+    log.error("dbus_caller_unknown", method=member)
+    raise DBusError(AccessDenied.dbus_name, "cannot identify the caller of this request")
+
+
+def _internal_error(exc: BaseException) -> DBusError:
+    return DBusError(ERROR_FAILED, f"internal error: {type(exc).__name__}; see the daemon log")
+
+
+async def _bus_call(bus: MessageBus, member: str, signature: str, body: list[Any]) -> Message:
+    msg = Message(
+        destination=DBUS_BUS_NAME,
+        path=DBUS_OBJECT_PATH,
+        interface=DBUS_INTERFACE,
+        member=member,
+        signature=signature,
+        body=body,
+    )
+    async with asyncio.timeout(BUS_CALL_TIMEOUT):
+        reply = await bus.call(msg)
+    if reply.message_type is MessageType.ERROR:
+        raise DBusError(reply.error_name or ERROR_FAILED, str(reply.body[0] if reply.body else ""))
+    return reply
+
+
+async def caller_from_bus(bus: MessageBus, msg: Message) -> Caller:
+    """The credentials of the sender of `msg`, asked of the bus daemon (never of the caller).
+
+    GetConnectionCredentials gives the uid and, on dbus-daemon >= 1.10 and dbus-broker, the
+    connection's real groups (UnixGroupIDs). Without UnixGroupIDs, the user's groups from the
+    group database stand in (the process may have dropped some; it cannot have gained any).
+    Raises AccessDenied when the bus cannot say who the caller is.
+    """
+    sender = msg.sender or ""
+    try:
+        reply = await _bus_call(bus, "GetConnectionCredentials", "s", [sender])
+        creds: dict[str, Variant] = reply.body[0]
+        uid_variant = creds.get("UnixUserID")
+        if uid_variant is not None:
+            uid = int(uid_variant.value)
+        else:
+            uid = int((await _bus_call(bus, "GetConnectionUnixUser", "s", [sender])).body[0])
+    except (DBusError, TimeoutError) as exc:
+        log.warning("dbus_credentials_unavailable", sender=sender, error=str(exc))
+        raise AccessDenied(f"cannot determine the credentials of {sender}") from None
+    gids_variant = creds.get("UnixGroupIDs")
+    if gids_variant is not None:
+        gids = frozenset(int(g) for g in gids_variant.value)
+    else:
+        gids = await asyncio.to_thread(user_gids, uid)
+    pid_variant = creds.get("ProcessID")
+    pid = f", pid {pid_variant.value}" if pid_variant is not None else ""
+    return Caller(uid=uid, gids=gids, description=f"{sender} (uid {uid}{pid})")
+
+
+async def _describe_owner(bus: MessageBus, name: str) -> str:
+    """`:1.5 (pid 123)` for the current owner of `name`, as far as the bus will say."""
+    try:
+        owner = str((await _bus_call(bus, "GetNameOwner", "s", [name])).body[0])
+    except (DBusError, TimeoutError):
+        return "another connection"
+    try:
+        pid = (await _bus_call(bus, "GetConnectionUnixProcessID", "s", [owner])).body[0]
+    except (DBusError, TimeoutError):
+        return owner
+    return f"{owner} (pid {pid})"
+
+
+async def serve(
+    manager: ManagerAPI,
+    bus_address: str | None = None,
+    *,
+    allowed_groups: Iterable[str] = DEFAULT_GROUPS,
+) -> MessageBus:
+    """Connect to the system bus, export the Manager interface and own BUS_NAME.
+
+    `bus_address` defaults to $DBUS_SYSTEM_BUS_ADDRESS, else the standard system bus socket.
+    Raises ServeError when the bus cannot be reached or the name cannot be owned (taken, or
+    refused by the bus policy). The caller disconnects the returned bus to stop serving.
+    """
+    address = system_bus_address(bus_address)
+    try:
+        bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    except Exception as exc:
+        raise ServeError(f"cannot connect to the system bus at {address}: {exc}") from exc
+    try:
+        ManagerInterface(manager, allowed_groups=allowed_groups).export_on(bus)
+        try:
+            reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as exc:
+            raise ServeError(
+                f"cannot own the bus name {BUS_NAME}: {exc.text} (is the policy file "
+                f"{BUS_NAME}.conf installed in /usr/share/dbus-1/system.d, and are we root?)"
+            ) from exc
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            owner = await _describe_owner(bus, BUS_NAME)
+            raise ServeError(
+                f"cannot own the bus name {BUS_NAME}: it is owned by {owner}; "
+                "is another personalityd running?"
+            )
+    except BaseException:
+        bus.disconnect()
+        raise
+    log.info("dbus_serving", bus_name=BUS_NAME, address=address, unique_name=bus.unique_name)
+    return bus

@@ -1,0 +1,187 @@
+"""The present block devices that matter: personality volumes by name, and the writable volume.
+
+Fed by udev events (coldplug and live). Each device is probed once per identity (device
+number and DISKSEQ); refusals are logged and journalled once per identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+
+import structlog
+
+from personalityd.adapters.probe import NotAPersonality, probe_device
+from personalityd.core.config import Config
+from personalityd.core.errors import NoSuchPersonality, Timeout
+from personalityd.core.manifest import check_compatibility
+from personalityd.core.matching import matched_only_by_fs_type, matches_any
+from personalityd.core.model import BlockDevice, OsRelease, Volume
+
+log = structlog.get_logger()
+
+RefusalSink = Callable[[str, str | None, str], None]  # device, name, reason
+
+
+class VolumeRegistry:
+    def __init__(self, config: Config, base: OsRelease, refused: RefusalSink) -> None:
+        self.config = config
+        self.base = base
+        self._refused_sink = refused
+        self.volumes: dict[str, Volume] = {}
+        self.writable: BlockDevice | None = None
+        self.failed: dict[str, str] = {}  # name -> why its mount or index failed
+        self._by_devnode: dict[str, BlockDevice] = {}  # every device we took a decision on
+        self._refused: dict[str, str] = {}  # identity -> reason, to report each once
+        self._changed = asyncio.Condition()
+
+    def known(self, device: BlockDevice) -> bool:
+        seen = self._by_devnode.get(device.devnode)
+        return seen is not None and seen.identity == device.identity
+
+    async def device_present(self, device: BlockDevice) -> bool:
+        """A device was added or changed. Returns True when volumes or writable changed."""
+        previous = self._by_devnode.get(device.devnode)
+        if previous is not None and previous.identity == device.identity:
+            if self._still_matches(device):
+                return False
+        changed = self.device_gone(device.devnode) if previous is not None else False
+        if not self._still_matches(device):
+            return changed
+        self._by_devnode[device.devnode] = device
+        if matches_any(self.config.writable_match, device.properties):
+            return self._writable_present(device) or changed
+        volume = await self._probe(device)
+        if volume is None:
+            return changed
+        holder = self.volumes.get(volume.name)
+        if holder is not None:
+            self._refuse(
+                device,
+                volume.name,
+                f"name '{volume.name}' is already used by {holder.device.devnode}",
+            )
+            return changed
+        self.volumes[volume.name] = volume
+        self.failed.pop(volume.name, None)
+        log.info(
+            "volume_found",
+            name=volume.name,
+            device=device.devnode,
+            version=volume.manifest.version,
+            incompatible=volume.incompatibility,
+        )
+        await self._notify()
+        return True
+
+    def _still_matches(self, device: BlockDevice) -> bool:
+        props = device.properties
+        return matches_any(self.config.writable_match, props) or matches_any(
+            self.config.volume_match, props
+        )
+
+    def _writable_present(self, device: BlockDevice) -> bool:
+        if self.writable is not None and self.writable.devnode != device.devnode:
+            log.warning(
+                "writable_ignored", device=device.devnode, using=self.writable.devnode
+            )
+            return False
+        self.writable = device
+        log.info("writable_found", device=device.devnode, fs_type=device.fs_type)
+        return True
+
+    async def _probe(self, device: BlockDevice) -> Volume | None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                None, probe_device, device, tuple(self.config.mount_options)
+            )
+        except NotAPersonality as exc:
+            if matched_only_by_fs_type(self.config.volume_match, device.properties):
+                log.debug("device_skipped", device=device.devnode, reason=str(exc))
+            else:
+                self._refuse(device, None, str(exc))
+            return None
+        except OSError as exc:
+            self._refuse(device, None, f"cannot mount {device.fs_type or 'it'}: {exc.strerror}")
+            return None
+        manifest = result.manifest
+        reason = check_compatibility(manifest, self.base)
+        return Volume(manifest.name, device, manifest, reason)
+
+    def _refuse(self, device: BlockDevice, name: str | None, reason: str) -> None:
+        if self._refused.get(device.identity) == reason:
+            return
+        self._refused[device.identity] = reason
+        log.warning("volume_refused", device=device.devnode, name=name, reason=reason)
+        self._refused_sink(device.devnode, name, reason)
+
+    def device_gone(self, devnode: str) -> bool:
+        """A device was removed (or re-used for another medium). True when that mattered."""
+        device = self._by_devnode.pop(devnode, None)
+        if device is None:
+            return False
+        self._refused.pop(device.identity, None)
+        if self.writable is not None and self.writable.devnode == devnode:
+            self.writable = None
+            log.warning("writable_removed", device=devnode)
+            return True
+        for name, volume in list(self.volumes.items()):
+            if volume.device.devnode == devnode:
+                del self.volumes[name]
+                self.failed.pop(name, None)
+                log.warning("volume_removed", name=name, device=devnode)
+                return True
+        return False
+
+    def forget_missing(self, present: Iterable[BlockDevice]) -> bool:
+        """After a rescan: drop every device that is not in `present`."""
+        here = {d.devnode for d in present}
+        changed = False
+        for devnode in list(self._by_devnode):
+            if devnode not in here:
+                changed = self.device_gone(devnode) or changed
+        return changed
+
+    def usable(self) -> dict[str, Volume]:
+        """Present volumes whose mount has not failed."""
+        return {n: v for n, v in self.volumes.items() if n not in self.failed}
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        self.failed[name] = reason
+        volume = self.volumes.get(name)
+        if volume is not None:
+            self._refused_sink(volume.device.devnode, name, reason)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, names: Sequence[str], timeout: float) -> None:
+        """Wait until every name has a present volume; NoSuchPersonality or Timeout if not."""
+        missing = [n for n in names if n not in self.volumes]
+        if not missing:
+            return
+        if timeout <= 0:
+            raise NoSuchPersonality(self.no_such_message(missing))
+
+        async def all_present() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: all(n in self.volumes for n in names))
+
+        try:
+            await asyncio.wait_for(all_present(), timeout)
+        except TimeoutError:
+            missing = [n for n in names if n not in self.volumes]
+            raise Timeout(
+                f"no volume for {_quoted(missing)} appeared within {timeout:g} s"
+            ) from None
+
+    def no_such_message(self, missing: Sequence[str]) -> str:
+        available = ", ".join(sorted(self.volumes)) or "none"
+        noun = "personality" if len(missing) == 1 else "personalities"
+        return f"no {noun} named {_quoted(missing)}; available: {available}"
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)

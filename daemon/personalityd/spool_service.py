@@ -1,0 +1,91 @@
+"""The spool front end: request files in, manager calls, result files out.
+
+Each request is handled in its own task, so one waiting for a volume (its `timeout`) does not
+hold up the others; tasks reach the manager's queue in the order the files were found. A
+request file stays in the spool until its result is written, so one interrupted by a crash
+is handled again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+
+from personalityd.adapters.spool import (
+    ensure_spool_dirs,
+    finish_request,
+    RequestGone,
+    read_request,
+    resolve_allowed_groups,
+    result_body,
+    watch,
+)
+from personalityd.api import Caller
+from personalityd.core.config import Config
+from personalityd.core.errors import PersonalityError
+from personalityd.core.requests import Request, parse_request, request_id_of
+from personalityd.manager import Manager
+
+log = structlog.get_logger()
+
+
+class SpoolService:
+    def __init__(self, config: Config, manager: Manager) -> None:
+        self.config = config
+        self.manager = manager
+        self.spool = config.path(config.spool_dir)
+        self.handled = 0
+
+    async def run(self) -> None:
+        ensure_spool_dirs(self.spool)
+        in_flight: set[Path] = set()
+        async with asyncio.TaskGroup() as tasks:
+            async for path in watch(self.spool):
+                if path in in_flight:
+                    continue
+                in_flight.add(path)
+                tasks.create_task(self._handle(path, in_flight))
+
+    async def _handle(self, path: Path, in_flight: set[Path]) -> None:
+        body: bytes | None = None
+        try:
+            gids, members = resolve_allowed_groups(self.config.allowed_groups)
+            body = read_request(path, gids, members)
+            request = parse_request(body)
+            changed = await self._execute(request, path)
+            result = result_body(
+                request.id, None, changed, self.manager.attached, self.manager.generation
+            )
+            ok = True
+        except RequestGone:
+            in_flight.discard(path)
+            return  # taken away before we got to it, or a duplicate notice: nothing to answer
+        except PersonalityError as error:
+            request_id = request_id_of(body) if body is not None else None
+            result = result_body(
+                request_id, error, False, self.manager.attached, self.manager.generation
+            )
+            ok = False
+            log.warning("spool_request_refused", file=path.name, code=error.code, reason=str(error))
+        try:
+            finish_request(self.spool, path, ok, result)
+            self.handled += 1
+        except OSError as exc:
+            log.error("spool_result_not_written", file=path.name, error=str(exc))
+        finally:
+            in_flight.discard(path)
+
+    async def _execute(self, request: Request, path: Path) -> bool:
+        caller = Caller(0, frozenset(), f"spool file {path.name}")
+        log.info("spool_request", file=path.name, action=request.action, names=request.names)
+        if request.action == "attach":
+            return await self.manager.attach(
+                caller, request.names[0], timeout=request.timeout, force=request.force
+            )
+        if request.action == "detach":
+            return await self.manager.detach(caller, request.names[0])
+        return await self.manager.switch(
+            caller, request.names, timeout=request.timeout, force=request.force
+        )

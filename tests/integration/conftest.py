@@ -1,0 +1,203 @@
+"""Fixtures for the integration tests: real udevd, journald, loop devices, the daemon.
+
+The helpers themselves live in `support.py` (import them with `from support import ...`);
+this file wires them into fixtures that always clean up after themselves, also on failure.
+
+| fixture | scope | gives |
+|---|---|---|
+| `udevd` | session | PID of the systemd-udevd we started, or None if one was running |
+| `journald` | session | PID of the systemd-journald we started, or None if one was listening |
+| `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
+| `journal` | function | `JournalReader` limited to entries written since the test started |
+| `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
+| `sandbox_root` | function | `Path` of a minimal base OS tree; unmounts everything in it after |
+| `daemon_factory` | function | `make(root=None, *, config=None, env=None, name=...) -> Daemon` |
+| `daemon` | function | a `Daemon` on `sandbox_root`, configured but not started |
+| `udev_monitor` | function | a running `UdevMonitor` on block devices |
+
+When a test fails, the log of every daemon it started is attached to the report.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    Daemon,
+    JournalReader,
+    LoopDevices,
+    UdevMonitor,
+    ensure_journald,
+    ensure_udevd,
+    keep_services,
+    make_sandbox_root,
+    stop_pid,
+    udev_tag_rule,
+    unmount_tree,
+)
+
+NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
+DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
+
+
+def _in_private_mount_namespace() -> bool:
+    if os.environ.get(NAMESPACE_ENV) != "1":
+        return False
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return True  # PID 1's namespace is not visible to us: trust the marker
+
+
+@pytest.fixture(autouse=True)
+def _integration_preconditions() -> None:
+    """Fail (never skip) every integration test that cannot run for real."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "integration tests need root (loop devices, mounts, udev, journald): "
+            "run `make test` as root",
+            pytrace=False,
+        )
+    if not _in_private_mount_namespace():
+        pytest.fail(
+            "integration tests must run in the private mount namespace that tests/conftest.py "
+            f"sets up (re-exec under `unshare -m`, {NAMESPACE_ENV}=1); run pytest on `tests`",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def udevd() -> Iterator[int | None]:
+    """systemd-udevd running; stopped at session end (by PID) if this session started it.
+
+    Set PERSONALITYD_TEST_KEEP_SERVICES=1 to leave it running for other runs on the machine.
+    """
+    pid = ensure_udevd()
+    yield pid
+    if pid is not None and not keep_services():
+        stop_pid(pid, comm="systemd-udevd")
+
+
+@pytest.fixture(scope="session")
+def journald() -> Iterator[int | None]:
+    """systemd-journald listening on /run/systemd/journal/socket; stopped at the end if ours."""
+    pid = ensure_journald()
+    yield pid
+    if pid is not None and not keep_services():
+        stop_pid(pid, comm="systemd-journal")  # comm is cut to 15 characters
+
+
+@pytest.fixture(scope="session")
+def udev_token(udevd: int | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A runtime udev rule tags loop devices backed by this session's files with this token."""
+    token = f"s{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with udev_tag_rule(token, tmp_path_factory.getbasetemp().resolve()):
+        yield token
+
+
+@pytest.fixture
+def journal(journald: int | None) -> JournalReader:
+    """Read back journal entries written since this test started (`journal.entries(...)`)."""
+    return JournalReader()
+
+
+@pytest.fixture
+def loop_devices(udevd: int | None, udev_token: str) -> Iterator[LoopDevices]:
+    """Attach images as loop devices; everything still attached is detached after the test."""
+    loops = LoopDevices()
+    try:
+        yield loops
+    finally:
+        loops.cleanup()
+
+
+@pytest.fixture
+def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
+    """`tmp_path/root`: a minimal Debian 12 base tree (see `support.make_sandbox_root`).
+
+    After the test every mount under it (volumes, overlays the daemon left, as it does on
+    SIGTERM) is lazily unmounted, before the loop devices are detached.
+    """
+    root = make_sandbox_root(tmp_path / "root")
+    try:
+        yield root
+    finally:
+        unmount_tree(root)
+
+
+@pytest.fixture
+def daemon_factory(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    sandbox_root: Path,
+    udev_token: str,
+    journald: int | None,
+) -> Iterator[Callable[..., Daemon]]:
+    """Make `Daemon`s (not started) on `sandbox_root` or another root; all stopped after.
+
+    `make(root=None, *, config=None, env=None, name="personalityd", isolated=True)`; with
+    `isolated=False` the config keeps the DESIGN default match rules, so the daemon also sees
+    volumes of other runs on this machine.
+    """
+    made: list[Daemon] = []
+    request.node.stash[DAEMONS_KEY] = made
+
+    def make(
+        root: Path | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        name: str = "personalityd",
+        isolated: bool = True,
+    ) -> Daemon:
+        if any(d.name == name for d in made):
+            name = f"{name}-{len(made) + 1}"
+        daemon = Daemon(
+            root or sandbox_root,
+            tmp_path,
+            udev_token=udev_token if isolated else None,
+            config=config,
+            env=env,
+            name=name,
+        )
+        made.append(daemon)
+        return daemon
+
+    try:
+        yield make
+    finally:
+        for daemon in made:
+            daemon.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A `Daemon` on `sandbox_root` (isolated to this session's volumes); call `.start()`."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def udev_monitor(tmp_path: Path, udevd: int | None) -> Iterator[UdevMonitor]:
+    """`udevadm monitor --udev --property` on block devices, running for the whole test."""
+    with UdevMonitor(tmp_path / "udev-monitor.log") as monitor:
+        yield monitor
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach each daemon's log to the report of a failed test (setup, call or teardown)."""
+    report = yield
+    if report.failed:
+        for daemon in item.stash.get(DAEMONS_KEY, []):
+            text = daemon.log_text()
+            if len(text) > 200_000:
+                text = "[... earlier output cut ...]\n" + text[-200_000:]
+            report.sections.append((f"{daemon.name} log ({daemon.log_path})", text))
+    return report

@@ -1,0 +1,139 @@
+"""A private dbus-daemon configured like the system bus, with our policy file, for tests.
+
+`private_system_bus()` starts `dbus-daemon --nofork --print-address` with a system-bus config
+(`<type>system</type>`, EXTERNAL auth, the default-deny policy of Debian's system.conf) that
+includes `config/org.personalityd.personality1.conf` from this repository, listens on a unix
+socket in a fresh temporary directory that any user can reach (tests run clients as `nobody`),
+sets `DBUS_SYSTEM_BUS_ADDRESS` for the code under test, and stops the daemon by PID at the end.
+
+Import it as the other helpers: `from dbus_fixture import private_system_bus`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_FILE = REPO / "config" / "org.personalityd.personality1.conf"
+ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
+
+# Debian 12's /usr/share/dbus-1/system.conf without user switching, forking, pid file,
+# syslog, service activation and the system.d includes; plus our policy file.
+_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={socket}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+{includes}
+</busconfig>
+"""
+
+
+def bus_config(socket: Path, policy_files: Sequence[Path]) -> str:
+    includes = "\n".join(f"  <include>{p}</include>" for p in policy_files)
+    return _CONFIG.format(socket=socket, includes=includes)
+
+
+def _read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while not buffer.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("dbus-daemon printed no address")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buffer += chunk
+    return buffer.decode().strip()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, 15)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, 9)
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def private_system_bus(
+    policy_files: Sequence[Path] = (POLICY_FILE,), *, set_env: bool = True
+) -> Iterator[str]:
+    """A running private system bus; yields its address (also in $DBUS_SYSTEM_BUS_ADDRESS)."""
+    dbus_daemon = shutil.which("dbus-daemon")
+    if dbus_daemon is None:
+        raise RuntimeError("dbus-daemon not found (Debian: apt install dbus-daemon)")
+    tmp = Path(tempfile.mkdtemp(prefix="personalityd-bus-"))
+    tmp.chmod(0o755)  # clients run as other users must reach the socket
+    socket = tmp / "system_bus_socket"
+    config = tmp / "system.conf"
+    config.write_text(bus_config(socket, policy_files))
+    log_path = tmp / "dbus-daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [dbus_daemon, f"--config-file={config}", "--nofork", "--print-address", "--nosyslog"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+    saved = os.environ.get(ADDRESS_ENV)
+    try:
+        try:
+            address = _read_address(proc, timeout=10)
+        except TimeoutError:
+            address = ""
+        if not address:
+            _stop(proc)
+            raise RuntimeError(f"dbus-daemon did not start: {log_path.read_text()!r}")
+        socket.chmod(0o666)  # as /run/dbus/system_bus_socket
+        if set_env:
+            os.environ[ADDRESS_ENV] = address
+        yield address
+    finally:
+        if set_env:
+            if saved is None:
+                os.environ.pop(ADDRESS_ENV, None)
+            else:
+                os.environ[ADDRESS_ENV] = saved
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
