@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +19,7 @@ from typing import Final
 
 from personalityd.core.errors import InvalidName
 from personalityd.core.names import check_name
+from personalityd.core.osrelease import parse_os_release
 
 FORMATS: Final = ("squashfs", "erofs")
 MANIFEST_DIR: Final = "usr/lib/extension-release.d"
@@ -32,6 +32,7 @@ EROFS_LABEL_MAX: Final = 15  # the superblock's volume name holds 16 bytes, NUL 
 _BARE_VALUE = re.compile(r"[A-Za-z0-9._~:/@+,=-]+")
 _ID_VALUE = re.compile(r"[a-z0-9._-]+|_any")
 _VERSION_VALUE = re.compile(r"[A-Za-z0-9._~+:-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.[a-z]+")
 
 
@@ -73,8 +74,8 @@ def check_spec(spec: ImageSpec) -> None:
     for key, value in (("VERSION_ID", spec.version_id), ("IMAGE_VERSION", spec.image_version)):
         if value and not _VERSION_VALUE.fullmatch(value):
             raise BuildError(f"invalid {key} {value!r}: letters, digits and '._~+:-' only")
-    if "\n" in spec.description or "\r" in spec.description:
-        raise BuildError("the description must be a single line")
+    if _CONTROL.search(spec.description):
+        raise BuildError("the description must be one line of printable text")
     for unit in spec.services:
         if not _UNIT_NAME.fullmatch(unit):
             raise BuildError(f"invalid unit name {unit!r} in --services")
@@ -97,22 +98,6 @@ def manifest_text(spec: ImageSpec) -> str:
 def manifest_path(name: str) -> str:
     """Where the manifest lives in the image, relative to its root."""
     return f"{MANIFEST_DIR}/extension-release.{name}"
-
-
-def parse_os_release(text: str) -> dict[str, str]:
-    """KEY=value lines with shell quoting; comments, blank and malformed lines are skipped."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, raw = line.partition("=")
-        try:
-            words = shlex.split(raw)
-        except ValueError:
-            continue
-        fields[key.strip()] = " ".join(words)
-    return fields
 
 
 def base_identity(os_release: Mapping[str, str]) -> tuple[str, str]:

@@ -171,7 +171,7 @@ class Daemon:
                 continue
             log.info("dbus_ready")
             try:
-                await bus.wait_for_disconnect()
+                await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # untyped in dbus-fast
             finally:
                 bus.disconnect()
             log.warning("dbus_disconnected")
@@ -201,7 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", metavar="FILE", help="use FILE instead of the admin file")
     parser.add_argument("--root", metavar="DIR", help="take every path relative to DIR")
     parser.add_argument(
-        "--log-level", default=os.environ.get("PERSONALITYD_LOG_LEVEL", "info"),
+        "--log-level",
+        default=os.environ.get("PERSONALITYD_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
     )
     parser.add_argument("--version", action="version", version=f"personalityd {__version__}")
@@ -228,4 +229,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-

@@ -11,6 +11,7 @@ the swap undoes what was prepared and leaves the visible system as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -190,8 +191,10 @@ class Engine:
             volume = volumes.get(name)
             if top is None:
                 continue
-            if volume is not None and info.get("identity") == volume.device.identity and (
-                top.devnum == volume.device.devnum or top.fs_type != "overlay"
+            if (
+                volume is not None
+                and info.get("identity") == volume.device.identity
+                and (top.devnum == volume.device.devnum or top.fs_type != "overlay")
             ):
                 self.volumes[name] = MountedVolume(
                     name, volume.device.identity, volume.device.devnode, path
@@ -211,9 +214,14 @@ class Engine:
                 stacked.pop()
             if not stacked:
                 continue
-            info = record.get("hierarchies", {}).get(h)
-            if info and info.get("mount_id") == stacked[0].mount_id:
-                self.specs[h] = OverlaySpec(tuple(info["layers"]), info.get("upper"))
+            info = record.get("hierarchies", {}).get(h) or {}
+            layers, upper = info.get("layers"), info.get("upper")
+            if (
+                info.get("mount_id") == stacked[0].mount_id
+                and isinstance(layers, list)
+                and (upper is None or isinstance(upper, str))
+            ):
+                self.specs[h] = OverlaySpec(tuple(str(x) for x in layers), upper)
                 self.mount_ids[h] = stacked[0].mount_id
             else:
                 # Unknown layers: treated as something to replace at the next change.
@@ -277,10 +285,10 @@ class Engine:
         entries = read_mountinfo()
         for kind in ("writable", "volatile"):
             path = f"{self.layout.runtime}/{kind}"
-            if keep.root != path and top_mount_at(entries, path) is not None:
-                if not any(s.upper and s.upper.startswith(path + "/") for s in self.specs.values()):
-                    mounts.unmount(path)
-                    log.info("upper_released", path=path)
+            in_use = any(s.upper and s.upper.startswith(path + "/") for s in self.specs.values())
+            if keep.root != path and not in_use and top_mount_at(entries, path) is not None:
+                mounts.unmount(path)
+                log.info("upper_released", path=path)
 
     # -- the transaction -----------------------------------------------------------------
 
@@ -304,9 +312,7 @@ class Engine:
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
-        index = await loop.run_in_executor(
-            None, index_volume, path, list(self.config.hierarchies)
-        )
+        index = await loop.run_in_executor(None, index_volume, path, list(self.config.hierarchies))
         self.indexes[volume.device.identity] = index
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
@@ -370,10 +376,8 @@ class Engine:
             mounts.unmount(mounted.path)
         except OSError as exc:
             log.warning("volume_unmount_failed", name=name, error=str(exc))
-        try:
+        with contextlib.suppress(OSError):  # left alone if something else lives there
             os.rmdir(mounted.path)
-        except OSError:
-            pass
         log.info("volume_unmounted", name=name, device=mounted.devnode)
         return mounted
 
@@ -488,8 +492,7 @@ class Engine:
                 for h, spec in self.specs.items()
             },
             "volumes": {
-                v.name: {"identity": v.identity, "device": v.devnode}
-                for v in self.volumes.values()
+                v.name: {"identity": v.identity, "device": v.devnode} for v in self.volumes.values()
             },
         }
         tmp = self.layout.record_file.with_suffix(".tmp")

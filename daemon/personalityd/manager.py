@@ -25,6 +25,7 @@ from personalityd.core.config import Config
 from personalityd.core.errors import (
     AccessDenied,
     Incompatible,
+    InvalidRequest,
     MountFailed,
     NoSuchPersonality,
     PersonalityError,
@@ -97,7 +98,7 @@ class Manager:
         self.draining: dict[str, str] = {}  # name -> device node still held by the kernel
         self.rebuilds = 0
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._subscribers: list[Callable[[StackEvent], None]] = []
+        self._subscribers: list[Callable[[StackEvent], object]] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -122,7 +123,7 @@ class Manager:
     def conflicts(self) -> tuple[Conflict, ...]:
         return self.snapshot.report.conflicts
 
-    def subscribe(self, callback: Callable[[StackEvent], None]) -> None:
+    def subscribe(self, callback: Callable[[StackEvent], object]) -> None:
         self._subscribers.append(callback)
 
     def list_personalities(self) -> list[PersonalityInfo]:
@@ -184,7 +185,7 @@ class Manager:
         for name in names:
             check_name(name)
         if len(set(names)) != len(names):
-            raise NoSuchPersonality("a personality is named twice in the switch")
+            raise InvalidRequest("a personality is named more than once in the switch")
         await self.registry.wait_for(list(names), timeout)
         return await self._submit(Job("switch", tuple(names), force))
 

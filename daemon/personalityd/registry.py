@@ -20,7 +20,7 @@ from personalityd.core.model import BlockDevice, OsRelease, Volume
 
 log = structlog.get_logger()
 
-RefusalSink = Callable[[str, str | None, str], None]  # device, name, reason
+RefusalSink = Callable[[str, str | None, str], object]  # device, name, reason
 
 
 class VolumeRegistry:
@@ -42,9 +42,9 @@ class VolumeRegistry:
     async def device_present(self, device: BlockDevice) -> bool:
         """A device was added or changed. Returns True when volumes or writable changed."""
         previous = self._by_devnode.get(device.devnode)
-        if previous is not None and previous.identity == device.identity:
-            if self._still_matches(device):
-                return False
+        unchanged = previous is not None and previous.identity == device.identity
+        if unchanged and self._still_matches(device):
+            return False
         changed = self.device_gone(device.devnode) if previous is not None else False
         if not self._still_matches(device):
             return changed
@@ -82,9 +82,7 @@ class VolumeRegistry:
 
     def _writable_present(self, device: BlockDevice) -> bool:
         if self.writable is not None and self.writable.devnode != device.devnode:
-            log.warning(
-                "writable_ignored", device=device.devnode, using=self.writable.devnode
-            )
+            log.warning("writable_ignored", device=device.devnode, using=self.writable.devnode)
             return False
         self.writable = device
         log.info("writable_found", device=device.devnode, fs_type=device.fs_type)

@@ -14,9 +14,9 @@ from pathlib import Path
 import structlog
 
 from personalityd.adapters.spool import (
+    RequestGone,
     ensure_spool_dirs,
     finish_request,
-    RequestGone,
     read_request,
     resolve_allowed_groups,
     result_body,

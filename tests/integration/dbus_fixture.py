@@ -6,11 +6,13 @@ includes `config/org.personalityd.personality1.conf` from this repository, liste
 socket in a fresh temporary directory that any user can reach (tests run clients as `nobody`),
 sets `DBUS_SYSTEM_BUS_ADDRESS` for the code under test, and stops the daemon by PID at the end.
 
-Import it as the other helpers: `from dbus_fixture import private_system_bus`.
+`Signals` collects the signals a second connection sees. Import them as the other helpers:
+`from dbus_fixture import Signals, private_system_bus`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -18,8 +20,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = REPO / "config" / "org.personalityd.personality1.conf"
@@ -137,3 +142,59 @@ def private_system_bus(
                 os.environ[ADDRESS_ENV] = saved
         _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Signals:
+    """Signals from one sender (and path) seen by a dbus-fast connection, in arrival order.
+
+    `async with Signals(bus, sender=BUS_NAME, path=OBJECT_PATH) as signals:` adds the match
+    rule and a message handler, removed again on exit; `await signals.wait_for(pred)` returns
+    the next signal (after the one the previous wait_for returned) that satisfies `pred`.
+    """
+
+    def __init__(self, bus: MessageBus, *, sender: str, path: str | None = None) -> None:
+        self.bus = bus
+        self.rule = f"type='signal',sender='{sender}'" + (f",path='{path}'" if path else "")
+        self.path = path
+        self.received: list[Message] = []
+        self._cursor = 0
+        self._arrived = asyncio.Event()
+
+    async def _bus_call(self, member: str) -> None:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature="s",
+                body=[self.rule],
+            )
+        )
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type is MessageType.SIGNAL and (self.path is None or msg.path == self.path):
+            self.received.append(msg)
+            self._arrived.set()
+        return False
+
+    async def __aenter__(self) -> Signals:
+        self.bus.add_message_handler(self._on_message)
+        await self._bus_call("AddMatch")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.bus.remove_message_handler(self._on_message)
+        if self.bus.connected:
+            await self._bus_call("RemoveMatch")
+
+    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 5) -> Message:
+        async with asyncio.timeout(timeout):
+            while True:
+                for index in range(self._cursor, len(self.received)):
+                    if predicate(self.received[index]):
+                        self._cursor = index + 1
+                        return self.received[index]
+                self._arrived.clear()
+                await self._arrived.wait()

@@ -18,6 +18,7 @@ import pytest
 from support import (
     BASE_TOOL_BYTES,
     MESSAGE_ID_CONFLICT,
+    MESSAGE_ID_STACK_CHANGED,
     TEST_PROPERTY,
     Daemon,
     JournalReader,
@@ -76,7 +77,9 @@ def test_image_attaches_with_udev_properties_and_content(
         assert (mnt / "usr/share/empty").is_dir()
         assert (mnt / "etc/plain.conf").stat().st_mode & 0o777 == 0o600
         release = (mnt / "usr/lib/extension-release.d/extension-release.tools").read_text()
-        assert release == 'ID="debian"\nVERSION_ID="12"\nPERSONALITY_DESCRIPTION="say \\"hi\\" \\$x"\n'
+        assert (
+            release == 'ID="debian"\nVERSION_ID="12"\nPERSONALITY_DESCRIPTION="say \\"hi\\" \\$x"\n'
+        )
         owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in mnt.rglob("*")}
         assert owners == {(0, 0)}
     finally:
@@ -316,3 +319,34 @@ def test_daemon_helper_reports_early_exit(daemon: Daemon, tmp_path: Path) -> Non
     daemon.env["PYTHONPATH"] = str(fake)
     with pytest.raises(AssertionError, match="(?s)exited \\(status 1\\).*bad config: x"):
         daemon.start()
+
+
+def test_fixtures_drive_the_real_daemon(
+    tmp_path: Path,
+    sandbox_root: Path,
+    loop_devices: LoopDevices,
+    daemon: Daemon,
+    journal: JournalReader,
+) -> None:
+    """The fixtures end to end with the real daemon: volumes, spool, stacked files, journal."""
+    manifest = {"ID": "debian", "VERSION_ID": "12", "IMAGE_VERSION": "1.0"}
+    tool = "#!/bin/sh\necho tool from web\n"
+    web = build_image(tmp_path, "web", {"usr/bin/tool": tool}, fmt="erofs", manifest=manifest)
+    loop_devices.attach(build_writable_image(tmp_path), read_only=False)
+    loop_devices.attach(web)
+    before = mounts_snapshot()
+    daemon.start()
+
+    result = daemon.request({"action": "attach", "personality": "web", "id": "t1"})
+
+    assert (result["_dir"], result["status"], result["id"]) == ("done", "ok", "t1")
+    assert result["attached"] == ["web"]
+    assert (sandbox_root / "usr/bin/tool").read_text() == tool
+    assert (sandbox_root / "usr/bin/base-tool").read_bytes() == BASE_TOOL_BYTES
+    assert (sandbox_root / "opt/personality/web/usr/bin/tool").is_file()
+    (summary,) = journal.entries(MESSAGE_ID_STACK_CHANGED, _PID=daemon.pid)
+    assert summary["PERSONALITY_ATTACHED"] == "web"
+    assert summary["PERSONALITY_GENERATION"] == str(result["generation"])
+    new_mounts = {mp for mp, _, _ in mounts_snapshot() - before}
+    assert str(sandbox_root / "opt/personality/web") in new_mounts
+    assert daemon.stop() == 0

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,11 @@ block_signal = true
     assert [dict(r) for r in config.writable_match] == [{"ID_PART_ENTRY_NAME": "data"}]
     assert config.writable_fallback == "tmpfs"
     assert config.allowed_groups == ("wheel", "personality")
-    assert (config.spool_dir, config.state_dir, config.runtime_dir) == ("/spool", "/state", "/run/p")
+    assert (config.spool_dir, config.state_dir, config.runtime_dir) == (
+        "/spool",
+        "/state",
+        "/run/p",
+    )
     assert config.manage_services == "no"
     assert config.block_signal is True
     assert config.path("/usr/bin") == Path("/srv/sandbox/usr/bin")
@@ -180,11 +185,15 @@ def test_bad_values(key: str, value: object, expected: str) -> None:
 def test_message_example() -> None:
     with pytest.raises(ConfigError) as info:
         build_config([(ADMIN, {"stack": {"hierarchies": ["usr"]}})], None)
-    assert str(info.value) == f"{ADMIN}: stack.hierarchies must be a list of absolute paths, got 'usr'"
+    assert (
+        str(info.value) == f"{ADMIN}: stack.hierarchies must be a list of absolute paths, got 'usr'"
+    )
 
 
 def test_a_bad_value_overridden_later_is_fine() -> None:
-    config, _ = build_config([("a", {"stack": {"swap": "bad"}}), ("b", {"stack": {"swap": "beneath"}})], None)
+    config, _ = build_config(
+        [("a", {"stack": {"swap": "bad"}}), ("b", {"stack": {"swap": "beneath"}})], None
+    )
     assert config.swap == "beneath"
 
 
@@ -345,13 +354,18 @@ def test_relative_root_override_is_made_absolute(
 def test_shipped_config_is_all_defaults_and_every_key() -> None:
     shipped = REPO / "config" / "personalityd.toml"
     text = shipped.read_text()
-    assert tomllib.loads(text) == {"volumes": {}, "stack": {}, "writable": {}, "spool": {},
-                                   "state": {}, "systemd": {}, "debug": {}}
+    assert tomllib.loads(text) == {
+        "volumes": {},
+        "stack": {},
+        "writable": {},
+        "spool": {},
+        "state": {},
+        "systemd": {},
+        "debug": {},
+    }
     # Uncommented, it is the defaults, key for key.
-    uncommented = "\n".join(
-        line[1:] if line.startswith("#") and not line.startswith("# ") and line != "#" else line
-        for line in text.splitlines()
-    )
+    setting = re.compile(r"#(?=[A-Za-z_\]]|\s+\{)")  # "#key = ...", "#    { ... }," and "#]"
+    uncommented = "\n".join(line[1:] if setting.match(line) else line for line in text.splitlines())
     data = tomllib.loads(uncommented)
     config, warnings = build_config([(str(shipped), data)], None)
     assert warnings == []

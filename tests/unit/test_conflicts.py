@@ -20,7 +20,7 @@ from personalityd.core.model import (
     Conflict,
 )
 
-d, o, f, l, w = DIR, OPAQUE_DIR, FILE, SYMLINK, WHITEOUT
+d, o, f, ln, w = DIR, OPAQUE_DIR, FILE, SYMLINK, WHITEOUT
 
 Layers = list[tuple[str, dict[str, str]]]
 
@@ -47,9 +47,7 @@ def run(
     layers: Layers, base: dict[str, str] | None = None, same: bool = False
 ) -> tuple[list[Conflict], int, Recorder]:
     recorder = Recorder(base or {}, same)
-    conflicts, overrides = find_conflicts(
-        "/usr", layers, recorder.base_kind, recorder.identical
-    )
+    conflicts, overrides = find_conflicts("/usr", layers, recorder.base_kind, recorder.identical)
     return conflicts, overrides, recorder
 
 
@@ -83,7 +81,7 @@ CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
     ),
     (
         "symlinks with equal targets",
-        [("a", {"lib": d, "lib/x.so": l}), ("b", {"lib": d, "lib/x.so": l})],
+        [("a", {"lib": d, "lib/x.so": ln}), ("b", {"lib": d, "lib/x.so": ln})],
         {},
         True,
         [c("lib/x.so", "a", "b", identical=True)],
@@ -91,7 +89,7 @@ CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
     ),
     (
         "symlinks with different targets",
-        [("a", {"lib": d, "lib/x.so": l}), ("b", {"lib": d, "lib/x.so": l})],
+        [("a", {"lib": d, "lib/x.so": ln}), ("b", {"lib": d, "lib/x.so": ln})],
         {},
         False,
         [c("lib/x.so", "a", "b")],
@@ -99,7 +97,7 @@ CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
     ),
     (
         "symlink over file is never identical",
-        [("a", {"x": l}), ("b", {"x": f})],
+        [("a", {"x": ln}), ("b", {"x": f})],
         {},
         True,
         [c("x", "a", "b")],
@@ -312,9 +310,9 @@ def test_find_conflicts(
 
 def test_identical_is_asked_only_for_all_files_or_all_symlinks() -> None:
     layers: Layers = [
-        ("a", {"f": f, "l": l, "m": f, "w": w}),
-        ("b", {"f": f, "l": l, "m": l, "w": w}),
-        ("c", {"f": f, "l": l}),
+        ("a", {"f": f, "l": ln, "m": f, "w": w}),
+        ("b", {"f": f, "l": ln, "m": ln, "w": w}),
+        ("c", {"f": f, "l": ln}),
     ]
     _, _, recorder = run(layers, same=True)
     assert sorted(recorder.identical_calls) == [("f", ("a", "b", "c")), ("l", ("a", "b", "c"))]
@@ -323,7 +321,7 @@ def test_identical_is_asked_only_for_all_files_or_all_symlinks() -> None:
 def test_base_is_asked_only_for_replacing_winners_it_reaches() -> None:
     layers: Layers = [
         ("a", {"bin": d, "bin/tool": f, "x": o, "x/y": f, "z": f}),
-        ("b", {"bin": d, "bin/tool": f, "z": d, "z/q": f, "lib": d, "lib/l": l}),
+        ("b", {"bin": d, "bin/tool": f, "z": d, "z/q": f, "lib": d, "lib/l": ln}),
     ]
     _, _, recorder = run(layers)
     assert sorted(recorder.base_calls) == ["bin/tool", "lib/l", "x", "z"]
@@ -420,7 +418,7 @@ def reference(
     return sorted(conflicts, key=lambda x: x.path), overrides, asked
 
 
-KINDS = st.sampled_from([d, d, d, o, f, f, l, w, CHAR_DEVICE, FIFO])
+KINDS = st.sampled_from([d, d, d, o, f, f, ln, w, CHAR_DEVICE, FIFO])
 PATHS = st.lists(st.sampled_from("abc"), min_size=1, max_size=3).map("/".join)
 
 
@@ -447,7 +445,9 @@ TREES = st.dictionaries(PATHS, KINDS, max_size=12).map(consistent)
     st.dictionaries(PATHS, KINDS, max_size=8),
     st.integers(min_value=0, max_value=2),
 )
-def test_agrees_with_reference(trees: list[dict[str, str]], base: dict[str, str], salt: int) -> None:
+def test_agrees_with_reference(
+    trees: list[dict[str, str]], base: dict[str, str], salt: int
+) -> None:
     layers: Layers = [(f"p{i}", tree) for i, tree in enumerate(trees)]
 
     def same(path: str) -> bool:

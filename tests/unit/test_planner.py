@@ -136,10 +136,14 @@ REASON = "VERSION_ID '11' does not match the base VERSION_ID '12'"
             ["web", "vanished"],
             {},
             {
-                "web": (State.DRAINING, "no longer stacked, still in use by processes of an "
-                "earlier generation"),
-                "vanished": (State.DRAINING, "no longer stacked, still in use by processes "
-                "of an earlier generation"),
+                "web": (
+                    State.DRAINING,
+                    "no longer stacked, still in use by processes of an earlier generation",
+                ),
+                "vanished": (
+                    State.DRAINING,
+                    "no longer stacked, still in use by processes of an earlier generation",
+                ),
             },
         ),
         # failed beats everything but live

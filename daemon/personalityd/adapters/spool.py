@@ -357,9 +357,8 @@ class SpoolWatcher:
     def _candidate(self, name: str, mask: Mask) -> Path | None:
         if not is_request_name(name):
             return None
-        path = self.spool_dir / name
         try:
-            st = os.lstat(path)
+            st = os.lstat(os.path.join(self.spool_dir, name))
         except OSError:
             self._yielded.pop(name, None)
             return None
@@ -367,7 +366,7 @@ class SpoolWatcher:
         # Unless it is a hard link (nlink > 1): then no CLOSE_WRITE follows.
         if Mask.CREATE in mask and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             return None
-        return path if self._fresh(name, st) else None
+        return self.spool_dir / name if self._fresh(name, st) else None
 
     def rescan(self) -> list[Path]:
         """Pending requests not yielded yet, oldest first."""

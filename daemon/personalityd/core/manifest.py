@@ -52,9 +52,7 @@ def check_compatibility(manifest: Manifest, base: OsRelease) -> str | None:
             return reason
     arch = manifest.get("ARCHITECTURE") or ""
     if arch and arch != ANY and arch != base.architecture:
-        return (
-            f"ARCHITECTURE {arch!r} does not match the base architecture {base.architecture!r}"
-        )
+        return f"ARCHITECTURE {arch!r} does not match the base architecture {base.architecture!r}"
     return None
 
 
@@ -63,13 +61,10 @@ def _check_version(manifest: Manifest, base: OsRelease) -> str | None:
     if level and base.sysext_level:
         if level != base.sysext_level:
             return (
-                f"SYSEXT_LEVEL {level!r} does not match the base SYSEXT_LEVEL "
-                f"{base.sysext_level!r}"
+                f"SYSEXT_LEVEL {level!r} does not match the base SYSEXT_LEVEL {base.sysext_level!r}"
             )
         return None
     version_id = manifest.get("VERSION_ID") or ""
     if version_id and base.version_id and version_id != base.version_id:
-        return (
-            f"VERSION_ID {version_id!r} does not match the base VERSION_ID {base.version_id!r}"
-        )
+        return f"VERSION_ID {version_id!r} does not match the base VERSION_ID {base.version_id!r}"
     return None

@@ -48,9 +48,9 @@ def parse_request(body: bytes) -> Request:
         shown = ", ".join(_field(key) for key in unknown[:5]) + (", ..." if unknown[5:] else "")
         raise InvalidRequest(f"unknown field{'s' if len(unknown) > 1 else ''} {shown}")
 
-    action = data.get("action")
-    if action is None:
+    if "action" not in data:
         raise InvalidRequest("missing field 'action'")
+    action = data["action"]
     if action not in ACTIONS:
         raise InvalidRequest(
             f"field 'action' must be 'attach', 'detach' or 'switch', got {_show(action)}"
@@ -111,9 +111,7 @@ def _switch_names(data: dict[str, Any]) -> tuple[str, ...]:
         raise InvalidRequest("missing field 'personalities' (action 'switch' needs it)")
     names = data["personalities"]
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise InvalidRequest(
-            f"field 'personalities' must be a list of strings, got {_show(names)}"
-        )
+        raise InvalidRequest(f"field 'personalities' must be a list of strings, got {_show(names)}")
     seen: set[str] = set()
     for name in names:
         if name in seen:

@@ -50,6 +50,7 @@ from personalityd.dbus.names import (
     DBUS_INTERFACE,
     DBUS_OBJECT_PATH,
     ERROR_FAILED,
+    ERROR_INVALID_ARGS,
     INTERFACE,
     OBJECT_PATH,
     OPTION_FORCE,
@@ -134,11 +135,27 @@ class ManagerInterface(ServiceInterface):
 
     def export_on(self, bus: MessageBus) -> None:
         """Export at OBJECT_PATH and install the handler that tells methods their caller."""
+        in_signatures = {m.name: m.in_signature for m in self.introspect().methods}
 
-        def remember_call(msg: Message) -> bool:
-            is_call = msg.message_type is MessageType.METHOD_CALL
-            _current_call.set((bus, msg) if is_call else None)
-            return False  # never handled here: dbus-fast dispatches it next
+        def remember_call(msg: Message) -> Message | bool:
+            if msg.message_type is not MessageType.METHOD_CALL:
+                _current_call.set(None)
+                return False
+            _current_call.set((bus, msg))
+            # dbus-fast would answer UnknownMethod; DESIGN wants InvalidArgs for bad arguments.
+            expected = in_signatures.get(msg.member or "")
+            if (
+                expected is not None
+                and msg.path == OBJECT_PATH
+                and msg.interface in (INTERFACE, None)
+                and msg.signature != expected
+            ):
+                return Message.new_error(
+                    msg,
+                    ERROR_INVALID_ARGS,
+                    f"{msg.member} takes arguments of type {expected!r}, got {msg.signature!r}",
+                )
+            return False  # not handled here: dbus-fast dispatches it next
 
         bus.add_message_handler(remember_call)
         bus.export(OBJECT_PATH, self)
