@@ -13,12 +13,16 @@ output into pytest's capture file. By `pytest_configure` the real stdout/stderr 
 
 Not root: no re-exec. Unit tests run as usual; integration tests fail (not skip) with a message
 saying why (see `tests/integration/conftest.py`).
+
+With `CI=true` in the environment a skipped test is reported as a failure: CI must never pass
+because something quietly did not run. (Expected failures, `xfail`, are left alone.)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Generator
 
 import pytest
 
@@ -36,3 +40,15 @@ def pytest_configure(config: pytest.Config) -> None:
     sys.stderr.flush()
     argv = [sys.executable, "-m", "pytest", *sys.argv[1:]]
     os.execvp("unshare", ["unshare", "-m", "--propagation", "private", "--", *argv])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+    return report

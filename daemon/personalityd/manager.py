@@ -93,6 +93,7 @@ class Manager:
         self.allowed_gids = allowed_gids
         self.hooks = hooks or ServiceHooks()
         self.desired_entries: tuple[DesiredEntry, ...] = state.desired
+        self._saved = state
         self.snapshot = Snapshot(generation=state.generation)
         self.upper = Upper("none", None, "")
         self.draining: dict[str, str] = {}  # name -> device node still held by the kernel
@@ -225,13 +226,14 @@ class Manager:
                 self._idle.set()
 
     async def _process(self, batch: list[Job]) -> None:
-        devices_changed = False
         for job in batch:
             if job.action == "device":
                 assert job.event is not None
-                devices_changed = await self._apply_device_event(job.event) or devices_changed
+                await self._apply_device_event(job.event)
             elif job.action == "refresh":
-                devices_changed = await self.rescan() or devices_changed
+                # An operator refreshes after fixing a medium: volumes that failed get retried.
+                self.registry.failed.clear()
+                await self.rescan()
         requests = [j for j in batch if j.action not in ("device", "refresh")]
         original = self.desired_entries
         accepted = [job for job in requests if self._edit_desired(job)]
@@ -430,10 +432,10 @@ class Manager:
                 )
 
     def _persist(self, generation: int) -> None:
-        save_state(
-            self.config.path(self.config.state_dir),
-            PersistedState(self.desired_entries, generation),
-        )
+        state = PersistedState(self.desired_entries, generation)
+        if state != self._saved:
+            save_state(self.config.path(self.config.state_dir), state)
+            self._saved = state
 
     def _publish(
         self,

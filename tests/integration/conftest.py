@@ -6,7 +6,7 @@ this file wires them into fixtures that always clean up after themselves, also o
 | fixture | scope | gives |
 |---|---|---|
 | `udevd` | session | PID of the systemd-udevd we started, or None if one was running |
-| `journald` | session | PID of the systemd-journald we started, or None if one was listening |
+| `journald` | session | PID of the journald started (`journal_fixture`), or None if running |
 | `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
 | `journal` | function | `JournalReader` limited to entries written since the test started |
 | `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from journal_fixture import running_journald
 from support import (
     Daemon,
     JournalReader,
     LoopDevices,
     UdevMonitor,
-    ensure_journald,
     ensure_udevd,
     keep_services,
     make_sandbox_root,
@@ -54,9 +54,13 @@ def _in_private_mount_namespace() -> bool:
         return True  # PID 1's namespace is not visible to us: trust the marker
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _integration_preconditions() -> None:
-    """Fail (never skip) every integration test that cannot run for real."""
+    """Fail (never skip) every integration test that cannot run for real.
+
+    Session-scoped so that it runs before the other session fixtures (udevd, ...), which
+    would otherwise fail first with a less helpful error.
+    """
     if os.geteuid() != 0:
         pytest.fail(
             "integration tests need root (loop devices, mounts, udev, journald): "
@@ -85,11 +89,9 @@ def udevd() -> Iterator[int | None]:
 
 @pytest.fixture(scope="session")
 def journald() -> Iterator[int | None]:
-    """systemd-journald listening on /run/systemd/journal/socket; stopped at the end if ours."""
-    pid = ensure_journald()
-    yield pid
-    if pid is not None and not keep_services():
-        stop_pid(pid, comm="systemd-journal")  # comm is cut to 15 characters
+    """journald listening on its socket (`journal_fixture.running_journald`); PID if ours."""
+    with running_journald() as pid:
+        yield pid
 
 
 @pytest.fixture(scope="session")

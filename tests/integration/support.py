@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from journal_fixture import read_journal
+
 REPO = Path(__file__).resolve().parents[2]
 
 UDEVD = "/lib/systemd/systemd-udevd"
-JOURNALD = "/usr/lib/systemd/systemd-journald"
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # The log event the daemon writes (on stderr) once coldplug and reconcile are done.
 READY_EVENT = "daemon_ready"
@@ -60,7 +59,7 @@ MESSAGE_ID_ROLLED_BACK = "091e1791abd44213b5aa028ad69c8fce"
 # The udev property our session rule sets on loop devices backed by this session's files.
 TEST_PROPERTY = "PERSONALITYD_TEST"
 
-# Set to 1 to leave a udevd/journald that the tests started running after the session.
+# Set to 1 to leave a udevd that the tests started running after the session.
 KEEP_SERVICES_ENV = "PERSONALITYD_TEST_KEEP_SERVICES"
 
 # Known base content of `sandbox_root`.
@@ -138,7 +137,7 @@ def stop_pid(pid: int, comm: str | None = None, timeout: float = 10) -> None:
 def host_namespace_prefix() -> list[str]:
     """`nsenter` into PID 1's mount namespace when ours is a private one, else nothing.
 
-    Long-lived global services (udevd, journald) are started there so that they neither keep
+    Long-lived global services (udevd) are started there so that they neither keep
     the test namespace (and the mounts in it) alive nor see the tests' mounts.
     """
     try:
@@ -332,40 +331,6 @@ def udev_tag_rule(token: str, backing_dir: Path) -> Iterator[Path]:
 # journal
 
 
-def journald_listening() -> bool:
-    """True when something accepts datagrams on the journal's native socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(JOURNAL_SOCKET)
-        except OSError:
-            return False
-    return True
-
-
-def ensure_journald(timeout: float = 10) -> int | None:
-    """Start systemd-journald unless its native socket accepts connections.
-
-    Returns the PID of the journald we started, or None when one was already listening. The
-    journal then lives in /run/log/journal (volatile; no flush to /var is requested).
-    """
-    if journald_listening():
-        return None
-    proc = subprocess.Popen(
-        [*host_namespace_prefix(), JOURNALD],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while not journald_listening():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{JOURNALD} did not come up (exit status {proc.poll()})")
-        time.sleep(0.05)
-    # nsenter without --fork execs journald, so the Popen PID is journald's.
-    return proc.pid
-
-
 def journal_entries(
     message_id: str,
     *,
@@ -376,22 +341,17 @@ def journal_entries(
 ) -> list[dict[str, Any]]:
     """Journal entries with MESSAGE_ID and all `match` fields (FIELD=value), oldest first.
 
-    Runs `journalctl -o json --no-pager [--since @EPOCH] MESSAGE_ID=... FIELD=value ...` until
-    at least `min_count` entries are there or `timeout` seconds have passed, then returns what
-    it found (possibly fewer; pass `min_count=0` to check for absence without waiting).
-    Repeated fields (e.g. PERSONALITY_SHADOWED) come back as lists, single ones as strings.
+    Runs `journalctl --no-pager -o json [--since=@EPOCH] MESSAGE_ID=... FIELD=value ...` (via
+    `journal_fixture.read_journal`) until at least `min_count` entries are there or `timeout`
+    seconds have passed, then returns what it found (possibly fewer; pass `min_count=0` to
+    check for absence without waiting). Entries are readable as soon as journald has them; no
+    `journalctl --sync`/`--flush` is needed. Repeated fields (e.g. PERSONALITY_SHADOWED) come
+    back as lists in the order sent, single ones as strings.
     """
-    args = ["journalctl", "-o", "json", "--no-pager"]
-    if since is not None:
-        args.append(f"--since=@{since:.6f}")
+    args = [] if since is None else [f"--since=@{since:.6f}"]
     args.append(f"MESSAGE_ID={message_id}")
     args += [f"{key}={value}" for key, value in match.items()]
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = [json.loads(line) for line in run(*args).splitlines() if line.strip()]
-        if len(entries) >= min_count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+    return read_journal(*args, timeout=timeout, expect=min_count)
 
 
 def field_list(entry: Mapping[str, Any], key: str) -> list[str]:
@@ -505,7 +465,7 @@ def build_image(
     Images go to `tmp_path/images/<name>.<fmt>` (`<name>-2.<fmt>` ... if taken).
     """
     images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
     src = _unique(images / f"{name}.tree")
     src.mkdir()
     write_tree(src, files)
@@ -543,7 +503,7 @@ def build_writable_image(
 ) -> Path:
     """An empty ext4 image labelled `label` for the writable volume."""
     images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
     image = _unique(images / f"{label}.ext4")
     with open(image, "wb") as f:
         f.truncate(size_mb << 20)

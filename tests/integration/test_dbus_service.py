@@ -599,6 +599,32 @@ async def test_member_who_dropped_the_group_may_not_change(
     assert "Access denied" in result.err
 
 
+async def test_interleaved_callers_are_told_apart(
+    system_bus: str,
+    client: MessageBus,
+    manager: MemoryManager,
+    member_user: MemberUser,
+) -> None:
+    """A waiting root call, then calls of other users: each is judged by its own sender."""
+    waiting = asyncio.create_task(
+        call_ok(client, "Attach", "sa{sv}", "late", {"timeout": Variant("u", 30)})
+    )
+    await asyncio.sleep(0.2)
+    denied, member = await asyncio.gather(
+        run(*busctl_call(system_bus, "Refresh", prefix=tuple(NOBODY))),
+        run(*busctl_call(system_bus, "Attach", "sa{sv}", "web", "0", prefix=member_user.setpriv)),
+    )
+    assert denied.rc == 1
+    assert member.out.strip() == "b true", member.err
+    manager.add_volume(FakeVolume("late"))
+    assert await asyncio.wait_for(waiting, 5) == [True]
+    assert [(op, c.uid) for op, c in manager.callers] == [
+        ("attach", 0),
+        ("attach", member_user.uid),
+    ]
+    assert manager.attached == ("web", "late")
+
+
 async def test_root_caller_credentials(client: MessageBus, manager: MemoryManager) -> None:
     await call_ok(client, "Attach", "sa{sv}", "web", {})
     _, caller = manager.callers[-1]

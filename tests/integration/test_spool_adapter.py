@@ -13,7 +13,7 @@ import secrets
 import signal
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -21,7 +21,6 @@ from types import FrameType
 import pytest
 from structlog.testing import capture_logs
 
-from personalityd.adapters import spool
 from personalityd.adapters.spool import (
     RequestGone,
     SpoolFile,
@@ -138,8 +137,8 @@ def test_symlink_to_shadow_refused_without_opening(
         opened.append(path)
         return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(spool.os, "open", spy_open)
-    with pytest.raises(InvalidRequest, match="evil.json: refused, it is a symlink"):
+    monkeypatch.setattr(os, "open", spy_open)
+    with pytest.raises(InvalidRequest, match=r"evil\.json: refused, it is a symlink"):
         read_request(link, set(), set())
     assert opened == []
 
@@ -328,7 +327,7 @@ def test_finish_vanished_request_still_writes_result(spool_dir: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def watching(spool_dir: Path) -> AsyncIterator[AsyncIterator[Path]]:
+async def watching(spool_dir: Path) -> AsyncIterator[AsyncGenerator[Path, None]]:
     async with contextlib.aclosing(SpoolWatcher(spool_dir).watch()) as paths:
         yield paths
 

@@ -337,7 +337,8 @@ def test_kill9_during_switches_recovers_consistent_stack(
         time.sleep(rng.uniform(0, 0.08))
         daemon.kill9()
         daemon.start()
-        wait_for(lambda r=round_: (spool / f"done/kill-{r}.result.json").exists(), daemon)
+        answer = spool / f"done/kill-{round_}.result.json"
+        wait_for(answer.exists, daemon)
         assert read(sandbox_root, "usr/bin/tool") == target[-1].encode()
         for hierarchy in ("/usr", "/etc"):
             assert len(stacked_overlays(sandbox_root, hierarchy)) == 1
@@ -422,7 +423,7 @@ def test_every_spool_refusal_gets_a_result_and_daemon_keeps_serving(
         "unknown": ({"action": "attach", "personality": "nosuch"}, "no-such-personality"),
     }
     for name, (body, code) in cases.items():
-        result = daemon.request(body if isinstance(body, bytes) else body, name=name)
+        result = daemon.request(body, name=name)  # type: ignore[arg-type]
         assert (result["_dir"], result["status"], result["code"]) == ("failed", "error", code)
         assert result["message"]
         assert (spool / "failed" / f"{name}.json").exists()

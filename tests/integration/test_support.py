@@ -317,7 +317,7 @@ def test_daemon_helper_reports_early_exit(daemon: Daemon, tmp_path: Path) -> Non
     (fake / "personalityd/__init__.py").write_text("")
     (fake / "personalityd/__main__.py").write_text("import sys\nsys.exit('bad config: x')\n")
     daemon.env["PYTHONPATH"] = str(fake)
-    with pytest.raises(AssertionError, match="(?s)exited \\(status 1\\).*bad config: x"):
+    with pytest.raises(AssertionError, match=r"(?s)exited \(status 1\).*bad config: x"):
         daemon.start()
 
 

@@ -165,7 +165,7 @@ def test_io_error_names_the_directory(tmp_path: Path, monkeypatch: pytest.Monkey
             raise OSError(errno.EIO, "Input/output error", path)
         return real_scandir(path)
 
-    monkeypatch.setattr(indexer.os, "scandir", failing_scandir)
+    monkeypatch.setattr(os, "scandir", failing_scandir)
     with pytest.raises(OSError) as info:
         index_volume(str(tmp_path), ["/usr"])
     assert info.value.errno == errno.EIO
@@ -178,7 +178,7 @@ def test_io_error_on_hierarchy_lookup_propagates(
     def failing_lstat(path: str) -> os.stat_result:
         raise OSError(errno.EIO, "Input/output error", path)
 
-    monkeypatch.setattr(indexer.os, "lstat", failing_lstat)
+    monkeypatch.setattr(os, "lstat", failing_lstat)
     with pytest.raises(OSError) as info:
         index_volume(str(tmp_path), ["/usr"])
     assert info.value.filename == os.path.join(str(tmp_path), "usr")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from personalityd.adapters import state as state_module
 from personalityd.adapters.state import (
     PersistedState,
     StateFileError,
@@ -93,7 +92,7 @@ def test_failing_write_leaves_old_file(
     def enospc(*args: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(state_module.os, failing, enospc)
+    monkeypatch.setattr(os, failing, enospc)
     with pytest.raises(OSError) as info:
         save_state(tmp_path, PersistedState(desired=(), generation=8))
     monkeypatch.undo()
@@ -173,7 +172,7 @@ def test_write_json_atomic_failing_rename_cleans_up(
     def failing_rename(src: str, dst: object) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(state_module.os, "rename", failing_rename)
+    monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError):
         write_json_atomic(target, {"a": 2})
     monkeypatch.undo()

@@ -195,6 +195,11 @@ def identical_entries(paths: Sequence[str]) -> bool:
                 stat.S_ISLNK(os.lstat(p).st_mode) and os.readlink(p) == target for p in paths[1:]
             )
         if stat.S_ISREG(first.st_mode):
+            # lstat all first: never open anything but regular files of the same size.
+            for path in paths[1:]:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != first.st_size:
+                    return False
             return _same_content(paths)
     except OSError:
         return False

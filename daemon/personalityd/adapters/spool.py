@@ -21,7 +21,7 @@ import os
 import pwd
 import shutil
 import stat
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +297,7 @@ def finish_request(spool_dir: Path, path: Path, ok: bool, result: dict[str, Any]
     other_dir = spool_dir / (FAILED_DIR if ok else DONE_DIR)
     _remove(other_dir / spool_file.name)
     _remove(other_dir / spool_file.result_name)
+    target_dir.mkdir(mode=RESULT_DIR_MODE, exist_ok=True)
     write_json_atomic(target_dir / spool_file.result_name, result)
     target = target_dir / spool_file.name
     try:
@@ -335,7 +336,7 @@ class SpoolWatcher:
         # Size at which names no longer in the spool are forgotten.
         self._prune_at = 4096
 
-    def __aiter__(self) -> AsyncIterator[Path]:
+    def __aiter__(self) -> AsyncGenerator[Path, None]:
         return self.watch()
 
     def _fresh(self, name: str, st: os.stat_result) -> bool:
@@ -380,7 +381,7 @@ class SpoolWatcher:
                 fresh.append(path)
         return fresh
 
-    async def watch(self) -> AsyncIterator[Path]:
+    async def watch(self) -> AsyncGenerator[Path, None]:
         """The async generator behind `async for path in SpoolWatcher(dir)`.
 
         Raises OSError when the spool directory itself is removed or moved away. Close it
@@ -407,6 +408,6 @@ class SpoolWatcher:
                     yield candidate
 
 
-def watch(spool_dir: Path) -> AsyncIterator[Path]:
+def watch(spool_dir: Path) -> AsyncGenerator[Path, None]:
     """`SpoolWatcher(spool_dir).watch()`."""
     return SpoolWatcher(spool_dir).watch()

@@ -131,6 +131,8 @@ class ManagerInterface(ServiceInterface):
         self._manager = manager
         self._allowed_groups = tuple(allowed_groups)
         self._properties = self._property_values()
+        self._buses: list[MessageBus] = []
+        # ManagerAPI has no unsubscribe: an interface whose buses are gone ignores events.
         manager.subscribe(self._on_stack_event)
 
     def export_on(self, bus: MessageBus) -> None:
@@ -159,6 +161,7 @@ class ManagerInterface(ServiceInterface):
 
         bus.add_message_handler(remember_call)
         bus.export(OBJECT_PATH, self)
+        self._buses.append(bus)
 
     # -- methods ------------------------------------------------------------------------
 
@@ -167,7 +170,7 @@ class ManagerInterface(ServiceInterface):
         return self._reading(
             "ListPersonalities",
             lambda: [
-                (p.name, p.state, p.version, p.device, p.mount_point)
+                (str(p.name), str(p.state), str(p.version), str(p.device), str(p.mount_point))
                 for p in self._manager.list_personalities()
             ],
         )
@@ -192,7 +195,8 @@ class ManagerInterface(ServiceInterface):
         return self._reading(
             "ListConflicts",
             lambda: [
-                (c.path, c.winner, list(c.shadowed), c.identical) for c in self._manager.conflicts()
+                (str(c.path), str(c.winner), [str(n) for n in c.shadowed], bool(c.identical))
+                for c in self._manager.conflicts()
             ],
         )
 
@@ -205,7 +209,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Attached(self) -> Names:
-        return list(self._manager.attached)
+        return self._property_values()["Attached"]  # type: ignore[no-any-return]
 
     @dbus_property(access=PropertyAccess.READ)
     def Desired(self) -> Names:
@@ -306,6 +310,9 @@ class ManagerInterface(ServiceInterface):
 
     def _on_stack_event(self, event: StackEvent) -> None:
         """Manager callback, on the event loop's thread: emit the signals for one change."""
+        self._buses = [bus for bus in self._buses if bus.connected]
+        if not self._buses:
+            return
         try:
             self.StackChanged(event.generation, list(event.attached))
             for name in event.detached:
@@ -319,11 +326,11 @@ class ManagerInterface(ServiceInterface):
     def _property_values(self) -> dict[str, Any]:
         m = self._manager
         return {
-            "Attached": list(m.attached),
-            "Desired": list(m.desired),
-            "Generation": m.generation,
+            "Attached": [str(n) for n in m.attached],
+            "Desired": [str(n) for n in m.desired],
+            "Generation": int(m.generation),
             "ConflictCount": len(m.conflicts()),
-            "WritableDevice": m.writable_device,
+            "WritableDevice": str(m.writable_device),
         }
 
     def _sync_properties(self) -> None:
