@@ -31,6 +31,9 @@ class StackEvent:
     attached: tuple[str, ...]  # bottom first
     newly_attached: tuple[str, ...]
     detached: tuple[str, ...]
+    # False when only the desired list changed (e.g. a personality whose volume is missing
+    # was asked for): properties change, but there is no new stack to signal.
+    stack_changed: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,4 +78,6 @@ class ManagerAPI(Protocol):
     @property
     def writable_device(self) -> str: ...
 
-    def subscribe(self, callback: Callable[[StackEvent], None]) -> None: ...
+    def subscribe(self, callback: Callable[[StackEvent], object]) -> Callable[[], None]:
+        """Call `callback` after every change; returns a function that unsubscribes."""
+        ...

@@ -124,8 +124,14 @@ class Manager:
     def conflicts(self) -> tuple[Conflict, ...]:
         return self.snapshot.report.conflicts
 
-    def subscribe(self, callback: Callable[[StackEvent], object]) -> None:
+    def subscribe(self, callback: Callable[[StackEvent], object]) -> Callable[[], None]:
         self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
 
     def list_personalities(self) -> list[PersonalityInfo]:
         volumes = self.registry.volumes
@@ -369,8 +375,12 @@ class Manager:
         plan = plan_stack(self.desired_entries, volumes, self._provides(volumes), hierarchies)
         snapshot = self.snapshot
         if plan.live == snapshot.live and self.engine.is_current(plan, upper):
+            desired_before = tuple(e.name for e in self._saved.desired)
             self._persist(snapshot.generation)
             self.upper = upper
+            if desired_before != self.desired:
+                live = snapshot.live
+                self._notify(StackEvent(snapshot.generation, live, (), (), stack_changed=False))
             return False
         generation = snapshot.generation + 1
         try:
@@ -468,7 +478,10 @@ class Manager:
             newly_attached=tuple(n for n in plan.live if n not in before),
             detached=tuple(n for n in before if n not in plan.live),
         )
-        for callback in self._subscribers:
+        self._notify(event)
+
+    def _notify(self, event: StackEvent) -> None:
+        for callback in list(self._subscribers):
             try:
                 callback(event)
             except Exception:

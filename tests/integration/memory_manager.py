@@ -47,7 +47,7 @@ class MemoryManager:
         self._forced: set[str] = set()
         self._generation = 0
         self._attached: tuple[str, ...] = ()
-        self._subscribers: list[Callable[[StackEvent], None]] = []
+        self._subscribers: list[Callable[[StackEvent], object]] = []
         self._arrived = asyncio.Event()
         self.allowed_gids = frozenset(allowed_gids)
         self._writable_device = writable_device
@@ -172,8 +172,9 @@ class MemoryManager:
     def writable_device(self) -> str:
         return self._writable_device
 
-    def subscribe(self, callback: Callable[[StackEvent], None]) -> None:
+    def subscribe(self, callback: Callable[[StackEvent], object]) -> Callable[[], None]:
         self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
 
     # -- internals --------------------------------------------------------------------------
 

@@ -132,8 +132,8 @@ class ManagerInterface(ServiceInterface):
         self._allowed_groups = tuple(allowed_groups)
         self._properties = self._property_values()
         self._buses: list[MessageBus] = []
-        # ManagerAPI has no unsubscribe: an interface whose buses are gone ignores events.
-        manager.subscribe(self._on_stack_event)
+        # An interface whose buses are all gone unsubscribes itself at the next event.
+        self._unsubscribe = manager.subscribe(self._on_stack_event)
 
     def export_on(self, bus: MessageBus) -> None:
         """Export at OBJECT_PATH and install the handler that tells methods their caller."""
@@ -209,15 +209,15 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Attached(self) -> Names:
-        return self._property_values()["Attached"]  # type: ignore[no-any-return]
+        return [str(n) for n in self._manager.attached]
 
     @dbus_property(access=PropertyAccess.READ)
     def Desired(self) -> Names:
-        return list(self._manager.desired)
+        return [str(n) for n in self._manager.desired]
 
     @dbus_property(access=PropertyAccess.READ)
     def Generation(self) -> DBusUInt64:
-        return self._manager.generation
+        return int(self._manager.generation)
 
     @dbus_property(access=PropertyAccess.READ)
     def ConflictCount(self) -> DBusUInt32:
@@ -225,7 +225,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def WritableDevice(self) -> DBusStr:
-        return self._manager.writable_device
+        return str(self._manager.writable_device)
 
     # -- signals ------------------------------------------------------------------------
 
@@ -312,6 +312,10 @@ class ManagerInterface(ServiceInterface):
         """Manager callback, on the event loop's thread: emit the signals for one change."""
         self._buses = [bus for bus in self._buses if bus.connected]
         if not self._buses:
+            self._unsubscribe()
+            return
+        if not event.stack_changed:
+            self._sync_properties()
             return
         try:
             self.StackChanged(event.generation, list(event.attached))
