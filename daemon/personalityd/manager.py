@@ -249,6 +249,7 @@ class Manager:
             await self.rebuild(description, requested)
         except PersonalityError as error:
             self.desired_entries = original
+            await self._converge()
             if len(accepted) > 1:
                 for job in accepted:
                     await self._process([Job(job.action, job.names, job.force, future=job.future)])
@@ -296,6 +297,9 @@ class Manager:
                 job.changed = True
             elif job.action == "detach":
                 name = job.names[0]
+                if name not in names_now and name not in volumes:
+                    # Nothing to detach and no such volume: most likely a typo; say so.
+                    raise NoSuchPersonality(self.registry.no_such_message([name]))
                 job.changed = name in names_now
                 current = [e for e in current if e.name != name]
             elif job.action == "switch":
@@ -405,7 +409,16 @@ class Manager:
         if self.hooks.before_swap is not None and leaving:
             await _maybe_await(self.hooks.before_swap(leaving))
         started = time.monotonic()
-        self.engine.swap(wanted, built)
+        try:
+            self.engine.swap(wanted, built)
+        except OSError as exc:
+            # Rare (the kernel refused a move): hierarchies already swapped stay swapped; the
+            # caller restores the desired list and converges back to it.
+            self.engine.release(built)
+            failure = MountFailed(f"swapping in the new stack failed: {exc}")
+            self.journal.change_failed(requested, str(failure))
+            log.error("swap_failed", requested=requested, error=str(exc))
+            raise failure from exc
         swap_ms = (time.monotonic() - started) * 1000
         self.rebuilds += 1
         for name in list(self.engine.volumes):
@@ -424,6 +437,14 @@ class Manager:
         if self.hooks.after_change is not None:  # reloads even when only leaving
             await _maybe_await(self.hooks.after_change(arriving))
         return True
+
+    async def _converge(self) -> None:
+        """After a failed change: make sure what is mounted matches the restored desired list
+        (a no-op unless the failure came after something visible had changed)."""
+        try:
+            await self.rebuild("return to the desired list after a failed change")
+        except PersonalityError as error:
+            log.error("converge_failed", error=str(error))
 
     def _provides(self, volumes: dict[str, Volume]) -> Callable[[str, str], bool]:
         def provided(name: str, hierarchy: str) -> bool:

@@ -309,11 +309,15 @@ def udev_tag_rule(token: str, backing_dir: Path) -> Iterator[Path]:
     The rule sets `PERSONALITYD_TEST=<token>` on them. Daemons started by `Daemon` match only
     tagged devices, so they never pick up volumes of other test runs on the same machine
     (udev and loop devices are global). The rule file is removed (and udev reloaded) on exit.
+
+    The kernel shows `loop/backing_file` as seen from the root of whoever reads it, here
+    udevd; the pattern starts with `*` so that it also matches when the tests run in a chroot
+    or container whose root is a subdirectory of udevd's.
     """
     rules_dir = Path("/run/udev/rules.d")
     rules_dir.mkdir(parents=True, exist_ok=True)
     rule = rules_dir / f"61-personalityd-test-{token}.rules"
-    pattern = str(backing_dir).rstrip("/") + "/*"
+    pattern = "*" + str(backing_dir).rstrip("/") + "/*"
     rule.write_text(
         "# personalityd integration tests: tag this run's loop devices (removed after the run)\n"
         f'SUBSYSTEM=="block", KERNEL=="loop[0-9]*", ATTR{{loop/backing_file}}=="{pattern}", '

@@ -38,16 +38,16 @@ def find_conflicts(
     multi: dict[str, list[int]] = {}
     for k, tree in enumerate(trees):
         keys = tree.keys()
-        if not first:
-            first = dict.fromkeys(keys, k)
-            continue
-        for path in keys & first.keys():
+        # Set operations run in C and cost O(len(tree)): `keys & first.keys()` walks the
+        # smaller side; `first.keys()` must not be walked (that would be quadratic).
+        common = keys & first.keys()
+        for path in common:
             providers = multi.get(path)
             if providers is None:
                 multi[path] = [first[path], k]
             else:
                 providers.append(k)
-        first.update(dict.fromkeys(keys - first.keys(), k))
+        first.update(dict.fromkeys(set(keys).difference(common) if common else keys, k))
 
     # Directory -> the deepest layer index (n: the base too) that reaches its children.
     limits: dict[str, int] = {"": n}

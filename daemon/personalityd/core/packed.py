@@ -1,0 +1,263 @@
+"""A compact tree index, and conflicts found on it without expanding it into paths.
+
+A `PackedTree` holds what a `TreeIndex` (relative path -> kind) holds for one hierarchy of one
+volume, grouped by directory: the directory paths once, then each directory's entry names,
+NUL-joined in one bytes object, and their kinds one byte each. Names are file system bytes
+(NUL is the one byte a name never holds). An entry costs its name's length plus two bytes,
+where a dict entry costs over 100 bytes: an index of 300,000 paths stays a few MiB.
+
+Trees must be well formed, as the indexer makes them: every directory that holds entries is
+itself an entry (DIR or OPAQUE_DIR) of its parent, except the hierarchy's own top ("").
+
+`find_conflicts_packed` gives exactly what `core.conflicts.find_conflicts` gives for the same
+trees (tests/unit/test_packed.py checks that with hypothesis), but works per directory: only
+directories present in two or more layers are looked into name by name, and the base is asked
+once per directory (`base_names`), not once per path.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from personalityd.core.model import DIR, FILE, OPAQUE_DIR, SYMLINK, Conflict
+
+_DIR = DIR.encode()[0]
+_NOT_AN_ENTRY = ord("-")  # dir_kinds value of the top directory
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTree:
+    dirs: tuple[bytes, ...]  # directory paths relative to the hierarchy; b"" is its top
+    dir_kinds: bytes  # per directory: its own kind (DIR, OPAQUE_DIR), "-" for the top
+    name_offsets: array  # type: ignore[type-arg]  # per directory: start in `names`; +1 end
+    kind_offsets: array  # type: ignore[type-arg]  # per directory: start in `kinds`; +1 end
+    names: bytes  # each directory's entry names, NUL-joined, directories back to back
+    kinds: bytes  # one kind byte per entry, in `names` order
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def dir_map(self) -> dict[bytes, int]:
+        return {d: i for i, d in enumerate(self.dirs)}
+
+    def listing(self, i: int) -> dict[bytes, str]:
+        """Entry name -> kind of directory number `i`."""
+        start, end = self.kind_offsets[i], self.kind_offsets[i + 1]
+        if start == end:
+            return {}
+        names = self.names[self.name_offsets[i] : self.name_offsets[i + 1]].split(b"\0")
+        return dict(zip(names, self.kinds[start:end].decode(), strict=True))
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(relative path, kind) of every entry, as a TreeIndex has them (str paths)."""
+        for i, d in enumerate(self.dirs):
+            prefix = d + b"/" if d else b""
+            for name, kind in self.listing(i).items():
+                yield os.fsdecode(prefix + name), kind
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self.items())
+
+
+class PackedTreeBuilder:
+    """Collects a tree directory by directory (`add_dir`), then `build()`s it."""
+
+    def __init__(self) -> None:
+        self._dirs: list[bytes] = []
+        self._dir_kinds = bytearray()
+        self._name_offsets = array("I", [0])
+        self._kind_offsets = array("I", [0])
+        self._names: list[bytes] = []
+        self._kinds: list[str] = []
+        self._name_end = 0
+        self._kind_end = 0
+
+    def add_dir(self, path: bytes, kind: str | None, names: list[bytes], kinds: str) -> None:
+        """Directory `path` (b"" for the top, whose `kind` is None) with its entries."""
+        self._dirs.append(path)
+        self._dir_kinds.append(_NOT_AN_ENTRY if kind is None else ord(kind))
+        if names:
+            joined = b"\0".join(names)
+            self._names.append(joined)
+            self._kinds.append(kinds)
+            self._name_end += len(joined)
+            self._kind_end += len(kinds)
+        self._name_offsets.append(self._name_end)
+        self._kind_offsets.append(self._kind_end)
+
+    def build(self) -> PackedTree:
+        return PackedTree(
+            tuple(self._dirs),
+            bytes(self._dir_kinds),
+            self._name_offsets,
+            self._kind_offsets,
+            b"".join(self._names),
+            "".join(self._kinds).encode(),
+        )
+
+
+def pack(tree: Mapping[str, str]) -> PackedTree:
+    """A PackedTree from a well-formed TreeIndex (tests, and indexes made the old way)."""
+    children: dict[bytes, list[tuple[bytes, str]]] = {b"": []}
+    kinds: dict[bytes, str] = {}
+    for path, kind in tree.items():
+        raw = os.fsencode(path)
+        parent, _, name = raw.rpartition(b"/")
+        children.setdefault(parent, []).append((name, kind))
+        kinds[raw] = kind
+        if kind in (DIR, OPAQUE_DIR):
+            children.setdefault(raw, [])
+    builder = PackedTreeBuilder()
+    for d, entries in children.items():
+        builder.add_dir(
+            d, kinds.get(d) if d else None, [n for n, _ in entries], "".join(k for _, k in entries)
+        )
+    return builder.build()
+
+
+EMPTY = PackedTreeBuilder().build()
+
+
+def _join(directory: bytes, name: bytes) -> bytes:
+    return directory + b"/" + name if directory else name
+
+
+def find_conflicts_packed(
+    hierarchy: str,
+    layers: Sequence[tuple[str, PackedTree]],
+    base_names: Callable[[bytes], Collection[bytes] | None],
+    identical: Callable[[str, Sequence[str]], bool],
+) -> tuple[list[Conflict], int]:
+    """The conflicts in one hierarchy (sorted by path) and the count of base overrides.
+
+    `layers` are (personality name, tree) top first. `base_names(dir)` gives the names the
+    base has in directory `dir` (relative, bytes; b"" is the hierarchy itself), or None when
+    the base has no such directory. `identical(relpath, names_top_first)` is asked only for
+    conflicts whose entries are all regular files or all symlinks.
+    """
+    n = len(layers)
+    names = [name for name, _ in layers]
+    trees = [tree for _, tree in layers]
+    dir_maps = [tree.dir_map() for tree in trees]
+
+    listings: dict[tuple[int, bytes], dict[bytes, str]] = {}
+
+    def listing(k: int, directory: bytes) -> dict[bytes, str]:
+        found = listings.get((k, directory))
+        if found is None:
+            found = trees[k].listing(dir_maps[k][directory])
+            listings[(k, directory)] = found
+        return found
+
+    # Paths that two or more layers provide: only in directories that two or more layers have.
+    holders: dict[bytes, list[int]] = {}
+    for k, dir_map in enumerate(dir_maps):
+        for d in dir_map:
+            holders.setdefault(d, []).append(k)
+    multi: dict[bytes, list[int]] = {}
+    for d, ks in holders.items():
+        if len(ks) < 2:
+            continue
+        seen: dict[bytes, list[int]] = {}
+        for k in ks:
+            for name in listing(k, d):
+                seen.setdefault(name, []).append(k)
+        for name, providers in seen.items():
+            if len(providers) > 1:
+                multi[_join(d, name)] = providers
+
+    def kind_in(k: int, path: bytes) -> str:
+        parent, _, name = path.rpartition(b"/")
+        return listing(k, parent)[name]
+
+    # Directory -> the deepest layer index (n: the base too) that reaches its children.
+    limits: dict[bytes, int] = {b"": n}
+
+    def cut_at(directory: bytes, limit: int) -> int:
+        providers = multi.get(directory)
+        if providers is None:
+            ks = holders.get(directory)
+            if not ks:
+                return limit  # in no layer: cuts nothing
+            k = ks[0]
+            if k > limit or trees[k].dir_kinds[dir_maps[k][directory]] == _DIR:
+                return limit
+            return k  # an opaque directory
+        for k in providers:
+            if k > limit:
+                break
+            kind = kind_in(k, directory)
+            if kind == DIR:
+                continue
+            return k if kind == OPAQUE_DIR else k - 1
+        return limit
+
+    def limit_below(directory: bytes) -> int:
+        chain: list[bytes] = []
+        while directory not in limits:
+            chain.append(directory)
+            directory = directory.rpartition(b"/")[0]
+        limit = limits[directory]
+        for directory in reversed(chain):
+            limit = cut_at(directory, limit)
+            limits[directory] = limit
+        return limit
+
+    base_cache: dict[bytes, Collection[bytes] | None] = {}
+
+    def in_base(directory: bytes) -> Collection[bytes] | None:
+        if directory not in base_cache:
+            base_cache[directory] = base_names(directory)
+        return base_cache[directory]
+
+    overrides = 0
+    # Paths with one provider: a replacing entry the base still reaches overrides it.
+    for k, tree in enumerate(trees):
+        for i, d in enumerate(tree.dirs):
+            if tree.kind_offsets[i] == tree.kind_offsets[i + 1]:
+                continue
+            if limit_below(d) != n:
+                continue
+            base = in_base(d)
+            if not base:
+                continue
+            entries = listing(k, d)
+            for name in entries.keys() & base if isinstance(base, set | frozenset) else entries:
+                if name not in base or entries[name] == DIR:
+                    continue
+                if _join(d, name) not in multi:
+                    overrides += 1
+
+    prefix = hierarchy.rstrip("/") + "/"
+    conflicts: list[Conflict] = []
+    for path, providers in multi.items():
+        parent, _, leaf = path.rpartition(b"/")
+        limit = limit_below(parent)
+        reaching = [k for k in providers if k <= limit]
+        if not reaching:
+            continue
+        kinds = [kind_in(k, path) for k in reaching]
+        relpath = os.fsdecode(path)
+        if len(reaching) > 1 and any(kind != DIR for kind in kinds):
+            shown = [names[k] for k in reaching]
+            same = False
+            if all(kind == FILE for kind in kinds) or all(kind == SYMLINK for kind in kinds):
+                same = identical(relpath, tuple(shown))
+            conflicts.append(
+                Conflict(
+                    path=prefix + relpath,
+                    hierarchy=hierarchy,
+                    winner=shown[0],
+                    shadowed=tuple(shown[1:]),
+                    identical=same,
+                )
+            )
+        if kinds[0] != DIR and limit == n:
+            base = in_base(parent)
+            if base and leaf in base:
+                overrides += 1
+    conflicts.sort(key=lambda c: c.path)
+    return conflicts, overrides

@@ -1,0 +1,958 @@
+"""The D-Bus API and personalityctl end to end: the real daemon, a private system bus, loop devices.
+
+`test_dbus_service.py` and `test_personalityctl.py` check the D-Bus layer and the CLI over an
+in-memory manager; here the same contract (DESIGN section 7) is checked against
+`python -m personalityd` run as a subprocess on a sandbox root, the way other services and an
+operator meet it: with `busctl` (also as `nobody` and as a member of the `personality` group),
+`gdbus` (it shows error names), dbus-fast connections (one calls, another watches the signals),
+`personalityctl`, and the files that appear under the sandbox root. The names are spelled out
+from DESIGN.md, not imported from the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import pwd
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fixture import Signals, private_system_bus
+from support import (
+    BASE_TOOL_BYTES,
+    REPO,
+    Daemon,
+    LoopDevices,
+    build_image,
+    build_writable_image,
+    pid_alive,
+    run,
+    wait_for,
+)
+
+BUS = "org.personalityd.personality1"
+PATH = "/org/personalityd/personality1"
+IFACE = "org.personalityd.personality1.Manager"
+ERR = "org.personalityd.personality1.Error."
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
+SERVING_EVENT = "event=dbus_serving"
+
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+# Errors a changing call may get in a storm of valid requests (DESIGN section 7).
+DOCUMENTED_ERRORS = {
+    ERR + name
+    for name in ("NoSuchPersonality", "Incompatible", "Busy", "MountFailed", "InvalidName")
+} | {ERR + "Timeout"}
+
+Images = Callable[..., Path]
+
+
+# -- running things -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    def err_line(self) -> str:
+        """The one line on stderr a failure must give (and no traceback)."""
+        assert self.err.endswith("\n") and self.err.count("\n") == 1, repr(self.err)
+        assert "Traceback" not in self.err
+        return self.err.rstrip("\n")
+
+
+async def arun(*argv: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> Result:
+    """Run a command without blocking this test's event loop (its signal watchers)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=dict(env) if env is not None else None,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+def busctl(address: str, *args: str, prefix: Sequence[str] = ()) -> list[str]:
+    return [*prefix, "busctl", f"--address={address}", *args]
+
+
+def busctl_call(address: str, member: str, *args: str, prefix: Sequence[str] = ()) -> list[str]:
+    return busctl(address, "call", BUS, PATH, IFACE, member, *args, prefix=prefix)
+
+
+def busctl_json(address: str, member: str, *args: str) -> list[str]:
+    return busctl(address, "--json=short", "call", BUS, PATH, IFACE, member, *args)
+
+
+def gdbus_call(address: str, member: str, *args: str, prefix: Sequence[str] = ()) -> list[str]:
+    return [
+        *prefix,
+        *("gdbus", "call", "--address", address, "--dest", BUS, "--object-path", PATH),
+        *("--method", f"{IFACE}.{member}", *args),
+    ]
+
+
+async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
+    msg = Message(
+        destination=BUS,
+        path=PATH,
+        interface=IFACE,
+        member=member,
+        signature=signature,
+        body=list(body),
+    )
+    return await asyncio.wait_for(bus.call(msg), 60)
+
+
+async def call_ok(bus: MessageBus, member: str, signature: str = "", *body: Any) -> list[Any]:
+    reply = await call(bus, member, signature, *body)
+    assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+    return list(reply.body)
+
+
+async def call_error(
+    bus: MessageBus, member: str, signature: str = "", *body: Any
+) -> tuple[str, str]:
+    reply = await call(bus, member, signature, *body)
+    assert reply.message_type is MessageType.ERROR, (member, body, reply.body)
+    return str(reply.error_name), str(reply.body[0])
+
+
+async def get_property(bus: MessageBus, name: str) -> Any:
+    msg = Message(
+        destination=BUS,
+        path=PATH,
+        interface="org.freedesktop.DBus.Properties",
+        member="Get",
+        signature="ss",
+        body=[IFACE, name],
+    )
+    reply = await asyncio.wait_for(bus.call(msg), 30)
+    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+    return reply.body[0].value
+
+
+async def get_all(bus: MessageBus) -> dict[str, Any]:
+    msg = Message(
+        destination=BUS,
+        path=PATH,
+        interface="org.freedesktop.DBus.Properties",
+        member="GetAll",
+        signature="s",
+        body=[IFACE],
+    )
+    reply = await asyncio.wait_for(bus.call(msg), 30)
+    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+    return {k: v.value for k, v in reply.body[0].items()}
+
+
+async def listing(bus: MessageBus) -> dict[str, tuple[str, str, str, str]]:
+    """ListPersonalities as name -> (state, version, device, mount point)."""
+    (rows,) = await call_ok(bus, "ListPersonalities")
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def read(root: Path, rel: str) -> bytes:
+    return (root / rel).read_bytes()
+
+
+def no_traceback(daemon: Daemon) -> None:
+    assert daemon.running(), daemon.log_text()[-4000:]
+    assert "Traceback" not in daemon.log_text()
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system_bus() -> Iterator[str]:
+    """A private dbus-daemon with the system bus policy and ours, for the whole module."""
+    with private_system_bus() as address:
+        yield address
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Images:
+    """`image(name, files, fmt="squashfs", **kw)`: a personality image in this test's tmp."""
+
+    def make(name: str, files: dict[str, object], fmt: str = "squashfs", **kw: object) -> Path:
+        return build_image(tmp_path, name, files, fmt, **kw)  # type: ignore[arg-type]
+
+    return make
+
+
+Serve = Callable[[Daemon], Daemon]
+
+
+@pytest.fixture
+def serve(system_bus: str) -> Serve:
+    """`serve(daemon)`: start it on the private bus; return once it owns the bus name."""
+
+    def start(daemon: Daemon) -> Daemon:
+        daemon.env[ADDRESS_ENV] = system_bus
+        before = daemon.log_text().count(SERVING_EVENT)
+        daemon.start()
+        wait_for(
+            lambda: daemon.log_text().count(SERVING_EVENT) > before or not daemon.running(),
+            timeout=30,
+            what=f"{daemon.name} to log {SERVING_EVENT}",
+        )
+        assert daemon.running(), daemon.log_text()[-4000:]
+        return daemon
+
+    return start
+
+
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+
+
+@pytest.fixture
+async def client(system_bus: str) -> AsyncIterator[MessageBus]:
+    bus = await connect(system_bus)
+    try:
+        yield bus
+    finally:
+        bus.disconnect()
+        await bus.wait_for_disconnect()
+
+
+@pytest.fixture
+async def watcher(system_bus: str) -> AsyncIterator[MessageBus]:
+    """A second connection, for signals."""
+    bus = await connect(system_bus)
+    try:
+        yield bus
+    finally:
+        bus.disconnect()
+        await bus.wait_for_disconnect()
+
+
+@pytest.fixture(scope="module")
+def personality_gid() -> int:
+    """The `personality` group exists (created if missing and left: it is harmless)."""
+    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
+    return grp.getgrnam("personality").gr_gid
+
+
+@dataclass(frozen=True)
+class MemberUser:
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def setpriv(self) -> tuple[str, ...]:
+        return ("setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups")
+
+
+@pytest.fixture(scope="module")
+def member_user(personality_gid: int) -> Iterator[MemberUser]:
+    """A temporary system user in the `personality` group; removed afterwards."""
+    name = f"pdtest{os.getpid()}e"
+    subprocess.run(
+        [
+            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
+            *("-G", "personality", name),
+        ],
+        check=True,
+    )
+    try:
+        entry = pwd.getpwnam(name)
+        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def web_files(tag: str = "web") -> dict[str, object]:
+    return {f"usr/bin/{tag}-tool": f"#!/bin/sh\necho {tag}\n", f"etc/{tag}.conf": f"{tag} = 1\n"}
+
+
+@dataclass
+class Trio:
+    """Three volumes on loop devices: web 2.1, tools 1.0, old (incompatible, for fedora)."""
+
+    web: str
+    tools: str
+    old: str
+
+
+@pytest.fixture
+def trio(loop_devices: LoopDevices, image: Images) -> Trio:
+    return Trio(
+        web=loop_devices.attach(image("web", web_files("web"), manifest={"ID": "_any",
+                                                                          "IMAGE_VERSION": "2.1"})),
+        tools=loop_devices.attach(
+            image("tools", web_files("tools"), "erofs", manifest={"ID": "debian",
+                                                                  "VERSION_ID": "12",
+                                                                  "IMAGE_VERSION": "1.0"})
+        ),
+        old=loop_devices.attach(
+            image("old", web_files("old"), manifest={"ID": "fedora", "IMAGE_VERSION": "0.9"})
+        ),
+    )
+
+
+# -- methods and properties through dbus-fast -----------------------------------------------------
+
+
+async def test_methods_and_properties_through_dbus_fast(
+    serve: Serve,
+    daemon: Daemon,
+    trio: Trio,
+    client: MessageBus,
+    sandbox_root: Path,
+    loop_devices: LoopDevices,
+) -> None:
+    serve(daemon)
+    rows = await listing(client)
+    assert rows == {
+        "old": ("incompatible", "0.9", trio.old, ""),
+        "tools": ("available", "1.0", trio.tools, ""),
+        "web": ("available", "2.1", trio.web, ""),
+    }
+    assert await get_all(client) == {
+        "Attached": [],
+        "Desired": [],
+        "Generation": 0,
+        "ConflictCount": 0,
+        "WritableDevice": "",
+    }
+
+    assert await call_ok(client, "Attach", "sa{sv}", "web", {}) == [True]
+    assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
+    assert read(sandbox_root, "etc/web.conf") == b"web = 1\n"
+    assert read(sandbox_root, "usr/bin/base-tool") == BASE_TOOL_BYTES
+    assert await call_ok(client, "Attach", "sa{sv}", "web", {}) == [False]
+    rows = await listing(client)
+    state, version, device, mount_point = rows["web"]
+    assert (state, version, device) == ("attached", "2.1", trio.web)
+    assert mount_point, rows
+    assert Path(mount_point).name == "web"
+    assert await get_property(client, "Attached") == ["web"]
+    assert await get_property(client, "Desired") == ["web"]
+    generation = await get_property(client, "Generation")
+    assert generation >= 1
+
+    assert await call_ok(client, "Switch", "asa{sv}", ["tools", "web"], {}) == [True]
+    assert await call_ok(client, "Switch", "asa{sv}", ["tools", "web"], {}) == [False]
+    assert read(sandbox_root, "usr/bin/tools-tool") == b"#!/bin/sh\necho tools\n"
+    assert await get_property(client, "Attached") == ["tools", "web"]
+    assert await get_property(client, "Generation") == generation + 1
+
+    assert await call_ok(client, "Detach", "sa{sv}", "web", {}) == [True]
+    assert await call_ok(client, "Detach", "sa{sv}", "web", {}) == [False]
+    assert not (sandbox_root / "usr/bin/web-tool").exists()
+    assert not (sandbox_root / "etc/web.conf").exists()
+    assert read(sandbox_root, "usr/bin/tools-tool") == b"#!/bin/sh\necho tools\n"
+    assert await get_property(client, "Attached") == ["tools"]
+    assert await get_property(client, "Generation") == generation + 2
+
+    # Forced, the incompatible one is stacked; then its volume goes away: it is pending.
+    assert await call_ok(client, "Attach", "sa{sv}", "old", {"force": Variant("b", True)}) == [
+        True
+    ]
+    assert read(sandbox_root, "etc/old.conf") == b"old = 1\n"
+    assert (await listing(client))["old"][0] == "attached"
+    loop_devices.yank(trio.old)
+    wait_for(lambda: not (sandbox_root / "etc/old.conf").exists(), what="old to go")
+    assert (await listing(client))["old"][0] == "pending"
+    # Once the kernel has let go of the yanked device, no device is shown any more.
+    deadline = time.monotonic() + 10
+    while (row := (await listing(client))["old"]) != ("pending", "", "", ""):
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.1)
+    assert await get_property(client, "Attached") == ["tools"]
+    assert await get_property(client, "Desired") == ["tools", "old"]
+
+    assert await call_ok(client, "Refresh") == []
+    assert await get_property(client, "Attached") == ["tools"]
+    assert await call_ok(client, "Switch", "asa{sv}", [], {}) == [True]
+    assert await get_property(client, "Attached") == []
+    assert await get_property(client, "Desired") == []
+    assert not (sandbox_root / "usr/bin/tools-tool").exists()
+    no_traceback(daemon)
+
+
+# -- the same through busctl ----------------------------------------------------------------------
+
+
+def parse_introspect(text: str) -> dict[str, tuple[str, str, str, str]]:
+    """`busctl introspect` lines of our interface: member -> (type, signature, result, flags)."""
+    members = {}
+    inside = False
+    for line in text.splitlines():
+        fields = line.split(None, 4)
+        if len(fields) >= 2 and fields[1] == "interface":
+            inside = fields[0] == IFACE
+            continue
+        if inside and fields and fields[0].startswith("."):
+            flags = fields[4] if len(fields) > 4 else "-"
+            members[fields[0][1:]] = (fields[1], fields[2], fields[3], flags)
+    return members
+
+
+async def test_introspection_of_the_real_daemon_lists_every_member(
+    serve: Serve, daemon: Daemon, system_bus: str, trio: Trio, client: MessageBus
+) -> None:
+    serve(daemon)
+    await call_ok(client, "Attach", "sa{sv}", "web", {})
+    result = await arun(*busctl(system_bus, "introspect", BUS, PATH))
+    assert result.rc == 0, result.err
+    members = parse_introspect(result.out)
+    assert {name: member[:2] for name, member in members.items()} == {
+        "ListPersonalities": ("method", "-"),
+        "Attach": ("method", "sa{sv}"),
+        "Detach": ("method", "sa{sv}"),
+        "Switch": ("method", "asa{sv}"),
+        "ListConflicts": ("method", "-"),
+        "Refresh": ("method", "-"),
+        "Attached": ("property", "as"),
+        "Desired": ("property", "as"),
+        "Generation": ("property", "t"),
+        "ConflictCount": ("property", "u"),
+        "WritableDevice": ("property", "s"),
+        "StackChanged": ("signal", "tas"),
+        "PersonalityAttached": ("signal", "s"),
+        "PersonalityDetached": ("signal", "s"),
+    }
+    assert members["ListPersonalities"][2] == "a(sssss)"
+    assert members["ListConflicts"][2] == "a(ssasb)"
+    for method in ("Attach", "Detach", "Switch"):
+        assert members[method][2] == "b"
+    # Properties show their live values and that they announce changes.
+    assert " ".join(" ".join(members["Attached"][2:]).split()) == '1 "web" emits-change'
+    assert " ".join(" ".join(members["WritableDevice"][2:]).split()) == '"" emits-change'
+    assert " ".join(members["Generation"][2:]).split() == ["1", "emits-change"]
+    # The well-known name is the daemon's, and the standard interfaces are there.
+    assert "org.freedesktop.DBus.Properties" in result.out
+    assert "org.freedesktop.DBus.Introspectable" in result.out
+    status = await arun(*busctl(system_bus, "status", BUS))
+    assert f"PID={daemon.pid}" in status.out, status.out + status.err
+
+
+async def test_every_method_and_property_through_busctl(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    trio: Trio,
+    sandbox_root: Path,
+) -> None:
+    serve(daemon)
+    listed = await arun(*busctl_call(system_bus, "ListPersonalities"))
+    assert listed.rc == 0, listed.err
+    assert listed.out.strip() == (
+        f'a(sssss) 3 "old" "incompatible" "0.9" "{trio.old}" "" '
+        f'"tools" "available" "1.0" "{trio.tools}" "" '
+        f'"web" "available" "2.1" "{trio.web}" ""'
+    )
+
+    attached = await arun(*busctl_call(system_bus, "Attach", "sa{sv}", "web", "0"))
+    assert (attached.rc, attached.out.strip()) == (0, "b true"), attached.err
+    assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
+    again = await arun(
+        *busctl_call(system_bus, "Attach", "sa{sv}", "web", "2", "timeout", "u", "5", "force",
+                     "b", "false")
+    )  # fmt: skip
+    assert (again.rc, again.out.strip()) == (0, "b false"), again.err
+
+    as_json = await arun(*busctl_json(system_bus, "ListPersonalities"))
+    assert as_json.rc == 0, as_json.err
+    reply = json.loads(as_json.out)
+    assert reply["type"] == "a(sssss)"
+    (rows,) = reply["data"]
+    by_name = {row[0]: row for row in rows}
+    assert by_name["web"][:4] == ["web", "attached", "2.1", trio.web]
+    assert by_name["web"][4].endswith("/opt/personality/web")
+    assert (Path(by_name["web"][4]) / "usr/bin/web-tool").is_file()
+    assert by_name["tools"] == ["tools", "available", "1.0", trio.tools, ""]
+
+    switched = await arun(
+        *busctl(system_bus, "--json=short", "call", BUS, PATH, IFACE, "Switch", "asa{sv}", "2",
+                "tools", "web", "0")
+    )  # fmt: skip
+    assert json.loads(switched.out) == {"type": "b", "data": [True]}, switched.err
+    assert read(sandbox_root, "etc/tools.conf") == b"tools = 1\n"
+
+    props = await arun(
+        *busctl(system_bus, "get-property", BUS, PATH, IFACE,
+                "Attached", "Desired", "Generation", "ConflictCount", "WritableDevice")
+    )  # fmt: skip
+    assert props.rc == 0, props.err
+    assert props.out.splitlines() == [
+        'as 2 "tools" "web"',
+        'as 2 "tools" "web"',
+        "t 2",
+        "u 0",
+        's ""',
+    ]
+    for name, expected in (
+        ("Attached", {"type": "as", "data": ["tools", "web"]}),
+        ("Generation", {"type": "t", "data": 2}),
+        ("ConflictCount", {"type": "u", "data": 0}),
+        ("WritableDevice", {"type": "s", "data": ""}),
+    ):
+        prop = await arun(
+            *busctl(system_bus, "--json=short", "get-property", BUS, PATH, IFACE, name)
+        )
+        assert json.loads(prop.out) == expected, (name, prop.out, prop.err)
+
+    detached = await arun(*busctl_json(system_bus, "Detach", "sa{sv}", "tools", "0"))
+    assert json.loads(detached.out) == {"type": "b", "data": [True]}, detached.err
+    assert not (sandbox_root / "etc/tools.conf").exists()
+    again = await arun(*busctl_call(system_bus, "Detach", "sa{sv}", "tools", "0"))
+    assert again.out.strip() == "b false", again.err
+
+    conflicts = await arun(*busctl_json(system_bus, "ListConflicts"))
+    assert json.loads(conflicts.out) == {"type": "a(ssasb)", "data": [[]]}, conflicts.err
+    refresh = await arun(*busctl_call(system_bus, "Refresh"))
+    assert (refresh.rc, refresh.out.strip()) == (0, ""), refresh.err
+    refresh_json = await arun(*busctl_json(system_bus, "Refresh"))
+    assert refresh_json.rc == 0, refresh_json.err
+    final = await arun(*busctl(system_bus, "get-property", BUS, PATH, IFACE, "Attached"))
+    assert final.out.strip() == 'as 1 "web"'
+    no_traceback(daemon)
+
+
+async def test_list_conflicts_after_personalities_share_files(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    loop_devices: LoopDevices,
+    image: Images,
+    client: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    same = {"usr/share/doc/shared/README": b"the same bytes\n"}
+    loop_devices.attach(image("alpha", {"usr/bin/tool": b"alpha\n", **same}))
+    loop_devices.attach(image("beta", {"usr/bin/tool": b"beta\n", **same}, "erofs"))
+    loop_devices.attach(image("gamma", {"usr/bin/tool": b"gamma\n", "etc/gamma.conf": "g"}))
+    serve(daemon)
+    assert await call_ok(client, "ListConflicts") == [[]]
+
+    await call_ok(client, "Switch", "asa{sv}", ["alpha", "beta", "gamma"], {})
+    assert read(sandbox_root, "usr/bin/tool") == b"gamma\n"
+    (rows,) = await call_ok(client, "ListConflicts")
+    assert rows == [
+        ("/usr/bin/tool", "gamma", ["beta", "alpha"], False),
+        ("/usr/share/doc/shared/README", "beta", ["alpha"], True),
+    ]
+    assert await get_property(client, "ConflictCount") == 2
+
+    as_json = await arun(*busctl_json(system_bus, "ListConflicts"))
+    data = json.loads(as_json.out)
+    assert data["type"] == "a(ssasb)"
+    assert data["data"][0] == [
+        ["/usr/bin/tool", "gamma", ["beta", "alpha"], False],
+        ["/usr/share/doc/shared/README", "beta", ["alpha"], True],
+    ]
+    text = await arun(*busctl_call(system_bus, "ListConflicts"))
+    assert '"/usr/bin/tool" "gamma" 2 "beta" "alpha" false' in text.out, text.out
+    count = await arun(*busctl(system_bus, "get-property", BUS, PATH, IFACE, "ConflictCount"))
+    assert count.out.strip() == "u 2"
+
+    await call_ok(client, "Detach", "sa{sv}", "beta", {})
+    (rows,) = await call_ok(client, "ListConflicts")
+    assert rows == [("/usr/bin/tool", "gamma", ["alpha"], False)]
+    assert await get_property(client, "ConflictCount") == 1
+
+
+@pytest.mark.parametrize("kind", ["volume", "tmpfs"])
+async def test_writable_device_property(
+    kind: str,
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    loop_devices: LoopDevices,
+    image: Images,
+    tmp_path: Path,
+    client: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    loop_devices.attach(image("cfg", {"etc/cfg.conf": "cfg\n"}))
+    if kind == "volume":
+        expected = loop_devices.attach(build_writable_image(tmp_path), read_only=False)
+    else:
+        daemon.update_config({"writable": {"fallback": "tmpfs"}})
+        expected = "tmpfs"
+    serve(daemon)
+    await call_ok(client, "Attach", "sa{sv}", "cfg", {})
+    assert await get_property(client, "WritableDevice") == expected
+    result = await arun(*busctl(system_bus, "get-property", BUS, PATH, IFACE, "WritableDevice"))
+    assert result.out.strip() == f's "{expected}"'
+    # Writes really go there.
+    (sandbox_root / "etc/local.conf").write_text("mine\n")
+    assert read(sandbox_root, "etc/local.conf") == b"mine\n"
+    assert read(sandbox_root, "etc/cfg.conf") == b"cfg\n"
+
+
+# -- signals seen by a second connection ----------------------------------------------------------
+
+
+def signal_bodies(signals: Signals) -> list[tuple[str, list[Any]]]:
+    """(member, body) of everything received, PropertiesChanged reduced to its changes."""
+    seen = []
+    for msg in signals.received:
+        if msg.member == "PropertiesChanged":
+            assert msg.body[0] == IFACE, msg.body
+            seen.append(("PropertiesChanged", [{k: v.value for k, v in msg.body[1].items()}]))
+        else:
+            seen.append((str(msg.member), list(msg.body)))
+    return seen
+
+
+def is_signal(member: str, body: Sequence[Any] | None = None) -> Callable[[Message], bool]:
+    return lambda msg: msg.member == member and (body is None or list(msg.body) == list(body))
+
+
+def changes(msg: Message) -> dict[str, Any]:
+    return {k: v.value for k, v in msg.body[1].items()}
+
+
+async def test_signals_on_attach_detach_and_switch(
+    serve: Serve,
+    daemon: Daemon,
+    trio: Trio,
+    client: MessageBus,
+    watcher: MessageBus,
+) -> None:
+    serve(daemon)
+    async with Signals(watcher, sender=BUS, path=PATH) as signals:
+        await call_ok(client, "Attach", "sa{sv}", "web", {})
+        await signals.wait_for(is_signal("StackChanged", [1, ["web"]]))
+        await signals.wait_for(is_signal("PersonalityAttached", ["web"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {"Attached": ["web"], "Desired": ["web"], "Generation": 1}
+
+        await call_ok(client, "Switch", "asa{sv}", ["tools"], {})
+        await signals.wait_for(is_signal("StackChanged", [2, ["tools"]]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {"Attached": ["tools"], "Desired": ["tools"], "Generation": 2}
+
+        await call_ok(client, "Detach", "sa{sv}", "tools", {})
+        await signals.wait_for(is_signal("StackChanged", [3, []]))
+        await signals.wait_for(is_signal("PersonalityDetached", ["tools"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {"Attached": [], "Desired": [], "Generation": 3}
+
+        # Nothing to do: no signal at all.
+        await call_ok(client, "Detach", "sa{sv}", "tools", {})
+        await call_ok(client, "Attach", "sa{sv}", "web", {})
+        await signals.wait_for(is_signal("StackChanged", [4, ["web"]]))
+        await signals.wait_for(is_signal("PropertiesChanged"))
+
+    assert signal_bodies(signals) == [
+        ("StackChanged", [1, ["web"]]),
+        ("PersonalityAttached", ["web"]),
+        ("PropertiesChanged", [{"Attached": ["web"], "Desired": ["web"], "Generation": 1}]),
+        ("StackChanged", [2, ["tools"]]),
+        ("PersonalityDetached", ["web"]),
+        ("PersonalityAttached", ["tools"]),
+        ("PropertiesChanged", [{"Attached": ["tools"], "Desired": ["tools"], "Generation": 2}]),
+        ("StackChanged", [3, []]),
+        ("PersonalityDetached", ["tools"]),
+        ("PropertiesChanged", [{"Attached": [], "Desired": [], "Generation": 3}]),
+        ("StackChanged", [4, ["web"]]),
+        ("PersonalityAttached", ["web"]),
+        ("PropertiesChanged", [{"Attached": ["web"], "Desired": ["web"], "Generation": 4}]),
+    ]
+
+
+async def test_signals_on_spool_requests_and_udev_removal(
+    serve: Serve,
+    daemon: Daemon,
+    trio: Trio,
+    client: MessageBus,
+    watcher: MessageBus,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+) -> None:
+    shared = image("extra", {"usr/bin/web-tool": b"extra\n", "usr/bin/extra": b"x\n"})
+    serve(daemon)
+    async with Signals(watcher, sender=BUS, path=PATH) as signals:
+        result = await asyncio.to_thread(
+            daemon.request, {"action": "switch", "personalities": ["tools", "web"]}
+        )
+        assert result["status"] == "ok", result
+        await signals.wait_for(is_signal("StackChanged", [1, ["tools", "web"]]))
+        await signals.wait_for(is_signal("PersonalityAttached", ["tools"]))
+        await signals.wait_for(is_signal("PersonalityAttached", ["web"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {
+            "Attached": ["tools", "web"],
+            "Desired": ["tools", "web"],
+            "Generation": 1,
+        }
+        result = await asyncio.to_thread(
+            daemon.request, {"action": "detach", "personality": "tools"}
+        )
+        assert result["status"] == "ok", result
+        await signals.wait_for(is_signal("StackChanged", [2, ["web"]]))
+        await signals.wait_for(is_signal("PersonalityDetached", ["tools"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {"Attached": ["web"], "Desired": ["web"], "Generation": 2}
+
+        # An Attach waiting for its volume, then the volume yanked: udev drives the stack.
+        pending = asyncio.create_task(
+            call_ok(client, "Attach", "sa{sv}", "extra", {"timeout": Variant("u", 30)})
+        )
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        extra = await asyncio.to_thread(loop_devices.attach, shared)
+        assert await asyncio.wait_for(pending, 30) == [True]
+        await signals.wait_for(is_signal("StackChanged", [3, ["web", "extra"]]))
+        await signals.wait_for(is_signal("PersonalityAttached", ["extra"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {
+            "Attached": ["web", "extra"],
+            "Desired": ["web", "extra"],
+            "Generation": 3,
+            "ConflictCount": 1,  # extra shadows web's usr/bin/web-tool
+        }
+        assert read(sandbox_root, "usr/bin/web-tool") == b"extra\n"
+
+        await asyncio.to_thread(loop_devices.yank, extra)
+        await signals.wait_for(is_signal("StackChanged", [4, ["web"]]), timeout=20)
+        await signals.wait_for(is_signal("PersonalityDetached", ["extra"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        # The stack lost it; it stays desired (pending its return).
+        assert changes(props) == {"Attached": ["web"], "Generation": 4, "ConflictCount": 0}
+        assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
+
+        await asyncio.to_thread(loop_devices.yank, trio.web)
+        await signals.wait_for(is_signal("StackChanged", [5, []]), timeout=20)
+        await signals.wait_for(is_signal("PersonalityDetached", ["web"]))
+        props = await signals.wait_for(is_signal("PropertiesChanged"))
+        assert changes(props) == {"Attached": [], "Generation": 5}
+    assert await get_property(client, "Desired") == ["web", "extra"]
+    assert not (sandbox_root / "usr/bin/web-tool").exists()
+    no_traceback(daemon)
+
+
+# -- who may change the stack ---------------------------------------------------------------------
+
+
+async def test_nobody_may_read_but_not_change(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    trio: Trio,
+    client: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    serve(daemon)
+    await call_ok(client, "Attach", "sa{sv}", "tools", {})
+    generation = await get_property(client, "Generation")
+
+    listed = await arun(*busctl_call(system_bus, "ListPersonalities", prefix=NOBODY))
+    assert listed.rc == 0, listed.err
+    assert f'"web" "available" "2.1" "{trio.web}" ""' in listed.out
+    as_json = await arun(
+        *NOBODY, *busctl_json(system_bus, "ListConflicts")
+    )
+    assert json.loads(as_json.out) == {"type": "a(ssasb)", "data": [[]]}, as_json.err
+    props = await arun(
+        *busctl(system_bus, "get-property", BUS, PATH, IFACE,
+                "Attached", "Desired", "Generation", "ConflictCount", "WritableDevice",
+                prefix=NOBODY)
+    )  # fmt: skip
+    assert props.rc == 0, props.err
+    assert props.out.splitlines() == [
+        'as 1 "tools"', 'as 1 "tools"', f"t {generation}", "u 0", 's ""'
+    ]  # fmt: skip
+    introspect = await arun(*busctl(system_bus, "introspect", BUS, PATH, prefix=NOBODY))
+    assert ".Attach" in introspect.out, introspect.err
+
+    for args in (
+        ("Attach", "sa{sv}", "web", "0"),
+        ("Detach", "sa{sv}", "tools", "0"),
+        ("Switch", "asa{sv}", "1", "web", "0"),
+        ("Refresh",),
+    ):
+        result = await arun(*busctl_call(system_bus, *args, prefix=NOBODY))
+        assert result.rc == 1, (args, result)
+        assert "Access denied" in result.err, (args, result.err)
+    # gdbus shows the error name and the daemon's message.
+    for member, args in (
+        ("Attach", ("web", "{}")),
+        ("Detach", ("tools", "{}")),
+        ("Switch", ("['web']", "{}")),
+        ("Refresh", ()),
+    ):
+        result = await arun(*gdbus_call(system_bus, member, *args, prefix=NOBODY))
+        assert result.rc == 1, (member, result)
+        assert f"{ACCESS_DENIED}: {member} is only allowed for root and members of the group" in (
+            result.err
+        ), result.err
+    # Nothing changed, and the daemon logged who was refused.
+    assert await get_property(client, "Attached") == ["tools"]
+    assert await get_property(client, "Generation") == generation
+    assert not (sandbox_root / "usr/bin/web-tool").exists()
+    assert read(sandbox_root, "etc/tools.conf") == b"tools = 1\n"
+    log = daemon.log_text()
+    assert log.count("event=dbus_access_denied") == 8, log[-3000:]
+    assert "(uid 65534" in log
+    no_traceback(daemon)
+
+
+async def test_personality_group_member_may_change(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    trio: Trio,
+    member_user: MemberUser,
+    client: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    serve(daemon)
+    as_member = member_user.setpriv
+    result = await arun(*busctl_call(system_bus, "Attach", "sa{sv}", "web", "0", prefix=as_member))
+    assert (result.rc, result.out.strip()) == (0, "b true"), result.err
+    assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
+    result = await arun(
+        *busctl_call(system_bus, "Switch", "asa{sv}", "2", "web", "tools", "0", prefix=as_member)
+    )
+    assert (result.rc, result.out.strip()) == (0, "b true"), result.err
+    result = await arun(*busctl_call(system_bus, "Refresh", prefix=as_member))
+    assert result.rc == 0, result.err
+    result = await arun(
+        *busctl_call(system_bus, "Detach", "sa{sv}", "web", "0", prefix=as_member)
+    )
+    assert (result.rc, result.out.strip()) == (0, "b true"), result.err
+    assert await get_property(client, "Attached") == ["tools"]
+    assert not (sandbox_root / "usr/bin/web-tool").exists()
+
+    # The same user without the group (dropped from the process): refused.
+    dropped = ("setpriv", f"--reuid={member_user.uid}", f"--regid={member_user.gid}",
+               "--clear-groups")  # fmt: skip
+    result = await arun(*busctl_call(system_bus, "Attach", "sa{sv}", "web", "0", prefix=dropped))
+    assert result.rc == 1
+    assert "Access denied" in result.err
+    assert await get_property(client, "Attached") == ["tools"]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+async def still_serving(client: MessageBus, daemon: Daemon) -> None:
+    rows = await listing(client)
+    assert set(rows) == {"web", "tools", "old"}
+    assert daemon.running()
+
+
+async def test_bad_input_gets_documented_errors_and_the_daemon_keeps_serving(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    trio: Trio,
+    client: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    serve(daemon)
+    await call_ok(client, "Attach", "sa{sv}", "tools", {})
+    generation = await get_property(client, "Generation")
+
+    # Unknown names: the message names the available ones.
+    for member, signature, args in (
+        ("Attach", "sa{sv}", ("webb", {})),
+        ("Detach", "sa{sv}", ("webb", {})),
+        ("Switch", "asa{sv}", (["tools", "webb"], {})),
+    ):
+        name, text = await call_error(client, member, signature, *args)
+        assert name == ERR + "NoSuchPersonality", (member, name, text)
+        assert text == "no personality named 'webb'; available: old, tools, web", member
+        await still_serving(client, daemon)
+    result = await arun(*gdbus_call(system_bus, "Attach", "webb", "{}"))
+    assert f"{ERR}NoSuchPersonality: no personality named 'webb'; available:" in result.err
+
+    # Invalid names.
+    for bad in ("../x", "", "a" * 200):
+        for member, signature, args in (
+            ("Attach", "sa{sv}", (bad, {})),
+            ("Detach", "sa{sv}", (bad, {})),
+            ("Switch", "asa{sv}", (["tools", bad], {})),
+        ):
+            name, text = await call_error(client, member, signature, *args)
+            assert name == ERR + "InvalidName", (member, bad, name, text)
+            assert text.startswith("invalid personality name"), text
+            assert len(text) < 300
+        await still_serving(client, daemon)
+    result = await arun(*busctl_call(system_bus, "Attach", "sa{sv}", "../x", "0"))
+    assert result.rc == 1
+    assert "invalid personality name '../x'" in result.err
+
+    # Wrong option types and unknown options.
+    for member, signature, first, options, needle in (
+        ("Attach", "sa{sv}", "web", {"timeout": Variant("s", "5")}, "'timeout'"),
+        ("Switch", "asa{sv}", ["web"], {"timeout": Variant("s", "5")}, "'timeout'"),
+        ("Attach", "sa{sv}", "web", {"force": Variant("i", 1)}, "'force'"),
+        ("Switch", "asa{sv}", ["web"], {"force": Variant("i", 1)}, "'force'"),
+        ("Attach", "sa{sv}", "web", {"speed": Variant("u", 1)}, "'speed'"),
+        ("Detach", "sa{sv}", "tools", {"force": Variant("b", True)}, "'force'"),
+        ("Detach", "sa{sv}", "tools", {"color": Variant("s", "red")}, "'color'"),
+    ):
+        name, text = await call_error(client, member, signature, first, options)
+        assert name == INVALID_ARGS, (member, options, name, text)
+        assert needle in text, text
+        await still_serving(client, daemon)
+    # Wrong signatures altogether.
+    name, _ = await call_error(client, "Attach", "s", "web")
+    assert name == INVALID_ARGS
+    name, _ = await call_error(client, "Switch", "sa{sv}", "web", {})
+    assert name == INVALID_ARGS
+    result = await arun(
+        *busctl_call(system_bus, "Attach", "sa{sv}", "web", "1", "timeout", "s", "5")
+    )
+    assert result.rc == 1
+    assert "option 'timeout' must be of D-Bus type 'u'" in result.err
+    result = await arun(*gdbus_call(system_bus, "Attach", "web", "{'force': <1>}"))
+    assert f"{INVALID_ARGS}: option 'force' must be of D-Bus type 'b'" in result.err, result.err
+
+    # A volume that never comes: Timeout after the time asked for; others are served meanwhile.
+    started = time.monotonic()
+    waiting = asyncio.create_task(
+        call_error(client, "Attach", "sa{sv}", "never", {"timeout": Variant("u", 2)})
+    )
+    await asyncio.sleep(0.5)
+    read_started = time.monotonic()
+    await still_serving(client, daemon)
+    assert time.monotonic() - read_started < 0.5
+    assert not waiting.done()
+    name, text = await waiting
+    elapsed = time.monotonic() - started
+    assert name == ERR + "Timeout", (name, text)
+    assert "'never'" in text and "2 s" in text, text
+    assert 1.9 <= elapsed < 5, elapsed
+    name, _ = await call_error(
+        client, "Switch", "asa{sv}", ["tools", "never"], {"timeout": Variant("u", 1)}
+    )
+    assert name == ERR + "Timeout"
+
+    # Nothing of this changed the stack; the daemon is fine.
+    await still_serving(client, daemon)
+    assert await get_property(client, "Attached") == ["tools"]
+    assert await get_property(client, "Desired") == ["tools"]
+    assert await get_property(client, "Generation") == generation
+    assert await call_ok(client, "Attach", "sa{sv}", "web", {}) == [True]
+    assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
+    no_traceback(daemon)

@@ -1,0 +1,116 @@
+"""The packed index (core/packed.py) against the dict index and core.conflicts.find_conflicts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from personalityd.adapters.indexer import BaseNames, index_volume, index_volume_packed
+from personalityd.core.conflicts import find_conflicts
+from personalityd.core.model import (
+    CHAR_DEVICE,
+    DIR,
+    FIFO,
+    FILE,
+    OPAQUE_DIR,
+    SYMLINK,
+    WHITEOUT,
+)
+from personalityd.core.packed import EMPTY, find_conflicts_packed, pack
+
+KINDS = [DIR, OPAQUE_DIR, FILE, SYMLINK, WHITEOUT, CHAR_DEVICE, FIFO]
+NAMES = ["a", "b", "c", "bin", "lib", "x y", "é", "a-b"]
+
+
+@st.composite
+def trees(draw: st.DrawFn, max_depth: int = 3) -> dict[str, str]:
+    """A well-formed tree: every parent of an entry is a directory entry."""
+    tree: dict[str, str] = {}
+
+    def fill(prefix: str, depth: int) -> None:
+        for name in draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=4)):
+            path = prefix + name
+            kind = draw(st.sampled_from(KINDS if depth < max_depth else KINDS[2:]))
+            tree[path] = kind
+            if kind in (DIR, OPAQUE_DIR):
+                fill(path + "/", depth + 1)
+
+    fill("", 0)
+    return tree
+
+
+def _dict_result(
+    layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
+) -> tuple[list[object], int]:
+    return find_conflicts("/usr", layers, base.get, lambda p, names: p.endswith("b"))
+
+
+def _packed_result(
+    layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
+) -> tuple[list[object], int]:
+    def base_names(directory: bytes) -> frozenset[bytes] | None:
+        d = os.fsdecode(directory)
+        if d and base.get(d) not in (DIR, OPAQUE_DIR):
+            return None
+        prefix = d + "/" if d else ""
+        return frozenset(
+            os.fsencode(p[len(prefix) :])
+            for p in base
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        )
+
+    packed = [(name, pack(tree)) for name, tree in layers]
+    return find_conflicts_packed("/usr", packed, base_names, lambda p, names: p.endswith("b"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(trees(), min_size=1, max_size=4), trees())
+def test_same_conflicts_and_overrides_as_the_dict_version(
+    layer_trees: list[dict[str, str]], base: dict[str, str]
+) -> None:
+    layers = [(f"p{i}", tree) for i, tree in enumerate(layer_trees)]
+    assert _packed_result(layers, base) == _dict_result(layers, base)
+
+
+@given(trees())
+def test_pack_round_trips(tree: dict[str, str]) -> None:
+    packed = pack(tree)
+    assert packed.to_dict() == tree
+    assert len(packed) == len(tree)
+
+
+def test_empty() -> None:
+    assert len(EMPTY) == 0
+    assert EMPTY.to_dict() == {}
+
+
+def test_packed_indexer_matches_dict_indexer(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/tool").write_text("x")
+    (tmp_path / "usr/lib/deep/er").mkdir(parents=True)
+    (tmp_path / "usr/lib/deep/er/f").write_text("y")
+    (tmp_path / "usr/lib/link").symlink_to("deep")
+    os.mkfifo(tmp_path / "usr/fifo")
+    (tmp_path / "usr" / os.fsdecode(b"bad\xffname")).write_text("z")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/conf").write_text("c")
+    packed = index_volume_packed(str(tmp_path), ["/usr", "/etc", "/opt"])
+    plain = index_volume(str(tmp_path), ["/usr", "/etc", "/opt"])
+    assert set(packed) == set(plain) == {"/usr", "/etc"}
+    for h in plain:
+        assert packed[h].to_dict() == plain[h]
+
+
+def test_base_names(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/sh").write_text("")
+    (tmp_path / "file").write_text("")
+    names = BaseNames(str(tmp_path))
+    assert names(b"bin") == {b"sh"}
+    assert names(b"") == {b"bin", b"file"}
+    assert names(b"missing") is None
+    assert names(b"file") is None
