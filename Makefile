@@ -61,3 +61,5 @@ clean:
 	rm -rf build dist daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find daemon tests demo -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f $(STAMP)
+
+-include mk/*.mk

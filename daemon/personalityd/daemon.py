@@ -18,6 +18,7 @@ from personalityd import __version__
 from personalityd.adapters import notify
 from personalityd.adapters.groups import personality_group_gids
 from personalityd.adapters.journal import Journal
+from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
 from personalityd.adapters.udev import UdevMonitor
 from personalityd.config import load_config
@@ -50,15 +51,12 @@ def read_base_os_release(config: Config) -> OsRelease:
 
 def ensure_directories(config: Config) -> None:
     """Create what the daemon needs under root, as tmpfiles.d does on an installed system."""
-    spool = config.path(config.spool_dir)
     try:
-        spool_gid = grp.getgrnam(config.allowed_groups[0]).gr_gid if config.allowed_groups else 0
+        group = grp.getgrnam(config.allowed_groups[0]).gr_gid if config.allowed_groups else None
     except KeyError:
-        spool_gid = -1
+        group = None
+    ensure_spool_dirs(config.path(config.spool_dir), group)
     for directory, mode in (
-        (spool, 0o1730 if spool_gid > 0 else 0o700),
-        (spool / "done", 0o750),
-        (spool / "failed", 0o750),
         (config.path(config.state_dir), 0o700),
         (config.path(config.runtime_dir), 0o755),
         (config.path(config.mount_root), 0o755),
@@ -66,8 +64,6 @@ def ensure_directories(config: Config) -> None:
         if not directory.is_dir():
             directory.mkdir(mode=mode, parents=True)
             os.chmod(directory, mode)
-            if directory == spool and spool_gid > 0:
-                os.chown(directory, 0, spool_gid)
 
 
 class Daemon:

@@ -22,7 +22,13 @@ from pathlib import Path
 import structlog
 
 from personalityd.adapters import mounts
-from personalityd.adapters.indexer import BaseLookup, identical_entries, index_volume
+from personalityd.adapters.indexer import (
+    BaseLookup,
+    BaseNames,
+    identical_entries,
+    index_volume_packed,
+    release_free_memory,
+)
 from personalityd.adapters.mountinfo import (
     MountEntry,
     mounted_from_device,
@@ -32,15 +38,15 @@ from personalityd.adapters.mountinfo import (
 )
 from personalityd.adapters.probe import volume_mount_options
 from personalityd.core.config import Config
-from personalityd.core.conflicts import find_conflicts
 from personalityd.core.errors import MountFailed
 from personalityd.core.model import BlockDevice, Conflict, ConflictReport, StackPlan, Volume
 from personalityd.core.names import hierarchy_key
+from personalityd.core.packed import EMPTY, PackedTree, find_conflicts_packed
 
 log = structlog.get_logger()
 
 OVERLAY_SOURCE = "personalityd"
-VolumeIndex = dict[str, dict[str, str]]
+VolumeIndex = dict[str, PackedTree]  # hierarchy -> compact index (core/packed.py)
 
 
 @dataclass(frozen=True)
@@ -312,8 +318,11 @@ class Engine:
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
-        index = await loop.run_in_executor(None, index_volume, path, list(self.config.hierarchies))
+        index = await loop.run_in_executor(
+            None, index_volume_packed, path, list(self.config.hierarchies)
+        )
         self.indexes[volume.device.identity] = index
+        release_free_memory()  # the walk's transient lists, so the resident set stays small
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
 
@@ -389,12 +398,13 @@ class Engine:
             names = plan.layers.get(h, ())
             if not names:
                 continue
-            layers = [(n, self.indexes[volumes[n].device.identity].get(h, {})) for n in names]
-            lookup = self.base_lookups.setdefault(h, BaseLookup(self.layout.base_ref(h)))
-            found, count = find_conflicts(h, layers, lookup, self._identical_in(h))
+            layers = [(n, self.indexes[volumes[n].device.identity].get(h, EMPTY)) for n in names]
+            base = BaseNames(self.layout.base_ref(h))
+            found, count = find_conflicts_packed(h, layers, base, self._identical_in(h))
             conflicts += found
             overrides += count
         conflicts.sort(key=lambda c: c.path)
+        release_free_memory()
         return ConflictReport(tuple(conflicts), overrides)
 
     def _identical_in(self, h: str) -> Callable[[str, Sequence[str]], bool]:

@@ -15,7 +15,6 @@ import structlog
 
 from personalityd.adapters.spool import (
     RequestGone,
-    ensure_spool_dirs,
     finish_request,
     read_request,
     resolve_allowed_groups,
@@ -39,7 +38,6 @@ class SpoolService:
         self.handled = 0
 
     async def run(self) -> None:
-        ensure_spool_dirs(self.spool)
         in_flight: set[Path] = set()
         async with asyncio.TaskGroup() as tasks:
             async for path in watch(self.spool):

@@ -956,3 +956,170 @@ async def test_bad_input_gets_documented_errors_and_the_daemon_keeps_serving(
     assert await call_ok(client, "Attach", "sa{sv}", "web", {}) == [True]
     assert read(sandbox_root, "usr/bin/web-tool") == b"#!/bin/sh\necho web\n"
     no_traceback(daemon)
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+STORM = ("s1", "s2", "s3", "s4")
+
+
+def check_storm_files(root: Path, attached: Sequence[str]) -> None:
+    """What the stack shows for `attached` (bottom first) of the STORM personalities."""
+    tool = root / "usr/bin/storm-tool"
+    if attached:
+        assert tool.read_bytes() == attached[-1].encode(), attached
+    else:
+        assert not tool.exists()
+    for name in STORM:
+        assert (root / f"etc/storm-{name}.conf").exists() == (name in attached), (name, attached)
+
+
+async def test_fifty_concurrent_changes_from_five_connections(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    loop_devices: LoopDevices,
+    image: Images,
+    watcher: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    for name in STORM:
+        files = {"usr/bin/storm-tool": name, f"etc/storm-{name}.conf": name}
+        loop_devices.attach(image(name, files))
+    serve(daemon)
+    rng = random.Random(3)
+    requests: list[tuple[str, str, tuple[Any, ...]]] = []
+    for _ in range(50):
+        kind = rng.choice(("Attach", "Detach", "Switch"))
+        if kind == "Switch":
+            names = rng.sample(STORM, rng.randint(0, 3))
+            options = {"force": Variant("b", False)} if rng.random() < 0.3 else {}
+            requests.append((kind, "asa{sv}", (names, options)))
+        else:
+            requests.append((kind, "sa{sv}", (rng.choice(STORM), {})))
+    buses = [await connect(system_bus) for _ in range(5)]
+    try:
+        async with Signals(watcher, sender=BUS, path=PATH) as signals:
+            started = time.monotonic()
+            replies = await asyncio.gather(
+                *(
+                    call(buses[i % 5], member, signature, *args)
+                    for i, (member, signature, args) in enumerate(requests)
+                )
+            )
+            storm_seconds = time.monotonic() - started
+            # A round trip on the watcher's connection: every earlier signal has arrived.
+            attached = await get_property(watcher, "Attached")
+        desired = await get_property(watcher, "Desired")
+    finally:
+        for bus in buses:
+            bus.disconnect()
+            await bus.wait_for_disconnect()
+
+    assert len(replies) == 50
+    for (member, _, args), reply in zip(requests, replies, strict=True):
+        if reply.message_type is MessageType.METHOD_RETURN:
+            assert reply.signature == "b" and isinstance(reply.body[0], bool), (member, args)
+        else:
+            assert reply.message_type is MessageType.ERROR
+            assert reply.error_name in DOCUMENTED_ERRORS, (member, args, reply.body)
+    answered = sum(r.message_type is MessageType.METHOD_RETURN for r in replies)
+    assert answered >= 45, [(r.error_name, r.body) for r in replies]
+
+    # Every volume is there: the live stack is the desired list, and the last signal said so.
+    assert attached == desired
+    stack_changes = [list(m.body) for m in signals.received if m.member == "StackChanged"]
+    assert stack_changes, "no StackChanged during the storm"
+    generations = [g for g, _ in stack_changes]
+    assert generations == list(range(generations[0], generations[0] + len(generations)))
+    assert stack_changes[-1][1] == attached
+    assert await get_property(watcher, "Generation") == generations[-1]
+    check_storm_files(sandbox_root, attached)
+
+    # One more request after the storm decides the stack.
+    (changed,) = await call_ok(watcher, "Switch", "asa{sv}", ["s3", "s1"], {})
+    assert changed == (attached != ["s3", "s1"])
+    assert await get_property(watcher, "Attached") == ["s3", "s1"]
+    check_storm_files(sandbox_root, ["s3", "s1"])
+    assert pid_alive(daemon.pid or 0)
+    no_traceback(daemon)
+    assert storm_seconds < 60
+
+
+def big_image(tmp_path: Path, name: str, files: int) -> Path:
+    """A squashfs personality with `files` small files under usr/share/big-NAME/.
+
+    mksquashfs pseudo definitions (hard links to one pseudo file) stand in for writing the
+    files: the image has `files` directory entries, built in a fraction of a second.
+    """
+    src = tmp_path / "images" / f"{name}.src"
+    release = src / "usr/lib/extension-release.d" / f"extension-release.{name}"
+    release.parent.mkdir(parents=True)
+    release.write_text("ID=_any\nIMAGE_VERSION=1\n")
+    (src / "usr/share").mkdir()  # pseudo files go only under directories that exist
+    top = f"usr/share/big-{name}"
+    lines = [f"{top} d 755 0 0", f"{top}/seed f 644 0 0 echo {name}"]
+    per_dir = 300
+    for d in range((files + per_dir - 1) // per_dir):
+        lines.append(f"{top}/d{d:03d} d 755 0 0")
+        count = min(per_dir, files - d * per_dir)
+        lines += [f"{top}/d{d:03d}/f{f:03d} L {top}/seed" for f in range(count)]
+    pseudo = tmp_path / "images" / f"{name}.pseudo"
+    pseudo.write_text("\n".join(lines) + "\n")
+    image_path = tmp_path / "images" / f"{name}.squashfs"
+    run("mksquashfs", src, image_path, "-noappend", "-quiet", "-no-progress", "-all-root",
+        "-pf", pseudo)  # fmt: skip
+    return image_path
+
+
+async def test_list_personalities_stays_fast_during_a_long_switch(
+    serve: Serve,
+    daemon: Daemon,
+    system_bus: str,
+    loop_devices: LoopDevices,
+    tmp_path: Path,
+    client: MessageBus,
+    watcher: MessageBus,
+    sandbox_root: Path,
+) -> None:
+    big = ("big1", "big2", "big3")
+    for name in big:
+        loop_devices.attach(big_image(tmp_path, name, 30_000))
+    serve(daemon)
+    await listing(watcher)  # warm up both connections
+    await listing(client)
+
+    samples: list[tuple[float, float]] = []  # (start, seconds)
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await call_ok(watcher, "ListPersonalities")
+            samples.append((started, time.monotonic() - started))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await asyncio.sleep(0.1)
+        switch_started = time.monotonic()
+        assert await call_ok(client, "Switch", "asa{sv}", list(big), {}) == [True]
+        switch_ended = time.monotonic()
+        await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await sampler
+    during = [s for start, s in samples if switch_started <= start <= switch_ended]
+    switch_seconds = switch_ended - switch_started
+    print(
+        f"switch {switch_seconds:.2f} s; {len(during)} ListPersonalities during it, "
+        f"max {max(during, default=0) * 1000:.1f} ms"
+    )
+    print(sorted(((round(s*1000,1), round((st-switch_started)*1000)) for st, s in samples), reverse=True)[:8], time.time() - (time.monotonic() - switch_started))
+    assert switch_seconds > 0.3, "the switch was too short to show anything"
+    assert len(during) >= 10
+    assert max(during) < 0.050, sorted(during)[-5:]
+    assert await get_property(client, "Attached") == list(big)
+    for name in big:
+        assert read(sandbox_root, f"usr/share/big-{name}/d099/f299") == f"{name}\n".encode()
+    assert "entries=30" in daemon.log_text()

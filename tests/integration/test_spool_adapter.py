@@ -78,13 +78,16 @@ def deadline(seconds: int) -> Iterator[None]:
 def test_ensure_spool_dirs(tmp_path: Path) -> None:
     directory = tmp_path / "a" / "spool"
     ensure_spool_dirs(directory, group=NOBODY.pw_gid)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o1770
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o1730
     assert directory.stat().st_gid == NOBODY.pw_gid
     assert (directory / "done").is_dir()
     assert (directory / "failed").is_dir()
     os.chmod(directory, 0o755)
     ensure_spool_dirs(directory)  # existing directories are left alone
     assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    private = tmp_path / "b" / "spool"
+    ensure_spool_dirs(private)  # no group to share it with: root only
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
 
 
 def test_list_pending_order_and_filter(spool_dir: Path) -> None:

@@ -42,7 +42,7 @@ FAILED_DIR = "failed"
 
 # Spool directory created by the daemon when missing: group members may drop files, the
 # sticky bit keeps them from removing each other's.
-SPOOL_DIR_MODE = 0o1770
+SPOOL_DIR_MODE = 0o1730  # group may drop requests, not list or read others'
 RESULT_DIR_MODE = 0o755
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -82,13 +82,13 @@ class SpoolFile:
 
 
 def ensure_spool_dirs(spool_dir: Path, group: int | None = None) -> None:
-    """Create the spool directory (mode 1770, group `group` when given) and its `done/` and
+    """Create the spool directory (mode 1730, group `group` when given) and its `done/` and
     `failed/` (0755) where missing. Existing directories are left as the admin made them."""
     if not spool_dir.is_dir():
         spool_dir.mkdir(parents=True, exist_ok=True)
         if group is not None:
             os.chown(spool_dir, 0, group)
-        os.chmod(spool_dir, SPOOL_DIR_MODE)
+        os.chmod(spool_dir, SPOOL_DIR_MODE if group is not None else 0o700)
     for sub in (DONE_DIR, FAILED_DIR):
         directory = spool_dir / sub
         if not directory.is_dir():
