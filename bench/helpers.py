@@ -84,8 +84,31 @@ def naive_swap(target: str, count: int, a: str, b: str) -> None:
     print(json.dumps({"swap_seconds": times}))
 
 
+def switcher(spool: str, stop: str, a: str, b: str) -> None:
+    """Switch between the comma-separated stacks A and B through the spool until STOPFILE."""
+    count = 0
+    while not os.path.exists(stop):
+        names = (a if count % 2 == 0 else b).split(",")
+        name = f"sw-{os.getpid()}-{count}"
+        tmp = os.path.join(spool, f".tmp-{name}")
+        with open(tmp, "w") as f:
+            json.dump({"action": "switch", "personalities": names}, f)
+        os.rename(tmp, os.path.join(spool, f"{name}.json"))
+        results = [os.path.join(spool, d, f"{name}.result.json") for d in ("done", "failed")]
+        deadline = time.monotonic() + 120
+        while not any(os.path.exists(r) for r in results):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no result for {name}")
+            time.sleep(0.002)
+        count += 1
+    print(json.dumps({"switches": count}))
+
+
 def main() -> None:
     command = sys.argv[1]
+    if command == "switcher":
+        switcher(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+        return
     if command == "reader":
         reader(sys.argv[2], sys.argv[3])
     elif command == "naive-swap":

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,28 @@ class Env:
         return self.daemon.log_text().count("event=stack_changed")
 
 
+@contextlib.contextmanager
+def profiled(daemon: Daemon, name: str, seconds: float) -> Iterator[None]:
+    """With BENCH_PROFILE=1: py-spy samples the daemon meanwhile, into
+    bench/data/profiles/<name>.txt (collapsed stacks; `bench/profile_top.py` sums them)."""
+    if os.environ.get("BENCH_PROFILE") != "1" or daemon.pid is None:
+        yield
+        return
+    out = DATA / "profiles" / f"{name}.txt"
+    out.parent.mkdir(exist_ok=True)
+    spy = shutil.which("py-spy", path=str(REPO / ".venv" / "bin")) or "py-spy"
+    proc = subprocess.Popen(
+        [spy, "record", "--pid", str(daemon.pid), "--format", "raw", "--rate", "500",
+         "--duration", str(int(seconds) + 1), "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.wait(timeout=seconds + 30)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -260,10 +282,20 @@ class Sysext:
         subprocess.run(["mount", "--make-rshared", str(self.root)], check=True)
 
     def use(self, recipes: Sequence[Recipe]) -> None:
+        """Put copies of these images (and no others) in var/lib/extensions.
+
+        Copies, so that the backing files of sysext's own loop devices are outside
+        bench/data/images and the daemon's udev tag never matches them; sysext 252 ignores
+        symlinks there. Unused copies wait in var/lib/extensions.off (a rename away)."""
+        off = self.extensions.with_name("extensions.off")
+        off.mkdir(exist_ok=True)
         for old in self.extensions.iterdir():
-            old.unlink()
+            old.rename(off / old.name)
         for recipe in recipes:
-            os.link(recipe.image, self.extensions / f"{recipe.name}.raw")
+            name = f"{recipe.name}.raw"
+            if not (off / name).exists():
+                shutil.copyfile(recipe.image, off / name)
+            (off / name).rename(self.extensions / name)
 
     def _run(self, verb: str) -> float:
         started = time.monotonic()
@@ -414,6 +446,12 @@ def row_switch(env: Env) -> list[dict[str, Any]]:
     ]
 
 
+def count_entries(top: Path) -> int:
+    """What `find TOP` prints, counted (outside the timed run)."""
+    out = subprocess.run(["find", str(top)], capture_output=True, check=True).stdout
+    return out.count(b"\n")
+
+
 def row_index(env: Env) -> dict[str, Any]:
     from personalityd.adapters.indexer import index_volume_packed
 
@@ -439,9 +477,9 @@ def row_index(env: Env) -> dict[str, Any]:
         for recipe in recipes:
             fresh_mount(recipe)
             started = time.monotonic()
-            out = subprocess.run(["find", str(mnt)], capture_output=True, check=True).stdout
+            subprocess.run(["find", str(mnt)], stdout=subprocess.DEVNULL, check=True)
             find_s = time.monotonic() - started
-            find_entries = out.count(b"\n")
+            find_entries = count_entries(mnt)
             umount()
             fresh_mount(recipe)
             started = time.monotonic()
@@ -705,17 +743,7 @@ async def _dbus_clients(address: str, seconds: float, clients: int) -> list[floa
     return latencies
 
 
-def _switcher(daemon: Daemon, stop: list[bool], count: list[int]) -> None:
-    i = 0
-    while not stop[0]:
-        timed_switch(daemon, STACK_A if i % 2 == 0 else STACK_B)
-        i += 1
-        count[0] = i
-
-
 def row_dbus(env: Env) -> dict[str, Any]:
-    import threading
-
     recipes = stack_recipes()
     env.attach(recipes)
     daemon = env.start_daemon(dbus=True)
@@ -724,14 +752,21 @@ def row_dbus(env: Env) -> dict[str, Any]:
     p99s: list[float] = []
     details = []
     for run in range(DBUS_RUNS):
-        stop, count = [False], [0]
-        thread = threading.Thread(target=_switcher, args=(daemon, stop, count))
-        thread.start()
+        stop = RUN_DIR / "switcher-stop"
+        stop.unlink(missing_ok=True)
+        switcher = subprocess.Popen(
+            [sys.executable, str(HELPERS), "switcher", str(daemon.spool_dir), str(stop),
+             ",".join(STACK_A), ",".join(STACK_B)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
-            latencies = asyncio.run(_dbus_clients(env.bus_address, DBUS_SECONDS, 10))
+            with profiled(daemon, f"dbus-{run + 1}", DBUS_SECONDS):
+                latencies = asyncio.run(_dbus_clients(env.bus_address, DBUS_SECONDS, 10))
         finally:
-            stop[0] = True
-            thread.join(timeout=120)
+            stop.touch()
+            out, _ = switcher.communicate(timeout=120)
+        switches = json.loads(out)["switches"] if out.strip() else -1
         latencies.sort()
         p99 = latencies[int(len(latencies) * 0.99)] * 1000
         p99s.append(p99)
@@ -741,7 +776,7 @@ def row_dbus(env: Env) -> dict[str, Any]:
                 "p50_ms": latencies[len(latencies) // 2] * 1000,
                 "p99_ms": p99,
                 "max_ms": latencies[-1] * 1000,
-                "switches": count[0],
+                "switches": switches,
             }
         )
         log(f"dbus run {run + 1}: {details[-1]}")

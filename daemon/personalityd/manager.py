@@ -392,9 +392,11 @@ class Manager:
             loop = asyncio.get_running_loop()
             report = await loop.run_in_executor(None, self.engine.conflict_report, plan, volumes)
             wanted = self.engine.specs_for(plan, upper)
-            built = self.engine.build(wanted, generation)
+            # Blocking work (mounts, fsync) runs in a worker thread, so D-Bus readers are
+            # answered meanwhile; only the consumer changes the engine, so this is race-free.
+            built = await loop.run_in_executor(None, self.engine.build, wanted, generation)
             try:
-                self._persist(generation)
+                await loop.run_in_executor(None, self._persist, generation)
             except OSError as exc:
                 self.engine.release(built)
                 raise MountFailed(f"cannot save the state: {exc}") from exc
@@ -428,7 +430,7 @@ class Manager:
                     self.draining[name] = gone.devnode
         for name in plan.live:
             self.draining.pop(name, None)
-        self.engine.write_record(generation)
+        await loop.run_in_executor(None, self._record, generation, plan, report)
         self.upper = upper
         self._publish(generation, plan, report, snapshot.live, swap_ms)
         self.engine.clean_work_dirs(upper, generation)
@@ -468,6 +470,16 @@ class Manager:
             save_state(self.config.path(self.config.state_dir), state)
             self._saved = state
 
+    def _record(self, generation: int, plan: StackPlan, report: ConflictReport) -> None:
+        """The files and journal entries of a change (in a worker thread, before _publish)."""
+        self.engine.write_record(generation)
+        runtime = self.config.path(self.config.runtime_dir)
+        try:
+            write_conflict_report(runtime, generation, plan.live, report)
+        except OSError as exc:
+            log.error("conflict_report_not_written", error=str(exc))
+        self.journal.report_stack(generation, plan.live, report.conflicts, report.overrides)
+
     def _publish(
         self,
         generation: int,
@@ -487,12 +499,6 @@ class Manager:
             overrides=report.overrides,
             swap_ms=round(swap_ms, 3),
         )
-        runtime = self.config.path(self.config.runtime_dir)
-        try:
-            write_conflict_report(runtime, generation, plan.live, report)
-        except OSError as exc:
-            log.error("conflict_report_not_written", error=str(exc))
-        self.journal.report_stack(generation, plan.live, report.conflicts, report.overrides)
         event = StackEvent(
             generation=generation,
             attached=plan.live,

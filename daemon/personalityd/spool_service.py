@@ -68,7 +68,10 @@ class SpoolService:
             ok = False
             log.warning("spool_request_refused", file=path.name, code=error.code, reason=str(error))
         try:
-            finish_request(self.spool, path, ok, result)
+            # In a worker thread: the result's fsync must not hold up the event loop.
+            await asyncio.get_running_loop().run_in_executor(
+                None, finish_request, self.spool, path, ok, result
+            )
             self.handled += 1
         except OSError as exc:
             log.error("spool_result_not_written", file=path.name, error=str(exc))

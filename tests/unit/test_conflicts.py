@@ -286,6 +286,22 @@ CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
         [c("x", "a", "b")],
         0,
     ),
+    (
+        "an index without its parent directories: they count as merging dirs",
+        [("a", {"x/y": f, "x/z": f}), ("b", {"x": d, "x/y": f}), ("c", {"q/r": f})],
+        {"x": d, "x/z": f, "q": d, "q/r": f},
+        False,
+        [c("x/y", "a", "b")],
+        2,
+    ),
+    (
+        "an index without its parent directories, below a file of another layer",
+        [("a", {"x/y": f}), ("b", {"x": f})],
+        {"x": d, "x/y": f},
+        False,
+        [],
+        1,
+    ),
     ("no layers", [], {"x": f}, False, [], 0),
     ("empty layers", [("a", {}), ("b", {})], {"x": f}, False, [], 0),
 ]

@@ -148,6 +148,7 @@ def test_parse_bad_names(body: dict[str, object]) -> None:
         (b'{"id": 5}', None),
         (b'{"action": "attach"}', None),
         (b"[1, 2]", None),
+        (b'[{"id": "abc"}]', None),
         (b"not json at all", None),
         (b"\xff\xfe", None),
         (json.dumps({"id": "x" * 300}).encode(), None),

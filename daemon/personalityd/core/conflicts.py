@@ -33,31 +33,42 @@ def find_conflicts(
     names = [name for name, _ in layers]
     trees = [tree for _, tree in layers]
 
-    # Path -> index of its topmost provider, and, for paths with several, all of them top first.
-    first: dict[str, int] = {}
-    multi: dict[str, list[int]] = {}
-    for k, tree in enumerate(trees):
+    # Paths that several layers provide, and their providers top first. The set operations
+    # run in C and walk the smaller side; only shared paths are visited in Python.
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for tree in trees:
         keys = tree.keys()
-        # Set operations run in C and cost O(len(tree)): `keys & first.keys()` walks the
-        # smaller side; `first.keys()` must not be walked (that would be quadratic).
-        common = keys & first.keys()
-        for path in common:
-            providers = multi.get(path)
-            if providers is None:
-                multi[path] = [first[path], k]
-            else:
-                providers.append(k)
-        first.update(dict.fromkeys(set(keys).difference(common) if common else keys, k))
+        if seen:
+            shared.update(keys & seen)
+        seen.update(keys)
+    del seen
+    multi: dict[str, list[int]] = {}
+    if shared:
+        for k, tree in enumerate(trees):
+            for path in tree.keys() & shared:
+                providers = multi.get(path)
+                if providers is None:
+                    multi[path] = [k]
+                else:
+                    providers.append(k)
+    del shared
 
     # Directory -> the deepest layer index (n: the base too) that reaches its children.
     limits: dict[str, int] = {"": n}
 
-    def cut_at(directory: str, limit: int) -> int:
-        """The limit below `directory`, given the layers down to `limit` reach it."""
+    def cut_at(directory: str, limit: int, hint: int) -> int:
+        """The limit below `directory`, given the layers down to `limit` reach it.
+
+        `hint` is a layer with an entry below `directory`: in a well-formed index it is the
+        directory's only provider when no other layer has the directory.
+        """
         providers = multi.get(directory)
         if providers is None:
-            top = first.get(directory)
-            providers = [] if top is None else [top]
+            if directory in trees[hint]:
+                providers = [hint]
+            else:  # an index without the entries of its own parent directories
+                providers = [k for k, tree in enumerate(trees) if directory in tree]
         for k in providers:
             if k > limit:
                 break
@@ -67,34 +78,34 @@ def find_conflicts(
             return k if kind == OPAQUE_DIR else k - 1
         return limit
 
-    def limit_below(directory: str) -> int:
+    def limit_below(directory: str, hint: int) -> int:
         chain: list[str] = []
         while directory not in limits:
             chain.append(directory)
             directory = directory.rpartition("/")[0]
         limit = limits[directory]
         for directory in reversed(chain):
-            limit = cut_at(directory, limit)
+            limit = cut_at(directory, limit, hint)
             limits[directory] = limit
         return limit
 
     overrides = 0
     # Paths with one provider: only a replacing entry the base still reaches can override.
-    for tree in trees:
+    for k, tree in enumerate(trees):
         for path, kind in tree.items():
             if kind == DIR or path in multi:
                 continue
             parent = path.rpartition("/")[0]
             limit = limits.get(parent)
             if limit is None:
-                limit = limit_below(parent)
+                limit = limit_below(parent, k)
             if limit == n and base_kind(path) is not None:
                 overrides += 1
 
     prefix = hierarchy.rstrip("/") + "/"
     conflicts: list[Conflict] = []
     for path, providers in multi.items():
-        limit = limit_below(path.rpartition("/")[0])
+        limit = limit_below(path.rpartition("/")[0], providers[0])
         reaching = [k for k in providers if k <= limit]
         if not reaching:
             continue

@@ -122,13 +122,13 @@ def _switch_names(data: dict[str, Any]) -> tuple[str, ...]:
 
 def request_id_of(body: bytes) -> str | None:
     """The request's "id", best effort, to echo in the result even of an invalid request."""
+    text = body.decode("utf-8", errors="replace")
     try:
-        text = body.decode("utf-8", errors="replace")
         data = json.loads(text)
     except (ValueError, RecursionError):
-        data = None
-    if isinstance(data, dict):
-        value = data.get("id")
+        pass  # not JSON: look for an "id" member in the text
+    else:
+        value = data.get("id") if isinstance(data, dict) else None
         return value if isinstance(value, str) and len(value) <= MAX_ID_LENGTH else None
     match = _ID_PATTERN.search(text)
     if match is None:

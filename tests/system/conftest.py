@@ -1,0 +1,259 @@
+"""System tests: the Debian package installed in a Debian 12 rootfs booted with systemd-nspawn.
+
+Not part of `make test`: these need root, debootstrap (the first time), a built `.deb` and a few
+minutes. They run with `make system-test` (which builds the package first), or explicitly:
+
+    PERSONALITYD_SYSTEM_TEST=1 .venv/bin/python -m pytest tests/system
+
+This directory is skipped by collection unless `PERSONALITYD_SYSTEM_TEST=1` is set or a path
+inside it is named on the command line, so a plain `pytest tests` never boots containers.
+
+| fixture | scope | gives |
+|---|---|---|
+| `deb` | session | the package: `$PERSONALITYD_DEB`, else the newest `build/deb/personalityd_*_all.deb` |
+| `workdir` | session | `.cache/system/run-<token>/`, removed after (`PERSONALITYD_SYSTEM_KEEP=1` keeps it) |
+| `images` | session | name -> squashfs image of the test personalities (`web`, `demo`) |
+| `container` | session | the booted `Container`, with the package and the test units installed |
+
+When a test fails, the container's journal (personalityd and the test units) is attached to
+its report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+from nspawn import (
+    REPO,
+    Container,
+    LoopDevices,
+    build_image,
+    enable_unit,
+    install_deb,
+    rootfs_tarball,
+    run,
+    unpack_rootfs,
+    write_file,
+)
+
+SYSTEM_TEST_ENV = "PERSONALITYD_SYSTEM_TEST"
+KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
+HERE = Path(__file__).resolve().parent
+CONTAINER_KEY = pytest.StashKey[Container]()
+
+WEB_INDEX = "hello from the web personality\n"
+DEMO_STATE = "demo-web running from the demo personality"
+
+
+def _named_on_command_line(config: pytest.Config) -> bool:
+    for arg in config.args:
+        path = Path(arg.split("::", 1)[0]).resolve()
+        if path == HERE or HERE in path.parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if os.environ.get(SYSTEM_TEST_ENV) == "1" or _named_on_command_line(config):
+        return None
+    return True if collection_path.parent == HERE and collection_path != HERE else None
+
+
+# --------------------------------------------------------------------------------------------
+# preconditions and inputs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _system_preconditions() -> None:
+    """Fail (never skip) when the system tests cannot run for real here."""
+    if os.geteuid() != 0:
+        pytest.fail("system tests need root (debootstrap, loop devices, systemd-nspawn)")
+    missing = [
+        tool
+        for tool in ("systemd-nspawn", "debootstrap", "mksquashfs", "losetup", "nsenter", "zstd")
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        pytest.fail(
+            f"system tests need {', '.join(missing)}: run `make system-deps` "
+            "(apt-get install systemd-container debootstrap squashfs-tools zstd)"
+        )
+
+
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    explicit = os.environ.get("PERSONALITYD_DEB")
+    if explicit:
+        return Path(explicit).resolve()
+    debs = sorted((REPO / "build/deb").glob("personalityd_*_all.deb"), key=os.path.getmtime)
+    if not debs:
+        pytest.fail("no package in build/deb: run `make deb` first (make system-test does)")
+    return debs[-1]
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = REPO / ".cache" / "system" / f"run-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    if os.environ.get(KEEP_ENV) != "1":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def images(workdir: Path) -> dict[str, Path]:
+    base = {"ID": "debian", "VERSION_ID": "12", "IMAGE_VERSION": "1.0"}
+    web = build_image(
+        workdir,
+        "web",
+        {"usr/share/web/index.html": WEB_INDEX},
+        {**base, "PERSONALITY_DESCRIPTION": "static web content"},
+    )
+    demo = build_image(
+        workdir,
+        "demo",
+        {
+            "usr/lib/systemd/system/demo-web.service": (
+                "[Unit]\n"
+                "Description=Demo web service shipped inside the demo personality\n\n"
+                "[Service]\n"
+                "ExecStart=/usr/lib/demo-web/run\n"
+            ),
+            "usr/lib/demo-web/run": (
+                "#!/bin/sh\n"
+                f"echo '{DEMO_STATE}' > /run/demo-web.state\n"
+                "exec sleep infinity\n"
+            ),
+        },
+        {**base, "PERSONALITY_SERVICES": "demo-web.service"},
+    )
+    return {"web": web, "demo": demo}
+
+
+@pytest.fixture(scope="session")
+def loop_devices() -> Iterator[LoopDevices]:
+    loops = LoopDevices()
+    try:
+        yield loops
+    finally:
+        loops.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# the container
+
+
+def _configure(root: Path, loops: dict[str, str]) -> None:
+    """Test-only configuration of the installed system (none of it ships in the package)."""
+    kernels = "|".join(Path(dev).name for dev in loops.values())
+    # Only this session's loop devices are personality volumes in there: the shipped udev
+    # mechanism (PERSONALITYD_VOLUME=1 set by an admin's rule) with the matching config.
+    write_file(
+        root,
+        "/etc/udev/rules.d/70-personalityd-system-test.rules",
+        f'SUBSYSTEM=="block", KERNEL=="{kernels}", ENV{{PERSONALITYD_VOLUME}}="1"\n',
+    )
+    write_file(
+        root,
+        "/etc/personalityd/personalityd.toml.d/50-system-test.toml",
+        "[volumes]\n"
+        'match = [{ PERSONALITYD_VOLUME = "1" }]\n\n'
+        "[writable]\n"
+        "# no writable volume in the container: read-only stacks\n"
+        'match = [{ PERSONALITYD_SYSTEM_TEST_WRITABLE = "1" }]\n\n'
+        "[debug]\n"
+        "block_signal = true\n",
+    )
+    # udev in a container (see nspawn.py): run udevd although /sys is read-only, and replace
+    # the coldplug trigger of all devices by an `add` for this test's loop devices only.
+    write_file(
+        root,
+        "/etc/systemd/system/systemd-udevd.service.d/50-system-test.conf",
+        "[Unit]\nConditionPathIsReadWrite=\n",
+    )
+    write_file(
+        root,
+        "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",
+        "[Unit]\nConditionPathIsReadWrite=\n\n"
+        "[Service]\nExecStart=\nExecStart=/usr/local/sbin/system-test-coldplug\n",
+    )
+    write_file(
+        root,
+        "/usr/local/sbin/system-test-coldplug",
+        "#!/bin/sh\n"
+        "# The host's uevent files of the test's loop devices, bound in by the test.\n"
+        "for f in /run/pdtest-uevent/*; do\n"
+        '    [ -e "$f" ] && echo add > "$f"\n'
+        "done\n"
+        "exit 0\n",
+        mode=0o755,
+    )
+    # An application that needs the web personality.
+    write_file(
+        root,
+        "/etc/systemd/system/app.service",
+        "[Unit]\n"
+        "Description=system test application using the web personality\n"
+        "Requires=personality@web.service\n"
+        "After=personality@web.service\n\n"
+        "[Service]\n"
+        "ExecStart=/bin/sh -c 'cat /usr/share/web/index.html > /run/app.out; exec sleep infinity'\n",
+    )
+    # What a unit ordered after personalityd sees at boot.
+    write_file(
+        root,
+        "/etc/systemd/system/early-check.service",
+        "[Unit]\n"
+        "Description=system test: what a unit ordered after personalityd sees at boot\n"
+        "Wants=personalityd.service\n"
+        "After=personalityd.service\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        "ExecStart=/bin/sh -c 'cat /usr/share/web/index.html > /run/early-check.out "
+        "|| echo missing > /run/early-check.out'\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n",
+    )
+    enable_unit(root, "early-check.service")
+    run("chroot", root, "useradd", "--create-home", "tester")
+    run("chroot", root, "useradd", "--create-home", "--groups", "personality", "member")
+
+
+@pytest.fixture(scope="session")
+def container(
+    request: pytest.FixtureRequest,
+    deb: Path,
+    workdir: Path,
+    images: dict[str, Path],
+    loop_devices: LoopDevices,
+) -> Generator[Container, None, None]:
+    root = unpack_rootfs(rootfs_tarball(), workdir / "rootfs")
+    install_deb(root, deb)
+    loops = {name: loop_devices.attach(image) for name, image in images.items()}
+    _configure(root, loops)
+    machine = Container(root, workdir, list(loops.values()))
+    request.config.stash[CONTAINER_KEY] = machine
+    try:
+        machine.boot()
+        yield machine
+    finally:
+        machine.cleanup()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    machine = item.config.stash.get(CONTAINER_KEY, None)
+    if report.failed and machine is not None and machine.running:
+        units = ("personalityd.service", "personality@*", "app.service", "demo-web.service")
+        args = [arg for unit in units for arg in ("-u", unit)]
+        report.sections.append(("container journal", machine.journal(*args, lines=150)))
+    return report

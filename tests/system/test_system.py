@@ -1,0 +1,216 @@
+"""The installed package under a real systemd (PID 1 of an nspawn container), as issue 4 asks.
+
+The tests share one container and run in file order: the reboot test powers it off and boots
+it again on the same rootfs, the watchdog test comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from conftest import DEMO_STATE, WEB_INDEX
+from nspawn import Container, wait_until
+
+BUS_NAME = "org.personalityd.personality1"
+OBJECT_PATH = "/org/personalityd/personality1"
+INTERFACE = "org.personalityd.personality1.Manager"
+
+# A D-Bus call from inside the container that prints the reply type and error name, using the
+# dbus-fast the package bundles.
+CALL_SCRIPT = textwrap.dedent(
+    """\
+    import asyncio, sys
+    sys.path.insert(0, "/usr/lib/personalityd/lib")
+    from dbus_fast import BusType, Message
+    from dbus_fast.aio import MessageBus
+
+    async def main():
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        reply = await bus.call(Message(
+            destination="{bus}", path="{path}", interface="{interface}",
+            member=sys.argv[1], signature=sys.argv[2], body=eval(sys.argv[3])))
+        print(reply.message_type.name, reply.error_name or "", reply.body)
+
+    asyncio.run(main())
+    """
+).format(bus=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE)
+
+
+def dbus_call(
+    container: Container, member: str, signature: str, body: str, user: str | None = None
+) -> str:
+    return container.run(
+        "python3", "-c", CALL_SCRIPT, member, signature, body, user=user
+    ).stdout.strip()
+
+
+def status(container: Container) -> dict[str, object]:
+    result: dict[str, object] = json.loads(
+        container.run("personalityctl", "status", "--json").stdout
+    )
+    return result
+
+
+def attached(container: Container) -> list[str]:
+    value = status(container)["attached"]
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
+def exists(container: Container, path: str) -> bool:
+    return container.run("test", "-e", path, check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_service_active_with_status_and_bus_name(container: Container) -> None:
+    container.wait_active("personalityd.service")
+    props = container.show(
+        "personalityd.service", "ActiveState", "SubState", "StatusText", "MainPID", "Type"
+    )
+    assert props["ActiveState"] == "active", props
+    assert props["Type"] == "notify", props
+    assert props["StatusText"].startswith("generation "), props
+    main_pid = int(props["MainPID"])
+    assert main_pid > 0
+
+    # The bus name is owned by the daemon (the shipped policy lets root own it).
+    owner = container.run(
+        "busctl",
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetConnectionUnixProcessID",
+        "s",
+        BUS_NAME,
+    ).stdout.split()
+    assert owner == ["u", str(main_pid)]
+
+    # The daemon mounts in the system's mount namespace (no hardening option gave it its own).
+    pid1_ns = container.run("readlink", "/proc/1/ns/mnt").stdout.strip()
+    daemon_ns = container.run("readlink", f"/proc/{main_pid}/ns/mnt").stdout.strip()
+    assert daemon_ns == pid1_ns
+
+    # Both volumes were found by coldplug (udev in the container) and are available.
+    assert container.personalities() == {"web": "available", "demo": "available"}
+
+    # Reading is for everyone; changing is for root and the personality group only.
+    listed = dbus_call(container, "ListPersonalities", "", "[]", user="tester")
+    assert listed.startswith("METHOD_RETURN"), listed
+    denied = dbus_call(container, "Attach", "sa{sv}", "['web', {}]", user="tester")
+    assert denied.startswith("ERROR org.freedesktop.DBus.Error.AccessDenied"), denied
+    refused = container.run("personalityctl", "attach", "web", user="tester", check=False)
+    assert refused.returncode == 1, refused
+    assert attached(container) == []
+
+    # A member of the personality group may change the stack.
+    container.run("personalityctl", "attach", "web", user="member")
+    assert attached(container) == ["web"]
+    container.run("personalityctl", "detach", "web", user="member")
+    assert attached(container) == []
+
+    # Nothing was attached at boot, so the early unit saw no web files.
+    assert container.read("/run/early-check.out") == "missing\n"
+
+
+def test_app_requiring_personality_unit(container: Container) -> None:
+    assert container.is_active("app.service") == "inactive"
+    container.run("systemctl", "start", "app.service", timeout=150)
+
+    assert container.is_active("personality@web.service") == "active"
+    assert container.is_active("app.service") == "active"
+    assert attached(container) == ["web"]
+    # The app started after web was stacked: it read web's file through /usr.
+    wait_until(lambda: exists(container, "/run/app.out"), 10, "the app's output")
+    assert container.read("/run/app.out") == WEB_INDEX
+    assert container.read("/usr/share/web/index.html") == WEB_INDEX
+
+    container.run("systemctl", "stop", "personality@web.service", timeout=150)
+    assert container.is_active("personality@web.service") == "inactive"
+    assert container.is_active("app.service") == "inactive"  # stopped by its Requires=
+    assert attached(container) == []
+    assert container.personalities()["web"] == "available"
+    assert not exists(container, "/usr/share/web/index.html")
+
+
+def test_personality_services_started_and_stopped(container: Container) -> None:
+    assert container.show("demo-web.service", "LoadState")["LoadState"] == "not-found"
+
+    container.run("personalityctl", "attach", "demo", timeout=150)
+    assert attached(container) == ["demo"]
+
+    def demo_running() -> bool:
+        props = container.show("demo-web.service", "LoadState", "ActiveState")
+        return props == {"LoadState": "loaded", "ActiveState": "active"}
+
+    wait_until(demo_running, 30, "demo-web.service to be loaded and active")
+    wait_until(lambda: exists(container, "/run/demo-web.state"), 10, "demo-web's state file")
+    assert container.read("/run/demo-web.state").strip() == DEMO_STATE
+
+    container.run("personalityctl", "detach", "demo", timeout=150)
+    assert attached(container) == []
+
+    def demo_gone() -> bool:
+        props = container.show("demo-web.service", "LoadState", "ActiveState")
+        return props == {"LoadState": "not-found", "ActiveState": "inactive"}
+
+    wait_until(demo_gone, 30, "demo-web.service to be stopped and unknown")
+    assert not exists(container, "/usr/lib/systemd/system/demo-web.service")
+
+
+def test_reboot_restores_desired_list_before_dependent_units(container: Container) -> None:
+    container.run("personalityctl", "attach", "web", timeout=150)
+    before = status(container)
+    assert before["attached"] == ["web"]
+    assert before["desired"] == ["web"]
+
+    container.poweroff()
+    container.boot()
+
+    after = status(container)
+    assert after["attached"] == ["web"]
+    assert after["desired"] == ["web"]
+    assert after["generation"] == before["generation"]
+    # early-check.service (After=personalityd.service) ran with web already stacked.
+    assert container.read("/run/early-check.out") == WEB_INDEX
+    daemon = container.show("personalityd.service", "ActiveEnterTimestampMonotonic")
+    check = container.show("early-check.service", "ExecMainStartTimestampMonotonic")
+    assert int(check["ExecMainStartTimestampMonotonic"]) >= int(
+        daemon["ActiveEnterTimestampMonotonic"]
+    )
+
+
+def test_watchdog_restarts_blocked_daemon(container: Container) -> None:
+    container.run("personalityctl", "detach", "web", timeout=150)
+    container.run("systemctl", "start", "app.service", timeout=150)
+    assert attached(container) == ["web"]
+    before = container.show("personalityd.service", "MainPID", "NRestarts", "WatchdogUSec")
+    app_before = container.show("app.service", "MainPID")["MainPID"]
+    assert int(before["WatchdogUSec"]) > 0, before
+
+    # SIGUSR2 blocks the daemon's event loop ([debug] block_signal = true): no more WATCHDOG=1.
+    container.run(
+        "systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", "personalityd.service"
+    )
+    timeout = int(before["WatchdogUSec"]) / 1e6 + 60
+
+    def restarted() -> bool:
+        now = container.show("personalityd.service", "MainPID", "NRestarts", "ActiveState")
+        return (
+            int(now["NRestarts"]) > int(before["NRestarts"])
+            and now["MainPID"] not in ("0", before["MainPID"])
+            and now["ActiveState"] == "active"
+        )
+
+    wait_until(restarted, timeout, "systemd to restart the blocked daemon", interval=1)
+    journal = container.journal("-u", "personalityd.service", lines=400)
+    assert "Watchdog timeout" in journal, journal
+
+    # The restart adopted the stack; the personality unit and the app were not disturbed.
+    assert attached(container) == ["web"]
+    assert container.is_active("personality@web.service") == "active"
+    assert container.show("app.service", "MainPID")["MainPID"] == app_before
+    assert exists(container, "/usr/share/web/index.html")
