@@ -101,8 +101,10 @@ STARTED_JOURNALD=
 declare -A LOOPS=()  # device -> image it was attached to
 
 # Global services are started in PID 1's mount namespace, not in our private one.
+# (Where PID 1's namespace is out of reach, they start in ours and stop with the demo.)
 HOSTNS=()
-if [ "$(readlink /proc/1/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ]; then
+if [ "$(readlink /proc/1/ns/mnt 2>/dev/null)" != "$(readlink /proc/self/ns/mnt)" ] &&
+    nsenter --mount=/proc/1/ns/mnt -- true 2>/dev/null; then
     HOSTNS=(nsenter --mount=/proc/1/ns/mnt --)
 fi
 

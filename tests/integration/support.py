@@ -142,9 +142,10 @@ def host_namespace_prefix() -> list[str]:
     """
     try:
         if os.readlink("/proc/1/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+            os.close(os.open("/proc/1/ns/mnt", os.O_RDONLY))  # what nsenter will need
             return ["nsenter", "--mount=/proc/1/ns/mnt", "--"]
     except OSError:
-        pass
+        pass  # PID 1's namespace is out of reach (as in some sandboxes): start it here
     return []
 
 
@@ -316,6 +317,10 @@ def udev_tag_rule(token: str, backing_dir: Path) -> Iterator[Path]:
     """
     rules_dir = Path("/run/udev/rules.d")
     rules_dir.mkdir(parents=True, exist_ok=True)
+    for stale in rules_dir.glob("61-personalityd-test-s*-*.rules"):  # of sessions killed by -9
+        pid = stale.name.removeprefix("61-personalityd-test-s").split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     rule = rules_dir / f"61-personalityd-test-{token}.rules"
     pattern = "*" + str(backing_dir).rstrip("/") + "/*"
     rule.write_text(

@@ -829,23 +829,24 @@ async def test_nobody_may_read_but_not_change(
     introspect = await arun(*busctl(system_bus, "introspect", BUS, PATH, prefix=NOBODY))
     assert ".Attach" in introspect.out, introspect.err
 
-    for args in (
+    denied: tuple[tuple[str, ...], ...] = (
         ("Attach", "sa{sv}", "web", "0"),
         ("Detach", "sa{sv}", "tools", "0"),
         ("Switch", "asa{sv}", "1", "web", "0"),
         ("Refresh",),
-    ):
+    )
+    for args in denied:
         result = await arun(*busctl_call(system_bus, *args, prefix=NOBODY))
         assert result.rc == 1, (args, result)
         assert "Access denied" in result.err, (args, result.err)
     # gdbus shows the error name and the daemon's message.
-    for member, args in (
+    for member, gdbus_args in (
         ("Attach", ("web", "{}")),
         ("Detach", ("tools", "{}")),
         ("Switch", ("['web']", "{}")),
         ("Refresh", ()),
     ):
-        result = await arun(*gdbus_call(system_bus, member, *args, prefix=NOBODY))
+        result = await arun(*gdbus_call(system_bus, member, *gdbus_args, prefix=NOBODY))
         assert result.rc == 1, (member, result)
         assert f"{ACCESS_DENIED}: {member} is only allowed for root and members of the group" in (
             result.err
@@ -1379,7 +1380,7 @@ def test_personalityctl_changing_verbs_and_exit_codes(
     assert "Detach is only allowed" in ctl_fails("detach", "web", prefix=NOBODY)
 
     # Usage errors: exit 2.
-    for argv in (
+    usage: tuple[tuple[str, ...], ...] = (
         ("attach",),
         ("attach", "web", "--wait", "soon"),
         ("detach",),
@@ -1387,10 +1388,11 @@ def test_personalityctl_changing_verbs_and_exit_codes(
         ("--json", "detach", "web"),
         ("build", "somewhere"),
         (),
-    ):
-        result = ctl(*argv)
-        assert result.rc == 2, (argv, result)
-        assert "usage:" in result.err, argv
+    )
+    for usage_argv in usage:
+        result = ctl(*usage_argv)
+        assert result.rc == 2, (usage_argv, result)
+        assert "usage:" in result.err, usage_argv
     for verb in ("list", "status", "attach", "detach", "switch", "conflicts", "build"):
         result = ctl(verb, "--help")
         assert result.rc == 0 and "usage:" in result.out, verb
