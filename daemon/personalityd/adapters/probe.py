@@ -8,6 +8,7 @@ mounted elsewhere is read through that existing mount instead.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from personalityd.adapters import mounts
@@ -47,11 +48,36 @@ def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, .
     return tuple(forced)
 
 
+# A personality must not replace the base's identity (compatibility is checked against it,
+# also at the next start, when the stacked /etc/os-release is what the daemon reads).
+OS_RELEASE_PATHS = ("usr/lib/os-release", "etc/os-release")
+
+
+def _real_dir(tree: str, rel: str) -> str | None:
+    """`tree`/`rel` when every component is a real directory, not a symlink (which would be
+    resolved against the daemon's root, outside the volume); else None."""
+    path = tree
+    for component in rel.split("/"):
+        path = os.path.join(path, component)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+    return path
+
+
 def read_manifest(tree: str) -> Manifest:
     """Find exactly one extension-release file in a mounted tree and parse it."""
+    for rel in OS_RELEASE_PATHS:
+        if os.path.lexists(os.path.join(tree, rel)):
+            raise NotAPersonality(f"it carries /{rel}, which would replace the base's")
     found: list[tuple[str, str]] = []
     for rel in EXTENSION_RELEASE_DIRS:
-        directory = os.path.join(tree, rel)
+        directory = _real_dir(tree, rel)
+        if directory is None:
+            continue
         try:
             names = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
