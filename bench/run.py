@@ -1029,6 +1029,17 @@ def ratio_cell(stats: dict[str, Any] | None) -> str:
     return f"{stats['median']:.2f}x ({stats['min']:.2f} to {stats['max']:.2f})"
 
 
+def merged(rows: list[dict[str, Any]], partial: bool) -> list[dict[str, Any]]:
+    """With only some rows asked for, the others are kept from the last results.json."""
+    path = REPO / "bench" / "results.json"
+    if not partial or not path.exists():
+        return rows
+    new = {r["key"]: r for r in rows}
+    old = json.loads(path.read_text()).get("rows", [])
+    keep = [new.pop(r["key"], r) for r in old]
+    return keep + list(new.values())
+
+
 def write_results(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     out = REPO / "bench"
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -1086,9 +1097,7 @@ def main() -> int:
             finally:
                 env.stop_daemon()
             rows += result if isinstance(result, list) else [result]
-            # keep a partial file after every row
-            write_results(rows, _meta(started))
-    write_results(rows, _meta(started))
+    write_results(merged(rows, partial=bool(sys.argv[1:])), _meta(started))
     log(f"done in {time.monotonic() - started:.0f} s; wrote bench/results.md and results.json")
     return 1 if failures else 0
 

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("personalityd: must run as root (it mounts filesystems)", file=sys.stderr)
         return 1
+    # Indexing and conflict detection run in worker threads; a short GIL switch interval
+    # lets the event loop answer readers (D-Bus, spool) within a millisecond or so meanwhile.
+    sys.setswitchinterval(0.001)
     try:
         return asyncio.run(Daemon(config).run())
     except PersonalityError as exc:

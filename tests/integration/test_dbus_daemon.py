@@ -1074,11 +1074,15 @@ async def test_fifty_concurrent_changes_from_five_connections(
     # Every volume is there: the live stack is the desired list, and the last signal said so.
     assert attached == desired
     stack_changes = [list(m.body) for m in signals.received if m.member == "StackChanged"]
-    assert stack_changes, "no StackChanged during the storm"
-    generations = [g for g, _ in stack_changes]
-    assert generations == list(range(generations[0], generations[0] + len(generations)))
-    assert stack_changes[-1][1] == attached
-    assert await get_property(watcher, "Generation") == generations[-1]
+    # Calls that arrive while a change runs are coalesced into one rebuild, so the storm may
+    # end on the stack it started from (e.g. a final Switch to nothing) with no change at all.
+    if attached:
+        assert stack_changes, "the stack changed but no StackChanged was sent"
+    if stack_changes:
+        generations = [g for g, _ in stack_changes]
+        assert generations == list(range(generations[0], generations[0] + len(generations)))
+        assert stack_changes[-1][1] == attached
+        assert await get_property(watcher, "Generation") == generations[-1]
     check_storm_files(sandbox_root, attached)
 
     # One more request after the storm decides the stack.

@@ -171,11 +171,13 @@ def _configure(root: Path, loops: dict[str, str]) -> None:
     )
     # udev in a container (see nspawn.py): run udevd although /sys is read-only, and replace
     # the coldplug trigger of all devices by an `add` for this test's loop devices only.
-    write_file(
-        root,
-        "/etc/systemd/system/systemd-udevd.service.d/50-system-test.conf",
-        "[Unit]\nConditionPathIsReadWrite=\n",
-    )
+    for unit in ("systemd-udevd.service", "systemd-udevd-kernel.socket",
+                 "systemd-udevd-control.socket"):
+        write_file(
+            root,
+            f"/etc/systemd/system/{unit}.d/50-system-test.conf",
+            "[Unit]\nConditionPathIsReadWrite=\n",
+        )
     write_file(
         root,
         "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",

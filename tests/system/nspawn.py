@@ -351,16 +351,22 @@ class Container:
         self.leader = None
         deadline = time.monotonic() + timeout
         wait_until(self._find_leader, timeout, "the container's PID 1")
-        remaining = max(5.0, deadline - time.monotonic())
-        proc = self.run(
-            "systemctl", "is-system-running", "--wait", check=False, timeout=remaining
-        )
-        state = proc.stdout.strip()
+        # Early in the boot systemctl cannot connect yet ("Failed to connect to bus"), and
+        # prints no state: retry until it can, then let --wait wait for the boot to finish.
+        while True:
+            remaining = max(5.0, deadline - time.monotonic())
+            proc = self.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout=remaining
+            )
+            state = proc.stdout.strip()
+            if state or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if state != "running":
             failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
             raise AssertionError(
-                f"container boot ended {state!r}; failed units:\n{failed}\n"
-                f"journal:\n{self.journal(lines=80)}"
+                f"container boot ended {state!r} ({proc.stderr.strip()}); failed units:\n"
+                f"{failed}\njournal:\n{self.journal(lines=80)}"
             )
 
     def _find_leader(self) -> bool:
@@ -425,6 +431,9 @@ class Container:
         shutil.rmtree(Path("/run/systemd/nspawn/propagate") / self.name, ignore_errors=True)
 
     def cleanup(self) -> None:
+        if self.running:
+            with contextlib.suppress(AssertionError, subprocess.SubprocessError):
+                self.poweroff(timeout=60)
         if self.running:
             self._terminate()
         for cgroup in self.cgroups:

@@ -132,7 +132,10 @@ def test_app_requiring_personality_unit(container: Container) -> None:
     assert container.is_active("personality@web.service") == "inactive"
     assert container.is_active("app.service") == "inactive"  # stopped by its Requires=
     assert attached(container) == []
-    assert container.personalities()["web"] == "available"
+    # Unmounted lazily: "draining" until the kernel lets go of the device, then available.
+    wait_until(
+        lambda: container.personalities()["web"] == "available", 15, "web to be available again"
+    )
     assert not exists(container, "/usr/share/web/index.html")
 
 
@@ -173,7 +176,8 @@ def test_reboot_restores_desired_list_before_dependent_units(container: Containe
     after = status(container)
     assert after["attached"] == ["web"]
     assert after["desired"] == ["web"]
-    assert after["generation"] == before["generation"]
+    # Rebuilt from the persisted desired list: one new generation, never an older one.
+    assert int(after["generation"]) > int(before["generation"])  # type: ignore[call-overload]
     # early-check.service (After=personalityd.service) ran with web already stacked.
     assert container.read("/run/early-check.out") == WEB_INDEX
     daemon = container.show("personalityd.service", "ActiveEnterTimestampMonotonic")
@@ -189,13 +193,13 @@ def test_watchdog_restarts_blocked_daemon(container: Container) -> None:
     assert attached(container) == ["web"]
     before = container.show("personalityd.service", "MainPID", "NRestarts", "WatchdogUSec")
     app_before = container.show("app.service", "MainPID")["MainPID"]
-    assert int(before["WatchdogUSec"]) > 0, before
+    assert before["WatchdogUSec"] not in ("0", "infinity"), before  # e.g. "30s"
 
     # SIGUSR2 blocks the daemon's event loop ([debug] block_signal = true): no more WATCHDOG=1.
     container.run(
         "systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", "personalityd.service"
     )
-    timeout = int(before["WatchdogUSec"]) / 1e6 + 60
+    timeout = 120  # the shipped WatchdogSec=30s, RestartSec=1s, and a start
 
     def restarted() -> bool:
         now = container.show("personalityd.service", "MainPID", "NRestarts", "ActiveState")
