@@ -44,7 +44,7 @@ demo: deps
 
 ## test: lint, typecheck, then every test (unit and integration)
 test: lint typecheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit tests/integration
 
 lint: deps
 	$(VENV)/bin/ruff check daemon tests

@@ -5,7 +5,7 @@
 #   make system-test    the package installed in a Debian 12 rootfs booted with systemd-nspawn
 #   make system-deps    the Debian packages the two need (only the missing ones)
 #
-# The rootfs is debootstrap'ed once and cached in .cache/system/ (git-ignored, about 100 MB);
+# The rootfs is debootstrap'ed once and cached in .cache/system/ (git-ignored, about 70 MB);
 # `make system-clean` removes it. The bundled Python libraries are cached in .cache/wheelhouse.
 
 SYSTEM_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-build \

@@ -20,7 +20,10 @@ When a test fails, the log of every daemon it started is attached to the report.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +35,7 @@ from support import (
     Daemon,
     JournalReader,
     LoopDevices,
+    MemberUser,
     UdevMonitor,
     ensure_udevd,
     keep_services,
@@ -203,3 +207,28 @@ def pytest_runtest_makereport(
                 text = "[... earlier output cut ...]\n" + text[-200_000:]
             report.sections.append((f"{daemon.name} log ({daemon.log_path})", text))
     return report
+
+
+@pytest.fixture(scope="module")
+def personality_gid() -> int:
+    """The `personality` group exists (created if missing and left: it is harmless)."""
+    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
+    return grp.getgrnam("personality").gr_gid
+
+
+@pytest.fixture(scope="module")
+def member_user(personality_gid: int) -> Iterator[MemberUser]:
+    """A temporary system user in the `personality` group; removed afterwards."""
+    name = f"pdtest{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [
+            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
+            *("-G", "personality", name),
+        ],
+        check=True,
+    )
+    try:
+        entry = pwd.getpwnam(name)
+        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], check=False)

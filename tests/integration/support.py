@@ -967,3 +967,16 @@ def remove_tree(path: Path) -> None:
     unmount_tree(path)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
+
+
+@dataclass(frozen=True)
+class MemberUser:
+    """A temporary system user in the `personality` group (see the `member_user` fixture)."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def setpriv(self) -> tuple[str, ...]:
+        return ("setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups")

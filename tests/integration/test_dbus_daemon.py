@@ -12,10 +12,8 @@ from DESIGN.md, not imported from the daemon.
 from __future__ import annotations
 
 import asyncio
-import grp
 import json
 import os
-import pwd
 import random
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from support import (
     REPO,
     Daemon,
     LoopDevices,
+    MemberUser,
     build_image,
     build_writable_image,
     pid_alive,
@@ -252,42 +251,6 @@ async def watcher(system_bus: str) -> AsyncIterator[MessageBus]:
     finally:
         bus.disconnect()
         await bus.wait_for_disconnect()
-
-
-@pytest.fixture(scope="module")
-def personality_gid() -> int:
-    """The `personality` group exists (created if missing and left: it is harmless)."""
-    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
-    return grp.getgrnam("personality").gr_gid
-
-
-@dataclass(frozen=True)
-class MemberUser:
-    name: str
-    uid: int
-    gid: int
-
-    @property
-    def setpriv(self) -> tuple[str, ...]:
-        return ("setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups")
-
-
-@pytest.fixture(scope="module")
-def member_user(personality_gid: int) -> Iterator[MemberUser]:
-    """A temporary system user in the `personality` group; removed afterwards."""
-    name = f"pdtest{os.getpid()}e"
-    subprocess.run(
-        [
-            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
-            *("-G", "personality", name),
-        ],
-        check=True,
-    )
-    try:
-        entry = pwd.getpwnam(name)
-        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 def web_files(tag: str = "web") -> dict[str, object]:

@@ -12,7 +12,6 @@ import asyncio
 import grp
 import json
 import os
-import pwd
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fixture import Signals, private_system_bus
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
+from support import MemberUser
 
 from personalityd.adapters.groups import personality_group_gids
 from personalityd.core.model import Conflict
@@ -90,42 +90,6 @@ def gdbus_call(address: str, member: str, *args: str, prefix: tuple[str, ...] = 
 def system_bus() -> Iterator[str]:
     with private_system_bus() as address:
         yield address
-
-
-@pytest.fixture(scope="module")
-def personality_gid() -> int:
-    """The `personality` group exists (created if missing and left: it is harmless)."""
-    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
-    return grp.getgrnam("personality").gr_gid
-
-
-@dataclass(frozen=True)
-class MemberUser:
-    name: str
-    uid: int
-    gid: int
-
-    @property
-    def setpriv(self) -> tuple[str, ...]:
-        return ("setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups")
-
-
-@pytest.fixture(scope="module")
-def member_user(personality_gid: int) -> Iterator[MemberUser]:
-    """A temporary system user in the `personality` group; removed afterwards."""
-    name = f"pdtest{os.getpid()}"
-    subprocess.run(
-        [
-            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
-            *("-G", "personality", name),
-        ],
-        check=True,
-    )
-    try:
-        entry = pwd.getpwnam(name)
-        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ inside it is named on the command line, so a plain `pytest tests` never boots co
 
 | fixture | scope | gives |
 |---|---|---|
-| `deb` | session | the package: `$PERSONALITYD_DEB`, else the newest `build/deb/personalityd_*_all.deb` |
-| `workdir` | session | `.cache/system/run-<token>/`, removed after (`PERSONALITYD_SYSTEM_KEEP=1` keeps it) |
+| `deb` | session | `$PERSONALITYD_DEB`, else the newest `build/deb/personalityd_*_all.deb` |
+| `workdir` | session | `.cache/system/run-<token>/`, removed after (unless `..._SYSTEM_KEEP=1`) |
 | `images` | session | name -> squashfs image of the test personalities (`web`, `demo`) |
 | `container` | session | the booted `Container`, with the package and the test units installed |
 
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import pytest
 from nspawn import (
+    DEMO_STATE,
     REPO,
+    WEB_INDEX,
     Container,
     LoopDevices,
     build_image,
@@ -45,9 +47,6 @@ SYSTEM_TEST_ENV = "PERSONALITYD_SYSTEM_TEST"
 KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
 HERE = Path(__file__).resolve().parent
 CONTAINER_KEY = pytest.StashKey[Container]()
-
-WEB_INDEX = "hello from the web personality\n"
-DEMO_STATE = "demo-web running from the demo personality"
 
 
 def _named_on_command_line(config: pytest.Config) -> bool:
@@ -125,9 +124,7 @@ def images(workdir: Path) -> dict[str, Path]:
                 "ExecStart=/usr/lib/demo-web/run\n"
             ),
             "usr/lib/demo-web/run": (
-                "#!/bin/sh\n"
-                f"echo '{DEMO_STATE}' > /run/demo-web.state\n"
-                "exec sleep infinity\n"
+                f"#!/bin/sh\necho '{DEMO_STATE}' > /run/demo-web.state\nexec sleep infinity\n"
             ),
         },
         {**base, "PERSONALITY_SERVICES": "demo-web.service"},
@@ -171,8 +168,11 @@ def _configure(root: Path, loops: dict[str, str]) -> None:
     )
     # udev in a container (see nspawn.py): run udevd although /sys is read-only, and replace
     # the coldplug trigger of all devices by an `add` for this test's loop devices only.
-    for unit in ("systemd-udevd.service", "systemd-udevd-kernel.socket",
-                 "systemd-udevd-control.socket"):
+    for unit in (
+        "systemd-udevd.service",
+        "systemd-udevd-kernel.socket",
+        "systemd-udevd-control.socket",
+    ):
         write_file(
             root,
             f"/etc/systemd/system/{unit}.d/50-system-test.conf",
@@ -204,7 +204,8 @@ def _configure(root: Path, loops: dict[str, str]) -> None:
         "Requires=personality@web.service\n"
         "After=personality@web.service\n\n"
         "[Service]\n"
-        "ExecStart=/bin/sh -c 'cat /usr/share/web/index.html > /run/app.out; exec sleep infinity'\n",
+        "ExecStart=/bin/sh -c "
+        "'cat /usr/share/web/index.html > /run/app.out; exec sleep infinity'\n",
     )
     # What a unit ordered after personalityd sees at boot.
     write_file(

@@ -63,6 +63,9 @@ ROOTFS_PACKAGES = (
 )
 # Bump to rebuild cached rootfs tarballs when the way they are made changes.
 ROOTFS_RECIPE = "1"
+# Content of the test personalities, checked through the stack.
+WEB_INDEX = "hello from the web personality\n"
+DEMO_STATE = "demo-web running from the demo personality"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -272,7 +275,7 @@ def _cgroup_hierarchies() -> list[Path]:
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         left, _, right = line.partition(" - ")
-        fstype, _source, options = (right.split() + ["", ""])[:3]
+        fstype, _source, options = [*right.split(), "", ""][:3]
         mountpoint = left.split()[4]
         if fstype == "cgroup2":
             found.append(Path(mountpoint) / own.get("", "/").lstrip("/"))

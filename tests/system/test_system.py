@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import textwrap
 
-from conftest import DEMO_STATE, WEB_INDEX
-from nspawn import Container, wait_until
+from nspawn import DEMO_STATE, WEB_INDEX, Container, wait_until
 
 BUS_NAME = "org.personalityd.personality1"
 OBJECT_PATH = "/org/personalityd/personality1"
@@ -94,6 +93,15 @@ def test_service_active_with_status_and_bus_name(container: Container) -> None:
     daemon_ns = container.run("readlink", f"/proc/{main_pid}/ns/mnt").stdout.strip()
     assert daemon_ns == pid1_ns
 
+    # What the package set up: the group (sysusers.d), the spool where group members can drop
+    # requests but not list them (tmpfiles.d), the vendor defaults.
+    assert container.run("getent", "group", "personality").stdout.strip().endswith(":member")
+    spool = container.run(
+        "stat", "-c", "%a %U %G", "/var/spool/personalityd", "/var/lib/personalityd"
+    ).stdout.split("\n")
+    assert spool[:2] == ["1730 root personality", "700 root root"], spool
+    assert exists(container, "/usr/lib/personalityd/personalityd.toml")
+
     # Both volumes were found by coldplug (udev in the container) and are available.
     assert container.personalities() == {"web": "available", "demo": "available"}
 
@@ -166,16 +174,17 @@ def test_personality_services_started_and_stopped(container: Container) -> None:
 
 def test_reboot_restores_desired_list_before_dependent_units(container: Container) -> None:
     container.run("personalityctl", "attach", "web", timeout=150)
+    container.run("personalityctl", "attach", "demo", timeout=150)
     before = status(container)
-    assert before["attached"] == ["web"]
-    assert before["desired"] == ["web"]
+    assert before["attached"] == ["web", "demo"]
+    assert before["desired"] == ["web", "demo"]
 
     container.poweroff()
     container.boot()
 
     after = status(container)
-    assert after["attached"] == ["web"]
-    assert after["desired"] == ["web"]
+    assert after["attached"] == ["web", "demo"]
+    assert after["desired"] == ["web", "demo"]
     # Rebuilt from the persisted desired list: one new generation, never an older one.
     assert int(after["generation"]) > int(before["generation"])  # type: ignore[call-overload]
     # early-check.service (After=personalityd.service) ran with web already stacked.
@@ -185,6 +194,12 @@ def test_reboot_restores_desired_list_before_dependent_units(container: Containe
     assert int(check["ExecMainStartTimestampMonotonic"]) >= int(
         daemon["ActiveEnterTimestampMonotonic"]
     )
+    # The restored demo personality's service was started at boot too.
+    container.wait_active("demo-web.service", timeout=30)
+
+    container.run("personalityctl", "detach", "demo", timeout=150)
+    assert attached(container) == ["web"]
+    assert container.is_active("demo-web.service") == "inactive"
 
 
 def test_watchdog_restarts_blocked_daemon(container: Container) -> None:

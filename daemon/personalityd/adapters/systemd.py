@@ -5,6 +5,7 @@ personality lists in PERSONALITY_SERVICES. Used only on a systemd host with root
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import structlog
@@ -20,12 +21,16 @@ SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
 JOB_TIMEOUT = 90.0
+# JobRemoved can be read in the same batch as the StartUnit/StopUnit reply, before the caller
+# has the job path to wait for; results of jobs nobody waits for (yet) are kept this long.
+FINISHED_JOBS_KEPT = 256
 
 
 class ServiceManager:
     def __init__(self, bus: MessageBus) -> None:
         self.bus = bus
         self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._finished: OrderedDict[str, str] = OrderedDict()
         bus.add_message_handler(self._on_message)
 
     async def subscribe(self) -> None:
@@ -48,8 +53,13 @@ class ServiceManager:
         if message.message_type == MessageType.SIGNAL and message.member == "JobRemoved":
             _job_id, job_path, _unit, result = message.body
             future = self._jobs.pop(job_path, None)
-            if future is not None and not future.done():
-                future.set_result(result)
+            if future is not None:
+                if not future.done():
+                    future.set_result(result)
+                return
+            self._finished[job_path] = result
+            while len(self._finished) > FINISHED_JOBS_KEPT:
+                self._finished.popitem(last=False)
 
     async def _call(self, member: str, signature: str, body: list[object]) -> Message:
         reply = await self.bus.call(
@@ -75,6 +85,9 @@ class ServiceManager:
         loop = asyncio.get_running_loop()
         reply = await self._call(member, "ss", [unit, "replace"])
         job_path = str(reply.body[0])
+        finished = self._finished.pop(job_path, None)
+        if finished is not None:  # the job ended before we got here
+            return finished
         future = self._jobs.setdefault(job_path, loop.create_future())
         try:
             return await asyncio.wait_for(future, JOB_TIMEOUT)
