@@ -197,11 +197,8 @@ class Engine:
             volume = volumes.get(name)
             if top is None:
                 continue
-            if (
-                volume is not None
-                and info.get("identity") == volume.device.identity
-                and (top.devnum == volume.device.devnum or top.fs_type != "overlay")
-            ):
+            same_medium = volume is not None and info.get("identity") == volume.device.identity
+            if volume is not None and same_medium and top.fs_type == volume.device.fs_type:
                 self.volumes[name] = MountedVolume(
                     name, volume.device.identity, volume.device.devnode, path
                 )
@@ -334,6 +331,7 @@ class Engine:
         On failure, undoes its own mounts and raises MountFailed naming the volume."""
         made: list[MountedVolume] = []
         current: Volume | None = None
+        to_index: list[tuple[Volume, str]] = []
         try:
             for volume in volumes:
                 current = volume
@@ -344,7 +342,16 @@ class Engine:
                 if mounted is None:
                     mounted = self._mount_volume(volume)
                     made.append(mounted)
-                await self.index(volume, mounted.path)
+                to_index.append((volume, mounted.path))
+            # The walks run side by side in worker threads: they are mostly kernel work
+            # (directory blocks read and decompressed) done with the GIL released.
+            outcomes = await asyncio.gather(
+                *(self.index(v, path) for v, path in to_index), return_exceptions=True
+            )
+            for (volume, _), outcome in zip(to_index, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    current = volume
+                    raise outcome
         except OSError as exc:
             for mounted in made:
                 self.unmount_volume(mounted.name)
