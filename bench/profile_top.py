@@ -1,6 +1,6 @@
 """Sum py-spy's collapsed stacks (`--format raw`): the functions with the most samples.
 
-    python bench/profile_top.py FILE [N]     self time and total (inclusive) time, top N
+python bench/profile_top.py FILE [N]     self time and total (inclusive) time, top N
 """
 
 from __future__ import annotations

@@ -143,7 +143,9 @@ def expect_clean_work_dirs(daemon: Daemon) -> None:
         assert entries in ([], [str(generation)]), f"work/{h}: {entries} (generation {generation})"
 
 
-def files_of(name: str, count: int, *, shared: Sequence[str] = (), etc: bool = True) -> dict[str, bytes]:
+def files_of(
+    name: str, count: int, *, shared: Sequence[str] = (), etc: bool = True
+) -> dict[str, bytes]:
     """A personality's regular files: its own, the `shared` (conflicting) ones, an /etc file."""
     tree = {f"usr/share/{name}/f{i:03d}": f"{name} file {i}\n".encode() for i in range(count)}
     for rel in shared:

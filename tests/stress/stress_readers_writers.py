@@ -76,8 +76,13 @@ def test_readers_and_writers_through_etc_during_switches(
     )
     readers = [
         subprocess.Popen(
-            [sys.executable, "-c", READER,
-             f"{root}/etc/base.conf:{root}/etc/w1.conf:{root}/usr/share/w2/f000", str(stop)],
+            [
+                sys.executable,
+                "-c",
+                READER,
+                f"{root}/etc/base.conf:{root}/etc/w1.conf:{root}/usr/share/w2/f000",
+                str(stop),
+            ],
             stdout=subprocess.PIPE,
         )
         for _ in range(2)
@@ -99,8 +104,10 @@ def test_readers_and_writers_through_etc_during_switches(
     for n in acked:
         expected = f"write {n}\n".encode() * 4
         through_stack = root / "etc" / "stress" / f"w-{n:06d}"
-        if through_stack.read_bytes() != expected or (upper / through_stack.name).read_bytes() \
-                != expected:
+        if (
+            through_stack.read_bytes() != expected
+            or (upper / through_stack.name).read_bytes() != expected
+        ):
             lost.append(n)
     assert not lost, f"{len(lost)} acknowledged writes lost or changed: {lost[:10]}"
     for r in read:

@@ -37,8 +37,9 @@ JOURNAL_DIRS = ("/run/systemd/journal", "/run/log/journal")
 
 def _mount_tmpfs(path: str, size: str = "64m") -> None:
     os.makedirs(path, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path], check=True
+    )
 
 
 def _umount(path: str) -> None:
@@ -64,8 +65,11 @@ class PrivateJournald:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [JOURNALD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            [JOURNALD],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         wait_for(journal_listening, 10, "our journald's socket")
 
@@ -80,9 +84,18 @@ class PrivateJournald:
 
 def _entries(generation: int) -> list[dict[str, object]]:
     out = subprocess.run(
-        ["journalctl", "--directory=/run/log/journal", "--no-pager", "-o", "json",
-         f"MESSAGE_ID={MESSAGE_ID_STACK_CHANGED}", f"PERSONALITY_GENERATION={generation}"],
-        capture_output=True, text=True, check=False,
+        [
+            "journalctl",
+            "--directory=/run/log/journal",
+            "--no-pager",
+            "-o",
+            "json",
+            f"MESSAGE_ID={MESSAGE_ID_STACK_CHANGED}",
+            f"PERSONALITY_GENERATION={generation}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -145,9 +158,7 @@ def test_udevd_restarted(
     expect_stack(daemon, ["u1", "u2"], trees)
 
 
-def test_state_filesystem_full(
-    daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path
-) -> None:
+def test_state_filesystem_full(daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path) -> None:
     trees = {n: files_of(n, 10) for n in ("s1", "s2")}
     for name, tree in trees.items():
         loop_devices.attach(build_image(tmp_path, name, tree))

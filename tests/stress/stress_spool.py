@@ -18,7 +18,7 @@ BURST = int(os.environ.get("STRESS_SPOOL_BURST", "10000"))
 
 def _answer(spool: Path, stem: str, timeout: float = 30) -> dict[str, Any]:
     wait_answered(spool, [stem], timeout)
-    (where, result), = results(spool)[stem]
+    ((where, result),) = results(spool)[stem]
     result["_dir"] = where
     return result
 
@@ -105,8 +105,10 @@ def test_ten_thousand_files_in_a_second(
     assert probe["status"] == "ok", probe
     wait_answered(spool, stems, timeout=300)
     answered = time.monotonic() - started
-    print(f"{BURST} files dropped in {dropped:.2f} s, all answered after {answered:.2f} s "
-          f"(probe answered after {time.monotonic() - probe_started:.2f} s)")
+    print(
+        f"{BURST} files dropped in {dropped:.2f} s, all answered after {answered:.2f} s "
+        f"(probe answered after {time.monotonic() - probe_started:.2f} s)"
+    )
     answers = spool_answers(spool, stems)
     for i, stem in enumerate(stems):
         assert (answers[stem]["status"] == "ok") == (i % 10 >= 6), (stem, answers[stem])
@@ -116,8 +118,9 @@ def test_ten_thousand_files_in_a_second(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=12,
 )
 request_like = st.fixed_dictionaries(

@@ -114,8 +114,10 @@ def test_corrupt_volumes_are_refused_and_never_stacked(
     daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path, journal: JournalReader
 ) -> None:
     images = _corrupt_images(tmp_path)
-    devs = {n: loop_devices.attach(img) if n == "good" else _attach_raw(loop_devices, img)
-            for n, img in images.items()}
+    devs = {
+        n: loop_devices.attach(img) if n == "good" else _attach_raw(loop_devices, img)
+        for n, img in images.items()
+    }
     daemon.start()
     # The garbage superblock is refused at probe time; the truncated squashfs may mount and
     # fail only when read: attaching it must fail without changing anything.

@@ -17,13 +17,16 @@ inside it is named on the command line, so a plain `pytest tests` never boots co
 
 When a test fails, the container's journal (personalityd and the test units) is attached to
 its report.
+
+A run killed before its cleanup (CI timeout, SIGKILL) leaves its loop devices, cgroups and run
+directory behind; the next session sweeps them (`sweep_stale_runs`), and nspawn halts its
+container by itself once the test process is gone.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from nspawn import (
     build_image,
     enable_unit,
     install_deb,
+    new_run_dir,
     rootfs_tarball,
     run,
     unpack_rootfs,
@@ -97,10 +101,11 @@ def deb() -> Path:
 
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
-    path = REPO / ".cache" / "system" / f"run-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
+    path = new_run_dir()
     yield path
-    if os.environ.get(KEEP_ENV) != "1":
+    if os.environ.get(KEEP_ENV) == "1":
+        (path / "keep").write_text("")
+    else:
         shutil.rmtree(path, ignore_errors=True)
 
 

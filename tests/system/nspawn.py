@@ -213,6 +213,58 @@ def enable_unit(root: Path, unit: str, target: str = "multi-user.target") -> Non
 
 
 # --------------------------------------------------------------------------------------------
+# run directories
+
+
+def _process_identity(pid: int) -> str | None:
+    """PID plus its start time, so a reused PID is not taken for the same process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def new_run_dir() -> Path:
+    """`.cache/system/run-<token>/`, marked as ours, after sweeping runs whose owner died."""
+    sweep_stale_runs()
+    path = CACHE / f"run-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    (path / "owner").write_text(_process_identity(os.getpid()) or "")
+    return path
+
+
+def sweep_stale_runs() -> None:
+    """Clean up after test runs that were killed before their own cleanup: their loop devices,
+    nspawn cgroups and propagation dirs, and the run directory. A run is stale when the
+    process that wrote its `owner` file is gone."""
+    for run_dir in sorted(CACHE.glob("run-*")):
+        try:
+            owner = (run_dir / "owner").read_text().strip()
+        except OSError:
+            continue
+        if owner and _process_identity(int(owner.split()[0])) == owner:
+            continue  # still running
+        if (run_dir / "keep").exists():
+            continue  # kept on purpose (PERSONALITYD_SYSTEM_KEEP=1); its loops are detached
+        try:
+            machine = (run_dir / "machine").read_text().strip()
+        except OSError:
+            machine = ""
+        if machine and _cgroup_busy(machine):
+            continue  # its container is still shutting down
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            with contextlib.suppress(OSError):
+                if Path(backing.read_text().strip()).parent == run_dir:
+                    run("losetup", "-d", f"/dev/{backing.parent.parent.name}", check=False)
+        if machine.startswith("pdsys-"):
+            for hierarchy in _cgroup_hierarchies():
+                _remove_cgroup_tree(hierarchy / machine)
+            shutil.rmtree(Path("/run/systemd/nspawn/propagate") / machine, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
 # images and loop devices
 
 
@@ -284,6 +336,16 @@ def _cgroup_hierarchies() -> list[Path]:
     return found
 
 
+def _cgroup_busy(name: str) -> bool:
+    """Whether any process is left in our cgroup `name` (in any hierarchy)."""
+    for hierarchy in _cgroup_hierarchies():
+        for procs in (hierarchy / name).glob("**/cgroup.procs"):
+            with contextlib.suppress(OSError):
+                if procs.read_text().strip():
+                    return True
+    return False
+
+
 def _remove_cgroup_tree(path: Path) -> None:
     if not path.is_dir():
         return
@@ -294,6 +356,20 @@ def _remove_cgroup_tree(path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # the container
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 class Container:
@@ -311,8 +387,10 @@ class Container:
         self.name = f"pdsys-{uuid.uuid4().hex[:8]}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader: int | None = None
+        self.nspawn_pid: int | None = None
         self.boots = 0
         self.cgroups = [h / self.name for h in _cgroup_hierarchies()]
+        (workdir / "machine").write_text(self.name)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -340,11 +418,22 @@ class Container:
         for cgroup in self.cgroups:
             cgroup.mkdir(exist_ok=True)
         procs = " ".join(shlex.quote(str(c / "cgroup.procs")) for c in self.cgroups)
-        script = f'for f in {procs}; do echo $$ > "$f"; done; exec "$@"'
+        # nspawn runs under a shell that stays its parent and forwards SIGTERM to it (nspawn
+        # halts the container cleanly), also when the shell gets it because the test run died
+        # (setpriv --pdeathsig: nspawn itself does not keep a parent-death signal). The child
+        # joins the test's own cgroups before it becomes nspawn.
+        join_cgroups = f'for f in {procs}; do echo $$ > "$f"; done; exec "$@"'
+        script = (
+            """trap 'kill -TERM "$child" 2>/dev/null' TERM; """
+            f'sh -c {shlex.quote(join_cgroups)} sh "$@" & child=$!; '
+            'while kill -0 "$child" 2>/dev/null; do wait "$child"; done'
+        )
         log = open(self.workdir / f"nspawn-{self.boots}.log", "wb")  # noqa: SIM115
         env = {"PATH": CONTAINER_PATH, "LANG": "C.UTF-8"}
+        self.nspawn_pid = None
+        guarded = ["setpriv", "--pdeathsig", "TERM", "--", "sh", "-c", script, "sh"]
         self.proc = subprocess.Popen(
-            ["sh", "-c", script, "sh", *self.nspawn_command()],
+            [*guarded, *self.nspawn_command()],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -378,18 +467,14 @@ class Container:
             raise AssertionError(
                 f"systemd-nspawn exited ({self.proc.returncode}) during boot:\n{self.nspawn_log()}"
             )
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return False
-        for child in children.split():
-            try:
-                comm = Path(f"/proc/{child}/comm").read_text().strip()
-            except OSError:
+        for nspawn in _children(self.proc.pid):
+            if _comm(nspawn) != "systemd-nspawn":
                 continue
-            if comm == "systemd":
-                self.leader = int(child)
-                return True
+            self.nspawn_pid = nspawn
+            for child in _children(nspawn):
+                if _comm(child) == "systemd":
+                    self.leader = child
+                    return True
         return False
 
     def nspawn_log(self) -> str:
@@ -418,13 +503,18 @@ class Container:
         self._after_exit()
 
     def _terminate(self) -> None:
-        """Stop nspawn by its PID: SIGTERM (clean halt), again (immediate), then SIGKILL."""
+        """Stop nspawn by PID: SIGTERM (clean halt), again (immediate), then SIGKILL."""
         assert self.proc is not None
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        steps = ((signal.SIGTERM, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10))
+        for sig, wait in steps:
             if self.proc.poll() is not None:
                 break
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
+            # SIGTERM goes through the shell, which forwards it; SIGKILL to both.
+            targets = [self.proc.pid] if sig == signal.SIGTERM else [self.nspawn_pid, self.proc.pid]
+            for pid in targets:
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=wait)
         self.leader = None

@@ -73,7 +73,8 @@ def test_same_conflicts_and_overrides_as_the_dict_version(
     layer_trees: list[dict[str, str]], base: dict[str, str]
 ) -> None:
     layers = [(f"p{i}", tree) for i, tree in enumerate(layer_trees)]
-    assert _packed_result(layers, base) == _dict_result(layers, base)
+    expected = _dict_result(layers, base)
+    assert _packed_result(layers, base) == expected
 
 
 @given(trees())

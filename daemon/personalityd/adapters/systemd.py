@@ -120,17 +120,27 @@ async def connect_service_hooks() -> ServiceHooks:
                 except Exception as exc:
                     log.error("service_stop_failed", unit=unit, error=str(exc))
 
+    starting: set[asyncio.Task[None]] = set()
+
+    async def start_and_log(unit: str, personality: str) -> None:
+        try:
+            result = await manager.start(unit)
+            log.info("service_started", unit=unit, personality=personality, result=result)
+        except Exception as exc:
+            log.error("service_start_failed", unit=unit, error=str(exc))
+
     async def after_change(arriving: Sequence[Volume]) -> None:
         try:
             await manager.reload()
         except Exception as exc:
             log.error("systemd_reload_failed", error=str(exc))
+        # Start jobs are queued, not awaited: a unit ordered After=personalityd.service waits
+        # for our READY, and the first stack is restored before READY; the consumer must not
+        # wait on it (stops before a swap, in contrast, are awaited: the files must stay).
         for volume in arriving:
             for unit in volume.manifest.services:
-                try:
-                    result = await manager.start(unit)
-                    log.info("service_started", unit=unit, personality=volume.name, result=result)
-                except Exception as exc:
-                    log.error("service_start_failed", unit=unit, error=str(exc))
+                task = asyncio.create_task(start_and_log(unit, volume.name))
+                starting.add(task)
+                task.add_done_callback(starting.discard)
 
     return ServiceHooks(before_swap=before_swap, after_change=after_change)

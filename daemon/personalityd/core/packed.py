@@ -17,6 +17,7 @@ once per directory (`base_names`), not once per path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from array import array
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -233,6 +234,7 @@ def find_conflicts_packed(
 
     prefix = hierarchy.rstrip("/") + "/"
     conflicts: list[Conflict] = []
+    questions: list[tuple[int, str, tuple[str, ...]]] = []  # (conflict index, relpath, names)
     for path, providers in multi.items():
         parent, _, leaf = path.rpartition(b"/")
         limit = limit_below(parent)
@@ -243,21 +245,23 @@ def find_conflicts_packed(
         relpath = os.fsdecode(path)
         if len(reaching) > 1 and any(kind != DIR for kind in kinds):
             shown = [names[k] for k in reaching]
-            same = False
             if all(kind == FILE for kind in kinds) or all(kind == SYMLINK for kind in kinds):
-                same = identical(relpath, tuple(shown))
+                questions.append((len(conflicts), relpath, tuple(shown)))
             conflicts.append(
                 Conflict(
                     path=prefix + relpath,
                     hierarchy=hierarchy,
                     winner=shown[0],
                     shadowed=tuple(shown[1:]),
-                    identical=same,
+                    identical=False,
                 )
             )
         if kinds[0] != DIR and limit == n:
             base = in_base(parent)
             if base and leaf in base:
                 overrides += 1
+    for i, relpath, names_top_first in questions:
+        if identical(relpath, names_top_first):
+            conflicts[i] = dataclasses.replace(conflicts[i], identical=True)
     conflicts.sort(key=lambda c: c.path)
     return conflicts, overrides
