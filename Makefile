@@ -21,17 +21,7 @@ APT_PACKAGES := udev squashfs-tools erofs-utils dbus e2fsprogs util-linux attr \
 deps: apt-deps $(STAMP)
 
 apt-deps:
-	@missing=""; \
-	for pkg in $(APT_PACKAGES); do \
-		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
-		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update; \
-		apt-get install -y $$missing; \
-	fi
+	tools/apt-install-missing $(APT_PACKAGES)
 
 $(STAMP): pyproject.toml | apt-deps
 	[ -x $(PY) ] || python3 -m venv $(VENV)

@@ -18,17 +18,7 @@ BUILD_STAMP := $(VENV)/.personalityd-build
 
 ## system-deps: debhelper, lintian, systemd-nspawn, debootstrap (only the missing ones)
 system-deps:
-	@missing=""; \
-	for pkg in $(SYSTEM_APT_PACKAGES); do \
-		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
-		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update; \
-		apt-get install -y --no-install-recommends $$missing; \
-	fi
+	tools/apt-install-missing --no-install-recommends $(SYSTEM_APT_PACKAGES)
 
 ## deb: the Debian package in build/deb/ (dpkg-buildpackage, then lintian: no errors)
 deb: system-deps

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -198,3 +199,61 @@ class Signals:
                         return self.received[index]
                 self._arrived.clear()
                 await self._arrived.wait()
+
+
+# -- calling the Manager interface ------------------------------------------------------------
+# The contract's names, spelled out here rather than imported from the daemon.
+BUS = "org.personalityd.personality1"
+PATH = "/org/personalityd/personality1"
+IFACE = "org.personalityd.personality1.Manager"
+CALL_TIMEOUT = 60.0
+
+
+async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
+    """A method call on the Manager interface; the reply (return or error) as it came."""
+    msg = Message(
+        destination=BUS,
+        path=PATH,
+        interface=IFACE,
+        member=member,
+        signature=signature,
+        body=list(body),
+    )
+    return await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
+
+
+async def call_ok(bus: MessageBus, member: str, signature: str = "", *body: Any) -> list[Any]:
+    reply = await call(bus, member, signature, *body)
+    assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+    return list(reply.body)
+
+
+async def call_error(
+    bus: MessageBus, member: str, signature: str = "", *body: Any
+) -> tuple[str, str]:
+    """(error name, message) of a call that must fail."""
+    reply = await call(bus, member, signature, *body)
+    assert reply.message_type is MessageType.ERROR, (member, body, reply.body)
+    return str(reply.error_name), str(reply.body[0])
+
+
+async def _properties(bus: MessageBus, member: str, signature: str, body: list[Any]) -> Any:
+    msg = Message(
+        destination=BUS,
+        path=PATH,
+        interface="org.freedesktop.DBus.Properties",
+        member=member,
+        signature=signature,
+        body=body,
+    )
+    reply = await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
+    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+    return reply.body[0]
+
+
+async def get_property(bus: MessageBus, name: str) -> Any:
+    return (await _properties(bus, "Get", "ss", [IFACE, name])).value
+
+
+async def get_all(bus: MessageBus) -> dict[str, Any]:
+    return {k: v.value for k, v in (await _properties(bus, "GetAll", "s", [IFACE])).items()}

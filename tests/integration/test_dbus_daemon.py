@@ -26,7 +26,18 @@ from typing import Any
 import pytest
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import Signals, private_system_bus
+from dbus_fixture import (
+    BUS,
+    IFACE,
+    PATH,
+    Signals,
+    call,
+    call_error,
+    call_ok,
+    get_all,
+    get_property,
+    private_system_bus,
+)
 from support import (
     BASE_TOOL_BYTES,
     REPO,
@@ -40,9 +51,6 @@ from support import (
     wait_for,
 )
 
-BUS = "org.personalityd.personality1"
-PATH = "/org/personalityd/personality1"
-IFACE = "org.personalityd.personality1.Manager"
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
@@ -115,60 +123,6 @@ def gdbus_call(address: str, member: str, *args: str, prefix: Sequence[str] = ()
         *("gdbus", "call", "--address", address, "--dest", BUS, "--object-path", PATH),
         *("--method", f"{IFACE}.{member}", *args),
     ]
-
-
-async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
-    msg = Message(
-        destination=BUS,
-        path=PATH,
-        interface=IFACE,
-        member=member,
-        signature=signature,
-        body=list(body),
-    )
-    return await asyncio.wait_for(bus.call(msg), 60)
-
-
-async def call_ok(bus: MessageBus, member: str, signature: str = "", *body: Any) -> list[Any]:
-    reply = await call(bus, member, signature, *body)
-    assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
-    return list(reply.body)
-
-
-async def call_error(
-    bus: MessageBus, member: str, signature: str = "", *body: Any
-) -> tuple[str, str]:
-    reply = await call(bus, member, signature, *body)
-    assert reply.message_type is MessageType.ERROR, (member, body, reply.body)
-    return str(reply.error_name), str(reply.body[0])
-
-
-async def get_property(bus: MessageBus, name: str) -> Any:
-    msg = Message(
-        destination=BUS,
-        path=PATH,
-        interface="org.freedesktop.DBus.Properties",
-        member="Get",
-        signature="ss",
-        body=[IFACE, name],
-    )
-    reply = await asyncio.wait_for(bus.call(msg), 30)
-    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
-    return reply.body[0].value
-
-
-async def get_all(bus: MessageBus) -> dict[str, Any]:
-    msg = Message(
-        destination=BUS,
-        path=PATH,
-        interface="org.freedesktop.DBus.Properties",
-        member="GetAll",
-        signature="s",
-        body=[IFACE],
-    )
-    reply = await asyncio.wait_for(bus.call(msg), 30)
-    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
-    return {k: v.value for k, v in reply.body[0].items()}
 
 
 async def listing(bus: MessageBus) -> dict[str, tuple[str, str, str, str]]:

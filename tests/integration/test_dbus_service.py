@@ -21,7 +21,16 @@ import pytest
 import structlog
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import Signals, private_system_bus
+from dbus_fixture import (
+    BUS,
+    IFACE,
+    PATH,
+    Signals,
+    call_error,
+    call_ok,
+    get_property,
+    private_system_bus,
+)
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
 from support import MemberUser
 
@@ -30,9 +39,6 @@ from personalityd.core.model import Conflict
 from personalityd.dbus import service
 from personalityd.dbus.service import ManagerInterface, ServeError, caller_from_bus, serve
 
-BUS = "org.personalityd.personality1"
-PATH = "/org/personalityd/personality1"
-IFACE = "org.personalityd.personality1.Manager"
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
@@ -123,46 +129,6 @@ async def client(system_bus: str, served: MessageBus) -> AsyncIterator[MessageBu
     finally:
         bus.disconnect()
         await bus.wait_for_disconnect()
-
-
-async def call(client: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
-    msg = Message(
-        destination=BUS,
-        path=PATH,
-        interface=IFACE,
-        member=member,
-        signature=signature,
-        body=list(body),
-    )
-    return await asyncio.wait_for(client.call(msg), 30)
-
-
-async def call_ok(client: MessageBus, member: str, signature: str = "", *body: Any) -> list[Any]:
-    reply = await call(client, member, signature, *body)
-    assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
-    return list(reply.body)
-
-
-async def call_error(
-    client: MessageBus, member: str, signature: str = "", *body: Any
-) -> tuple[str, str]:
-    reply = await call(client, member, signature, *body)
-    assert reply.message_type is MessageType.ERROR, reply.body
-    return str(reply.error_name), str(reply.body[0])
-
-
-async def get_property(client: MessageBus, name: str) -> Any:
-    msg = Message(
-        destination=BUS,
-        path=PATH,
-        interface="org.freedesktop.DBus.Properties",
-        member="Get",
-        signature="ss",
-        body=[IFACE, name],
-    )
-    reply = await client.call(msg)
-    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
-    return reply.body[0].value
 
 
 # -- shape of the interface ---------------------------------------------------------------------
