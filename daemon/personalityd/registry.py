@@ -104,6 +104,17 @@ class VolumeRegistry:
             self._refuse(device, None, f"cannot mount {device.fs_type or 'it'}: {exc.strerror}")
             return None
         manifest = result.manifest
+        if result.setid_files:
+            listed = ", ".join(result.setid_files)
+            self._refuse(
+                device,
+                manifest.name,
+                f"it has set-id files ({listed}) and volumes.mount_options has nosuid, which "
+                "the stack cannot honour for them (overlayfs applies only its own mount's "
+                "nosuid); remove nosuid from volumes.mount_options to allow set-id programs "
+                "from volumes",
+            )
+            return None
         reason = check_compatibility(manifest, self.base)
         return Volume(manifest.name, device, manifest, reason)
 

@@ -234,16 +234,24 @@ SUID_IMAGE_TOOL = "/usr/bin/id"
 
 
 def test_setuid_files_do_not_run_setuid_through_the_stack(
-    daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path
+    daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path, journal: JournalReader
 ) -> None:
+    """With the default volume options (nosuid), a set-id file of a volume must not run set-id
+    through the stack: either the volume is refused (journalled, never stacked) or the stack
+    neutralises the bit. (Overlayfs honours only the overlay mount's own nosuid.)"""
     tool = Path(SUID_IMAGE_TOOL).read_bytes()
     files = {
         "usr/bin/suid-id": ("file", tool, 0o4755),
         "usr/bin/sgid-id": ("file", tool, 0o2755),
     }
-    loop_devices.attach(build_image(tmp_path, "suid", files))
+    dev = loop_devices.attach(build_image(tmp_path, "suid", files))
     daemon.start()
-    assert daemon.request({"action": "attach", "personality": "suid"})["status"] == "ok"
+    result = daemon.request({"action": "attach", "personality": "suid"})
+    if result["status"] != "ok":
+        refused = journal.entries(MESSAGE_ID_VOLUME_REFUSED, PERSONALITY_DEVICE=dev, timeout=10)
+        assert refused and "set-id" in refused[-1]["PERSONALITY_REASON"], refused
+        assert not (daemon.root / "usr/bin/suid-id").exists()
+        return
     for name, flag in (("suid-id", "-u"), ("sgid-id", "-g")):
         path = daemon.root / "usr/bin" / name
         assert path.stat().st_mode & 0o6000, "the image lost its set-id bit: test is void"
@@ -254,6 +262,18 @@ def test_setuid_files_do_not_run_setuid_through_the_stack(
             check=True,
         ).stdout.strip()
         assert out == "65534", f"{name} ran with effective id {out} through the stack"
+
+
+def test_setuid_files_are_allowed_when_the_admin_drops_nosuid(
+    daemon: Daemon, loop_devices: LoopDevices, tmp_path: Path
+) -> None:
+    tool = Path(SUID_IMAGE_TOOL).read_bytes()
+    loop_devices.attach(build_image(tmp_path, "suid2", {"usr/bin/suid2": ("file", tool, 0o4755)}))
+    daemon.update_config({"volumes": {"mount_options": ["ro", "nodev"]}})
+    daemon.start()
+    result = daemon.request({"action": "attach", "personality": "suid2"})
+    assert result["status"] == "ok", result
+    assert (daemon.root / "usr/bin/suid2").stat().st_mode & 0o4000
 
 
 def test_device_nodes_in_a_volume_are_not_usable(

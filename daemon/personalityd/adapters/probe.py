@@ -35,6 +35,34 @@ class NotAPersonality(Exception):
 class ProbeResult:
     manifest: Manifest
     existing_mount: str | None  # where the device was already mounted, if it was
+    # Set-id regular files found when the volume options say nosuid (a few, root-relative):
+    # overlayfs honours only the overlay mount's own nosuid, so through the stack they would
+    # run set-id whatever the volume mount says; such a volume is refused.
+    setid_files: tuple[str, ...] = ()
+
+
+MAX_SETID_REPORTED = 3
+
+
+def find_setid_files(tree: str, limit: int = MAX_SETID_REPORTED) -> tuple[str, ...]:
+    """Up to `limit` regular files with the set-user-ID or set-group-ID bit under `tree`.
+
+    One lstat per regular file (d_type answers for the rest); symlinks are not followed."""
+    found: list[str] = []
+    stack = [tree]
+    while stack and len(found) < limit:
+        directory = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and (
+                    entry.stat(follow_symlinks=False).st_mode & (stat.S_ISUID | stat.S_ISGID)
+                ):
+                    found.append("/" + os.path.relpath(entry.path, tree))
+                    if len(found) >= limit:
+                        break
+    return tuple(sorted(found))
 
 
 def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, ...]:
@@ -112,12 +140,16 @@ def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeRe
         raise NotAPersonality("udev reports no filesystem type (ID_FS_TYPE)")
     if fs_type not in SUPPORTED_FS_TYPES:
         raise NotAPersonality(f"unsupported filesystem type {fs_type!r}")
+    scan = "nosuid" in mount_options
     existing = mounted_from_device(read_mountinfo(), device.devnum)
     if existing:
         where = existing[0].mount_point
-        return ProbeResult(read_manifest(where), where)
+        manifest = read_manifest(where)
+        return ProbeResult(manifest, where, find_setid_files(where) if scan else ())
     options = (*volume_mount_options(fs_type, mount_options), "noexec")
     with mounts.mount_block_device(
         device.devnode, fs_type, options, f"probe of {device.devnode}"
     ) as detached:
-        return ProbeResult(read_manifest(f"/proc/self/fd/{detached.fd}"), None)
+        tree = f"/proc/self/fd/{detached.fd}"
+        manifest = read_manifest(tree)
+        return ProbeResult(manifest, None, find_setid_files(tree) if scan else ())
