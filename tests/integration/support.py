@@ -911,6 +911,17 @@ class Daemon:
         return spool_request(self.root, body, name=name, timeout=timeout, spool_dir=self.spool_dir)
 
 
+def drop(spool: Path, name: str, body: Mapping[str, Any] | str | bytes) -> None:
+    """Write a request as a dotfile, then rename it in as `<name>.json` (DESIGN section 6)."""
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    tmp = spool / f".tmp-{name}"
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    tmp.rename(spool / f"{name}.json")
+
+
 def spool_request(
     root: Path,
     body: Mapping[str, Any] | str | bytes,
@@ -928,13 +939,7 @@ def spool_request(
     """
     spool = spool_dir if spool_dir is not None else root / DEFAULT_PATHS["spool"].lstrip("/")
     name = name or f"req-{uuid.uuid4().hex[:12]}"
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    tmp = spool / f".tmp-{name}"
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.rename(spool / f"{name}.json")
+    drop(spool, name, body)
     deadline = time.monotonic() + timeout
     while True:
         for where in ("done", "failed"):

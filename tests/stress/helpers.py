@@ -31,17 +31,6 @@ def desired_of(daemon: Daemon) -> list[str]:
     return [e["name"] for e in state_of(daemon)["desired"]]
 
 
-def drop(spool: Path, name: str, body: Mapping[str, Any] | bytes | str) -> None:
-    """Write a request as a dotfile, then rename it in (as DESIGN section 6 asks)."""
-    data = body if isinstance(body, bytes | str) else json.dumps(body)
-    tmp = spool / f".tmp-{name}"
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.rename(spool / f"{name}.json")
-
-
 def results(spool: Path) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Request stem -> [(dir, result)] over done/ and failed/."""
     found: dict[str, list[tuple[str, dict[str, Any]]]] = {}

@@ -13,14 +13,13 @@ from pathlib import Path
 
 from helpers import (
     desired_of,
-    drop,
     expect_clean_work_dirs,
     expect_stack,
     files_of,
     spool_answers,
     wait_answered,
 )
-from support import Daemon, LoopDevices, build_image, build_writable_image
+from support import Daemon, LoopDevices, build_image, build_writable_image, drop
 
 KILLS = int(os.environ.get("STRESS_KILLS", "30"))
 NAMES = ["k1", "k2", "k3", "k4"]

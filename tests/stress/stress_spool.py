@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import drop, expect_stack, files_of, results, spool_answers, wait_answered
+from helpers import expect_stack, files_of, results, spool_answers, wait_answered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Daemon, LoopDevices, build_image
+from support import Daemon, LoopDevices, build_image, drop
 
 BURST = int(os.environ.get("STRESS_SPOOL_BURST", "10000"))
 
