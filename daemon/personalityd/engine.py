@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -114,13 +114,6 @@ class MountedVolume:
     identity: str
     devnode: str
     path: str
-
-
-@dataclass
-class Applied:
-    generation: int
-    report: ConflictReport
-    unmounted: list[MountedVolume] = field(default_factory=list)
 
 
 class Layout:

@@ -35,7 +35,6 @@ from personalityd.core.model import (
     ConflictReport,
     DesiredEntry,
     StackPlan,
-    State,
     Volume,
 )
 from personalityd.core.names import check_name
@@ -100,8 +99,6 @@ class Manager:
         self.rebuilds = 0
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._subscribers: list[Callable[[StackEvent], object]] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- ManagerAPI: reading ---------------------------------------------------------------
 
@@ -153,15 +150,12 @@ class Manager:
                     state=str(state),
                     version=volume.manifest.version if volume else "",
                     device=volume.device.devnode if volume else self.draining.get(name, ""),
-                    mount_point=self._shown_path(mounted.path) if mounted else "",
+                    mount_point=mounted.path if mounted else "",
                     reason=reason or "",
                     description=volume.manifest.description if volume else "",
                 )
             )
         return infos
-
-    def _shown_path(self, path: str) -> str:
-        return path
 
     # -- ManagerAPI: changing --------------------------------------------------------------
 
@@ -208,17 +202,11 @@ class Manager:
         self._queue.put_nowait(job)
         return await job.future
 
-    async def wait_idle(self) -> None:
-        """Until the queue is empty and no change runs (tests, start-up)."""
-        while not (self._idle.is_set() and self._queue.empty()):
-            await asyncio.sleep(0.01)
-
     # -- the consumer ----------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            self._idle.clear()
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -228,8 +216,6 @@ class Manager:
                 for job in batch:
                     if job.future is not None and not job.future.done():
                         job.future.set_exception(MountFailed(f"internal error: {exc!r}"))
-            finally:
-                self._idle.set()
 
     async def _process(self, batch: list[Job]) -> None:
         for job in batch:
@@ -596,6 +582,3 @@ def _describe(job: Job) -> str:
 async def _maybe_await(result: object) -> None:
     if asyncio.iscoroutine(result):
         await result
-
-
-__all__ = ["Manager", "ServiceHooks", "State"]

@@ -147,9 +147,7 @@ def index_tree_packed(top: str) -> PackedTree:
     is_xattr_whiteout = _is_xattr_whiteout
     top_b = os.fsencode(top)
     # (absolute directory path, relative path, own kind or None for top, holds xattr whiteouts)
-    stack: list[tuple[bytes, bytes, str | None, bool]] = [
-        (top_b, b"", None, dir_marks(top_b)[1])
-    ]
+    stack: list[tuple[bytes, bytes, str | None, bool]] = [(top_b, b"", None, dir_marks(top_b)[1])]
     pop = stack.pop
     push = stack.append
     while stack:

@@ -75,7 +75,3 @@ def top_mount_at(entries: Iterable[MountEntry], mount_point: str) -> MountEntry 
 def mounted_from_device(entries: Iterable[MountEntry], devnum: tuple[int, int]) -> list[MountEntry]:
     """Mounts of the whole filesystem on this block device."""
     return [e for e in entries if e.devnum == devnum and e.root == "/"]
-
-
-def is_mount_point(entries: Iterable[MountEntry], path: str) -> bool:
-    return any(e.mount_point == path for e in entries)
