@@ -20,6 +20,8 @@ from personalityd.core.model import BlockDevice, OsRelease, Volume
 
 log = structlog.get_logger()
 
+WRITABLE_FS_TYPES = ("ext4", "xfs", "btrfs")  # can hold an overlay upper (DESIGN section 3)
+
 RefusalSink = Callable[[str, str | None, str], object]  # device, name, reason
 
 
@@ -81,6 +83,14 @@ class VolumeRegistry:
         )
 
     def _writable_present(self, device: BlockDevice) -> bool:
+        if device.fs_type not in WRITABLE_FS_TYPES:
+            self._refuse(
+                device,
+                None,
+                f"writable volume has filesystem {device.fs_type or 'unknown'!r}; an overlay "
+                f"upper needs one of {', '.join(WRITABLE_FS_TYPES)} (it is never formatted)",
+            )
+            return False
         if self.writable is not None and self.writable.devnode != device.devnode:
             log.warning("writable_ignored", device=device.devnode, using=self.writable.devnode)
             return False

@@ -488,3 +488,51 @@ def test_fallback_mount_paths_work(
     daemon.restart()
     assert read(sandbox_root, "usr/bin/tool") == b"fa"
     assert len(stacked_overlays(sandbox_root, "/usr")) == 1
+
+
+def test_writable_volume_of_wrong_filesystem_is_refused_not_used(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    tmp_path: Path,
+    journal: JournalReader,
+) -> None:
+    fat = tmp_path / "fat.img"
+    subprocess.run(["truncate", "-s", "8M", str(fat)], check=True)
+    subprocess.run(["mkfs.vfat", "-n", "PDATA", str(fat)], check=True, capture_output=True)
+    loop_devices.attach(image("rw-app", {"etc/app.conf": "a"}))
+    device = loop_devices.attach(fat, read_only=False)
+    daemon.update_config({"writable": {"match": [{"ID_FS_LABEL": "PDATA"}]}})
+    daemon.start()
+    entry = journal.entries(REFUSED, _PID=str(daemon.pid), PERSONALITY_DEVICE=device)[0]
+    assert "vfat" in entry["PERSONALITY_REASON"]
+    ok(daemon.request({"action": "attach", "personality": "rw-app"}))
+    assert read(sandbox_root, "etc/app.conf") == b"a"
+    with pytest.raises(OSError) as exc:  # fallback "none": a read-only stack, loudly
+        (sandbox_root / "etc/new.conf").write_text("x")
+    assert exc.value.errno == errno.EROFS
+
+
+def test_config_unknown_key_warns_and_bad_value_refuses_start(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon.update_config({"stack": {"hierachies": ["/usr"]}})
+    daemon.start()
+    assert "unknown key 'stack.hierachies'" in daemon.log_text()
+    assert str(daemon.config_path) in daemon.log_text()
+    daemon.stop()
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[writable]\nfallback = "ramdisk"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "personalityd", "--config", str(bad), "--root", str(daemon.root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "daemon")},
+    )
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr
+    assert "writable.fallback" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback
