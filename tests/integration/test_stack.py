@@ -536,3 +536,23 @@ def test_config_unknown_key_warns_and_bad_value_refuses_start(
     assert str(bad) in proc.stderr
     assert "writable.fallback" in proc.stderr
     assert proc.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_conflict_entries_are_capped_at_1000_and_summary_counts_the_rest(
+    daemon: Daemon, loop_devices: LoopDevices, image: Images, journal: JournalReader
+) -> None:
+    many = {f"usr/share/many/f{i:04}": f"{i}" for i in range(1050)}
+    loop_devices.attach(image("many-a", many))
+    loop_devices.attach(image("many-b", {k: v + "b" for k, v in many.items()}))
+    daemon.start()
+    result = ok(daemon.request({"action": "switch", "personalities": ["many-a", "many-b"]}))
+    generation = str(result["generation"])
+    summary = journal.entries(SUMMARY, _PID=str(daemon.pid), PERSONALITY_GENERATION=generation)
+    assert summary[0]["PERSONALITY_CONFLICTS"] == "1050"
+    assert "50 not logged singly" in summary[0]["MESSAGE"]
+    singles = journal.entries(
+        CONFLICT, min_count=1000, _PID=str(daemon.pid), PERSONALITY_GENERATION=generation
+    )
+    assert len(singles) == 1000
+    report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
+    assert len(report["conflicts"]) == 1050  # the file has them all
