@@ -119,6 +119,8 @@ class Daemon:
                 await self.stopping.wait()
                 notify.stopping()
                 log.info("daemon_stopping", attached=" ".join(manager.attached))
+                await manager.stop()
+                await asyncio.sleep(0.1)  # let the Busy replies of waiting callers go out
                 raise _Stop
         except* _Stop:
             pass

@@ -9,9 +9,10 @@ one so that each gets its own, exact answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,6 +25,7 @@ from personalityd.core.access import may_change
 from personalityd.core.config import Config
 from personalityd.core.errors import (
     AccessDenied,
+    Busy,
     Incompatible,
     InvalidRequest,
     MountFailed,
@@ -98,6 +100,9 @@ class Manager:
         self.draining: dict[str, str] = {}  # name -> device node still held by the kernel
         self.rebuilds = 0
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._changing = False  # a batch is being applied
+        self._callers = 0  # front-end calls inside attach/detach/switch/refresh
         self._subscribers: list[Callable[[StackEvent], object]] = []
 
     # -- ManagerAPI: reading ---------------------------------------------------------------
@@ -159,7 +164,40 @@ class Manager:
 
     # -- ManagerAPI: changing --------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Counts a front-end call while it is inside the manager (see stop())."""
+        self._callers += 1
+        try:
+            yield
+        finally:
+            self._callers -= 1
+
+    def _check_running(self) -> None:
+        if self._stopping.is_set():
+            raise Busy("personalityd is stopping; ask again once it is back")
+
+    async def _wait_for_volumes(self, names: Sequence[str], timeout: float) -> None:
+        """registry.wait_for, cut short with Busy when the daemon starts stopping.
+
+        Nothing to wait for: no suspension at all, so requests reach the queue in the order
+        they were made (the spool relies on it)."""
+        if timeout <= 0 or all(n in self.registry.volumes for n in names):
+            await self.registry.wait_for(names, timeout)
+            return
+        waiting = asyncio.ensure_future(self.registry.wait_for(names, timeout))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            self._check_running()
+        waiting.result()
+
     def _authorize(self, caller: Caller) -> None:
+        self._check_running()
         if not may_change(caller, self.allowed_gids()):
             raise AccessDenied(
                 f"{caller.description} may not change the stack: "
@@ -169,33 +207,48 @@ class Manager:
     async def attach(
         self, caller: Caller, name: str, *, timeout: float = 0.0, force: bool = False
     ) -> bool:
-        self._authorize(caller)
-        check_name(name)
-        await self.registry.wait_for([name], timeout)
-        return await self._submit(Job("attach", (name,), force))
+        with self._call():
+            self._authorize(caller)
+            check_name(name)
+            await self._wait_for_volumes([name], timeout)
+            return await self._submit(Job("attach", (name,), force))
 
     async def detach(self, caller: Caller, name: str) -> bool:
-        self._authorize(caller)
-        check_name(name)
-        return await self._submit(Job("detach", (name,)))
+        with self._call():
+            self._authorize(caller)
+            check_name(name)
+            return await self._submit(Job("detach", (name,)))
 
     async def switch(
         self, caller: Caller, names: Sequence[str], *, timeout: float = 0.0, force: bool = False
     ) -> bool:
-        self._authorize(caller)
-        for name in names:
-            check_name(name)
-        if len(set(names)) != len(names):
-            raise InvalidRequest("a personality is named more than once in the switch")
-        await self.registry.wait_for(list(names), timeout)
-        return await self._submit(Job("switch", tuple(names), force))
+        with self._call():
+            self._authorize(caller)
+            for name in names:
+                check_name(name)
+            if len(set(names)) != len(names):
+                raise InvalidRequest("a personality is named more than once in the switch")
+            await self._wait_for_volumes(list(names), timeout)
+            return await self._submit(Job("switch", tuple(names), force))
 
     async def refresh(self, caller: Caller) -> None:
-        self._authorize(caller)
-        await self._submit(Job("refresh"))
+        with self._call():
+            self._authorize(caller)
+            await self._submit(Job("refresh"))
 
     def device_event(self, event: DeviceEvent) -> None:
         self._queue.put_nowait(Job("device", event=event))
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Take no more changes, answer queued requests with Busy, and wait (bounded) for the
+        running change and for callers to return: a clean stop never cuts a change in half."""
+        self._stopping.set()
+        while not self._queue.empty():
+            _fail(self._queue.get_nowait(), Busy("personalityd is stopping; ask again later"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._changing or self._callers) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _submit(self, job: Job) -> bool:
         job.future = asyncio.get_running_loop().create_future()
@@ -209,6 +262,7 @@ class Manager:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._changing = True
             try:
                 await self._process(batch)
             except Exception as exc:  # one bad change must not stop the manager
@@ -216,6 +270,8 @@ class Manager:
                 for job in batch:
                     if job.future is not None and not job.future.done():
                         job.future.set_exception(MountFailed(f"internal error: {exc!r}"))
+            finally:
+                self._changing = False
 
     async def _process(self, batch: list[Job]) -> None:
         for job in batch:

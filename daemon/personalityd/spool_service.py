@@ -23,7 +23,7 @@ from personalityd.adapters.spool import (
 )
 from personalityd.api import Caller
 from personalityd.core.config import Config
-from personalityd.core.errors import PersonalityError
+from personalityd.core.errors import Busy, PersonalityError
 from personalityd.core.requests import Request, parse_request, request_id_of
 from personalityd.manager import Manager
 
@@ -60,6 +60,9 @@ class SpoolService:
         except RequestGone:
             in_flight.discard(path)
             return  # taken away before we got to it, or a duplicate notice: nothing to answer
+        except Busy:
+            in_flight.discard(path)
+            return  # the daemon is stopping: the request stays in the spool for the next start
         except PersonalityError as error:
             request_id = request_id_of(body) if body is not None else None
             result = result_body(

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -1411,3 +1412,20 @@ def test_personalityctl_build_makes_images_the_daemon_stacks(
     assert "1. hello" in " ".join(status.split())
     assert "2. bye" in " ".join(status.split())
     no_traceback(daemon)
+
+
+async def test_sigterm_answers_a_waiting_call_with_busy(
+    serve: Serve, daemon: Daemon, system_bus: str, client: MessageBus
+) -> None:
+    serve(daemon)
+    waiting = asyncio.ensure_future(
+        call_error(client, "Attach", "sa{sv}", "never-comes", {"timeout": Variant("u", 60)})
+    )
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    name, text = await asyncio.wait_for(waiting, 20)
+    assert name == ERR + "Busy", (name, text)
+    assert "stopping" in text
+    assert daemon.stop() == 0

@@ -556,3 +556,23 @@ def test_conflict_entries_are_capped_at_1000_and_summary_counts_the_rest(
     assert len(singles) == 1000
     report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
     assert len(report["conflicts"]) == 1050  # the file has them all
+
+
+def test_sigterm_keeps_waiting_spool_request_for_the_next_start(
+    daemon: Daemon, loop_devices: LoopDevices, image: Images, sandbox_root: Path
+) -> None:
+    later = image("after-restart", {"usr/bin/after": b"restarted\n"})
+    daemon.start()
+    spool = daemon.spool_dir
+    (spool / ".w").write_text(
+        json.dumps({"action": "attach", "personality": "after-restart", "timeout": 60})
+    )
+    os.rename(spool / ".w", spool / "waiting.json")
+    time.sleep(0.5)
+    assert daemon.stop() == 0
+    assert (spool / "waiting.json").exists()  # not lost, not answered
+    assert not (spool / "failed/waiting.result.json").exists()
+    loop_devices.attach(later)
+    daemon.start()
+    wait_for((spool / "done/waiting.result.json").exists, daemon)
+    assert read(sandbox_root, "usr/bin/after") == b"restarted\n"
