@@ -257,3 +257,18 @@ async def get_property(bus: MessageBus, name: str) -> Any:
 
 async def get_all(bus: MessageBus) -> dict[str, Any]:
     return {k: v.value for k, v in (await _properties(bus, "GetAll", "s", [IFACE])).items()}
+
+
+def parse_introspect(text: str) -> dict[str, tuple[str, str, str, str]]:
+    """`busctl introspect` lines of our interface: member -> (type, signature, result, flags)."""
+    members = {}
+    inside = False
+    for line in text.splitlines():
+        fields = line.split(None, 4)
+        if len(fields) >= 2 and fields[1] == "interface":
+            inside = fields[0] == IFACE
+            continue
+        if inside and fields and fields[0].startswith("."):
+            flags = fields[4] if len(fields) > 4 else "-"
+            members[fields[0][1:]] = (fields[1], fields[2], fields[3], flags)
+    return members

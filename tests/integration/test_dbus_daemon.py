@@ -37,6 +37,7 @@ from dbus_fixture import (
     call_ok,
     get_all,
     get_property,
+    parse_introspect,
     private_system_bus,
 )
 from support import (
@@ -323,21 +324,6 @@ async def test_methods_and_properties_through_dbus_fast(
 
 
 # -- the same through busctl ----------------------------------------------------------------------
-
-
-def parse_introspect(text: str) -> dict[str, tuple[str, str, str, str]]:
-    """`busctl introspect` lines of our interface: member -> (type, signature, result, flags)."""
-    members = {}
-    inside = False
-    for line in text.splitlines():
-        fields = line.split(None, 4)
-        if len(fields) >= 2 and fields[1] == "interface":
-            inside = fields[0] == IFACE
-            continue
-        if inside and fields and fields[0].startswith("."):
-            flags = fields[4] if len(fields) > 4 else "-"
-            members[fields[0][1:]] = (fields[1], fields[2], fields[3], flags)
-    return members
 
 
 async def test_introspection_of_the_real_daemon_lists_every_member(

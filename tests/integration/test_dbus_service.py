@@ -29,6 +29,7 @@ from dbus_fixture import (
     call_error,
     call_ok,
     get_property,
+    parse_introspect,
     private_system_bus,
 )
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
@@ -132,22 +133,6 @@ async def client(system_bus: str, served: MessageBus) -> AsyncIterator[MessageBu
 
 
 # -- shape of the interface ---------------------------------------------------------------------
-
-
-def parse_introspect(text: str) -> dict[str, tuple[str, str, str, str]]:
-    """`busctl introspect` lines of our interface: member -> (type, signature, result, flags)."""
-    members = {}
-    inside = False
-    for line in text.splitlines():
-        fields = line.split(None, 4)
-        if len(fields) >= 2 and fields[1] == "interface":
-            inside = fields[0] == IFACE
-            continue
-        if inside and fields and fields[0].startswith("."):
-            kind, signature, result = fields[1], fields[2], fields[3]
-            flags = fields[4] if len(fields) > 4 else "-"
-            members[fields[0][1:]] = (kind, signature, result, flags)
-    return members
 
 
 async def test_introspection_shows_every_member_with_its_signature(

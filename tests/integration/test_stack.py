@@ -25,6 +25,7 @@ from support import (
     LoopDevices,
     build_image,
     build_writable_image,
+    drop,
     field_list,
     mountinfo,
 )
@@ -183,10 +184,7 @@ def test_request_waits_for_a_volume_that_appears_later(
     late = image("late", {"usr/bin/late": b"arrived\n"})
     daemon.start()
     spool = daemon.spool_dir
-    (spool / ".wait").write_text(
-        json.dumps({"action": "attach", "personality": "late", "timeout": 30})
-    )
-    os.rename(spool / ".wait", spool / "wait.json")
+    drop(spool, "wait", {"action": "attach", "personality": "late", "timeout": 30})
     time.sleep(1.0)
     assert not (spool / "done/wait.result.json").exists()
     loop_devices.attach(late)
@@ -332,8 +330,7 @@ def test_kill9_during_switches_recovers_consistent_stack(
     for round_ in range(6):
         target = rng.sample(["k1", "k2", "k3"], 2)
         spool = daemon.spool_dir
-        (spool / ".r").write_text(json.dumps({"action": "switch", "personalities": target}))
-        os.rename(spool / ".r", spool / f"kill-{round_}.json")
+        drop(spool, f"kill-{round_}", {"action": "switch", "personalities": target})
         time.sleep(rng.uniform(0, 0.08))
         daemon.kill9()
         daemon.start()
@@ -564,10 +561,7 @@ def test_sigterm_keeps_waiting_spool_request_for_the_next_start(
     later = image("after-restart", {"usr/bin/after": b"restarted\n"})
     daemon.start()
     spool = daemon.spool_dir
-    (spool / ".w").write_text(
-        json.dumps({"action": "attach", "personality": "after-restart", "timeout": 60})
-    )
-    os.rename(spool / ".w", spool / "waiting.json")
+    drop(spool, "waiting", {"action": "attach", "personality": "after-restart", "timeout": 60})
     time.sleep(0.5)
     assert daemon.stop() == 0
     assert (spool / "waiting.json").exists()  # not lost, not answered
