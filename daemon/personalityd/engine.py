@@ -23,7 +23,6 @@ import structlog
 
 from personalityd.adapters import mounts
 from personalityd.adapters.indexer import (
-    BaseLookup,
     BaseNames,
     identical_entries,
     index_volume_packed,
@@ -153,7 +152,6 @@ class Engine:
         self.indexes: dict[str, VolumeIndex] = {}  # by volume identity
         self.specs: dict[str, OverlaySpec] = {}  # hierarchy -> what is mounted there now
         self.mount_ids: dict[str, int] = {}
-        self.base_lookups: dict[str, BaseLookup] = {}
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -175,7 +173,6 @@ class Engine:
             os.makedirs(ref, exist_ok=True)
             with mounts.clone_tree(target) as bind:
                 mounts.attach(bind, ref)
-            self.base_lookups.pop(h, None)
 
     def adopt(self, volumes: Mapping[str, Volume]) -> None:
         """Take over what an earlier run left mounted: volume mounts that still match a

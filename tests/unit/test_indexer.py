@@ -14,8 +14,6 @@ import pytest
 
 from personalityd.adapters import indexer
 from personalityd.adapters.indexer import (
-    BaseLookup,
-    base_kind,
     identical_entries,
     index_tree,
     index_volume,
@@ -255,32 +253,3 @@ def test_mixed_kinds_and_errors(tmp_path: Path) -> None:
     assert not identical_entries([str(tmp_path / "fifo"), str(tmp_path / "fifo")])
     assert not identical_entries([str(tmp_path / "dir"), str(tmp_path / "dir")])
     assert not identical_entries([])
-
-
-# base_kind and BaseLookup
-
-
-def test_base_kind(volume: Path) -> None:
-    base = str(volume / "usr")
-    assert base_kind(base, "bin") == DIR
-    assert base_kind(base, "bin/tool") == FILE
-    assert base_kind(base, "/bin/tool") == FILE
-    assert base_kind(base, "bin/tool-link") == SYMLINK
-    assert base_kind(base, "lib/fifo") == FIFO
-    assert base_kind(base, "lib/gone") == WHITEOUT
-    assert base_kind(base, "lib/null") == CHAR_DEVICE
-    assert base_kind(base, "lib/loop") == BLOCK_DEVICE
-    assert base_kind(base, "lib/sock") == SOCKET
-    assert base_kind(base, "missing") is None
-    assert base_kind(base, "bin/tool/below-a-file") is None
-
-
-def test_base_lookup_caches(tmp_path: Path) -> None:
-    write(tmp_path / "bin" / "tool")
-    lookup = BaseLookup(str(tmp_path))
-    assert lookup("bin/tool") == FILE
-    assert lookup("bin/other") is None
-    (tmp_path / "bin" / "tool").unlink()
-    assert lookup("bin/tool") == FILE  # cached
-    lookup.cache_clear()
-    assert lookup("bin/tool") is None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
 import stat
 import sys
@@ -264,13 +263,6 @@ def _other_kind(st: os.stat_result) -> str:
     return FILE
 
 
-def kind_of(st: os.stat_result) -> str:
-    """The kind of an lstat result (no xattrs consulted: directories are DIR)."""
-    if stat.S_ISREG(st.st_mode):
-        return FILE
-    return _other_kind(st)
-
-
 def identical_entries(paths: Sequence[str]) -> bool:
     """True when all `paths` are regular files with equal content, or all are symlinks with
     equal targets. Any error while reading, a mix of kinds, or an empty list: False."""
@@ -339,31 +331,3 @@ def _read_full(fd: int, size: int) -> bytes:
         parts.append(more)
         remaining -= len(more)
     return b"".join(parts)
-
-
-def base_kind(base_dir: str, relpath: str) -> str | None:
-    """The kind of `base_dir`/`relpath` from lstat, or None when the base has no such entry.
-
-    Errors other than "not there" (ENOENT, ENOTDIR, ENAMETOOLONG) propagate as OSError.
-    """
-    path = os.path.join(base_dir, relpath.lstrip("/"))
-    try:
-        return kind_of(os.lstat(path))
-    except OSError as e:
-        if e.errno in _ABSENT_ERRNOS:
-            return None
-        raise
-
-
-class BaseLookup:
-    """`base_kind` for one base directory, with an LRU cache: `lookup("bin/tool")`."""
-
-    def __init__(self, base_dir: str, maxsize: int = 65536) -> None:
-        self.base_dir = base_dir
-        self._cached = functools.lru_cache(maxsize=maxsize)(functools.partial(base_kind, base_dir))
-
-    def __call__(self, relpath: str) -> str | None:
-        return self._cached(relpath)
-
-    def cache_clear(self) -> None:
-        self._cached.cache_clear()
