@@ -1,14 +1,276 @@
-"""Reading the config files: vendor defaults, the admin file (or --config), then drop-ins."""
+"""The daemon's configuration: the settings, every key's validation, and reading the files.
+
+Vendor defaults, then the admin file (or `--config`), then the drop-ins in lexical order;
+later files override earlier ones key by key.
+"""
 
 from __future__ import annotations
 
 import os
+import posixpath
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
-from personalityd.core.config import Config, build_config
 from personalityd.core.errors import ConfigError
+from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES, Rule
+
+OverlayApi = Literal["auto", "lowerdir+", "legacy"]
+SwapMode = Literal["auto", "beneath", "replace"]
+Fallback = Literal["none", "tmpfs"]
+ManageServices = Literal["auto", "yes", "no"]
+
+MAX_LAYERS = 500  # the kernel's limit on overlayfs lower layers
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; paths are absolute and normalized, and relative to `root`."""
+
+    root: Path = Path("/")
+    mount_root: str = "/opt/personality"
+    mount_options: tuple[str, ...] = ("ro", "nodev", "nosuid")
+    volume_match: tuple[Rule, ...] = field(default=DEFAULT_VOLUME_RULES, hash=False)
+    hierarchies: tuple[str, ...] = ("/usr", "/etc")
+    overlay_api: OverlayApi = "auto"
+    swap: SwapMode = "auto"
+    max_layers: int = MAX_LAYERS
+    writable_match: tuple[Rule, ...] = field(default=DEFAULT_WRITABLE_RULES, hash=False)
+    writable_fallback: Fallback = "none"
+    spool_dir: str = "/var/spool/personalityd"
+    allowed_groups: tuple[str, ...] = ("personality",)
+    state_dir: str = "/var/lib/personalityd"
+    runtime_dir: str = "/run/personalityd"
+    manage_services: ManageServices = "auto"
+    block_signal: bool = False
+
+    def path(self, p: str) -> Path:
+        """A configured absolute path (`/usr`) as it is found under `root`."""
+        return self.root / p.lstrip("/")
+
+    @property
+    def mount_root_path(self) -> Path:
+        return self.path(self.mount_root)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.path(self.spool_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    @property
+    def runtime_path(self) -> Path:
+        return self.path(self.runtime_dir)
+
+
+class _Bad(Exception):
+    """A value that does not fit: what was expected, and the part of the value at fault."""
+
+    def __init__(self, expected: str, value: object) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.value = value
+
+
+def _absolute_path(value: object, expected: str = "an absolute path") -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Bad(expected, value)
+    if ".." in value.split("/"):
+        raise _Bad(expected + " without '..'", value)
+    return "/" + posixpath.normpath(value).lstrip("/")
+
+
+def _directory(value: object) -> str:
+    path = _absolute_path(value, "an absolute path other than /")
+    if path == "/":
+        raise _Bad("an absolute path other than /", value)
+    return path
+
+
+def _hierarchies(value: object) -> tuple[str, ...]:
+    expected = "a list of absolute paths"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    paths: list[str] = []
+    for item in value:
+        path = _absolute_path(item, expected)
+        if path == "/":
+            raise _Bad(expected + " other than /", item)
+        for other in paths:
+            if _overlap(path, other):
+                raise _Bad(expected + " that neither repeat nor nest", item)
+        paths.append(path)
+    return tuple(paths)
+
+
+def _mount_options(value: object) -> tuple[str, ...]:
+    expected = "a list of mount options (one per item) without 'rw': volumes are read-only"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    for item in value:
+        if not isinstance(item, str) or not item or "," in item or item.strip() != item:
+            raise _Bad(expected, item)
+        if item == "rw":
+            raise _Bad(expected, item)
+    return tuple(value)
+
+
+def _rules(value: object) -> tuple[Rule, ...]:
+    expected = "a list of tables mapping udev properties to shell globs (strings)"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    rules: list[Rule] = []
+    for item in value:
+        if not isinstance(item, dict) or not item:
+            raise _Bad(expected + ", none empty", item)
+        for key, pattern in item.items():
+            if not isinstance(key, str) or not key or not isinstance(pattern, str):
+                raise _Bad(expected, item)
+        rules.append(MappingProxyType(dict(item)))
+    return tuple(rules)
+
+
+def _groups(value: object) -> tuple[str, ...]:
+    expected = "a list of group names"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    for item in value:
+        if not isinstance(item, str) or not item or any(c in item for c in " \t\n:,/"):
+            raise _Bad(expected, item)
+    return tuple(value)
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    expected = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Bad(expected, value)
+        return value
+
+    return check
+
+
+def _max_layers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYERS:
+        raise _Bad(f"an integer from 1 to {MAX_LAYERS}", value)
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false", value)
+    return value
+
+
+# Dotted key -> (Config field, validator).
+KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
+    "root": ("root", _absolute_path),
+    "volumes.mount_root": ("mount_root", _directory),
+    "volumes.mount_options": ("mount_options", _mount_options),
+    "volumes.match": ("volume_match", _rules),
+    "stack.hierarchies": ("hierarchies", _hierarchies),
+    "stack.overlay_api": ("overlay_api", _choice("auto", "lowerdir+", "legacy")),
+    "stack.swap": ("swap", _choice("auto", "beneath", "replace")),
+    "stack.max_layers": ("max_layers", _max_layers),
+    "writable.match": ("writable_match", _rules),
+    "writable.fallback": ("writable_fallback", _choice("none", "tmpfs")),
+    "spool.dir": ("spool_dir", _directory),
+    "spool.allowed_groups": ("allowed_groups", _groups),
+    "state.dir": ("state_dir", _directory),
+    "state.runtime_dir": ("runtime_dir", _directory),
+    "systemd.manage_services": ("manage_services", _choice("auto", "yes", "no")),
+    "debug.block_signal": ("block_signal", _boolean),
+}
+TABLES = frozenset(key.partition(".")[0] for key in KEYS if "." in key)
+
+
+def build_config(
+    sources: Sequence[tuple[str, Mapping[str, Any]]],
+    root_override: str | None,
+) -> tuple[Config, list[str]]:
+    """Merge parsed TOML files (increasing precedence) into a Config, plus warnings.
+
+    Later files override earlier ones key by key (lists replace). Unknown keys give a
+    warning naming file and key; a bad value raises ConfigError naming file, key and the
+    expected form. `root_override` (`--root`, absolute) replaces the `root` key.
+    """
+    values: dict[str, tuple[object, str]] = {}  # dotted key -> (value, file that set it)
+    warnings: list[str] = []
+    for file, data in sources:
+        for key, value in data.items():
+            if key in TABLES:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{file}: {key} must be a table, got {_show(value)}")
+                for subkey, subvalue in value.items():
+                    dotted = f"{key}.{subkey}"
+                    if dotted in KEYS:
+                        values[dotted] = (subvalue, file)
+                    else:
+                        warnings.append(f"{file}: unknown key {dotted!r}")
+            elif key in KEYS:
+                values[key] = (value, file)
+            else:
+                warnings.append(f"{file}: unknown key {key!r}")
+
+    settings: dict[str, Any] = {}
+    for dotted, (value, file) in values.items():
+        name, check = KEYS[dotted]
+        try:
+            settings[name] = check(value)
+        except _Bad as bad:
+            raise ConfigError(
+                f"{file}: {dotted} must be {bad.expected}, got {_show(bad.value)}"
+            ) from None
+    if root_override is not None:
+        try:
+            settings["root"] = _absolute_path(root_override)
+        except _Bad:
+            raise ConfigError(
+                f"--root must be an absolute path without '..', got {_show(root_override)}"
+            ) from None
+    settings["root"] = Path(settings.get("root", "/"))
+    config = Config(**settings)
+
+    for hierarchy in config.hierarchies:
+        if _overlap(hierarchy, config.mount_root):
+            if "stack.hierarchies" in values:
+                where = f"{values['stack.hierarchies'][1]}: stack.hierarchies"
+            else:
+                where = f"{values['volumes.mount_root'][1]}: volumes.mount_root"
+            raise ConfigError(
+                f"{where}: the hierarchy {hierarchy!r} and volumes.mount_root "
+                f"{config.mount_root!r} must not contain one another"
+            )
+    return config, warnings
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one of two normalized absolute paths is the other or inside it."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _show(value: object) -> str:
+    """A value in TOML spelling, cut short."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, str):
+        shown = repr(value)
+    elif isinstance(value, list):
+        shown = "[" + ", ".join(_show(item) for item in value) + "]"
+    elif isinstance(value, Mapping):
+        shown = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    else:
+        shown = str(value)
+    return shown if len(shown) <= 100 else shown[:97] + "..."
+
+
+# -- reading the files --------------------------------------------------------------------
 
 VENDOR_CONFIG = "/usr/lib/personalityd/personalityd.toml"
 ADMIN_CONFIG = "/etc/personalityd/personalityd.toml"

@@ -20,17 +20,17 @@ from personalityd.adapters.groups import personality_group_gids
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
+from personalityd.adapters.systemd import ServiceHooks, connect_service_hooks
 from personalityd.adapters.udev import UdevMonitor
-from personalityd.config import load_config
-from personalityd.core.config import Config
+from personalityd.config import Config, load_config
 from personalityd.core.errors import ConfigError, PersonalityError
 from personalityd.core.model import OsRelease
 from personalityd.core.osrelease import base_os_release, parse_os_release, systemd_architecture
-from personalityd.engine import Engine, detect_features
+from personalityd.frontends.spool import SpoolService
 from personalityd.log import setup_logging
-from personalityd.manager import Manager, ServiceHooks
-from personalityd.registry import VolumeRegistry
-from personalityd.spool_service import SpoolService
+from personalityd.stack.engine import Engine, detect_features
+from personalityd.stack.manager import Manager
+from personalityd.stack.registry import VolumeRegistry
 
 log = structlog.get_logger()
 
@@ -158,7 +158,7 @@ class Daemon:
         warned = False
         while True:
             try:
-                from personalityd.dbus.service import serve
+                from personalityd.frontends.dbus.service import serve
 
                 bus = await serve(manager)
             except Exception as exc:  # no bus, or the name is not ours to own
@@ -182,7 +182,6 @@ class Daemon:
             str(self.config.root) != "/" or not Path("/run/systemd/system").is_dir()
         ):
             return ServiceHooks()
-        from personalityd.adapters.systemd import connect_service_hooks
 
         return await connect_service_hooks()
 

@@ -1097,7 +1097,7 @@ def ctl(
 ) -> Result:
     """`personalityctl ARGV...` as a user runs it (the bus from $DBUS_SYSTEM_BUS_ADDRESS)."""
     proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "personalityd.cli", *argv],
+        [*prefix, sys.executable, "-m", "personalityd.client.cli", *argv],
         capture_output=True, text=True, env=dict(env) if env is not None else ctl_env(),
         timeout=timeout, check=False, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -1247,7 +1247,7 @@ def test_personalityctl_changing_verbs_and_exit_codes(
 
     # --wait: the volume comes while personalityctl waits.
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "personalityd.cli", "attach", "late", "--wait", "30"],
+        [sys.executable, "-m", "personalityd.client.cli", "attach", "late", "--wait", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ctl_env(),
     )  # fmt: skip
     try:

@@ -37,8 +37,8 @@ from support import MemberUser
 
 from personalityd.adapters.groups import personality_group_gids
 from personalityd.core.model import Conflict
-from personalityd.dbus import service
-from personalityd.dbus.service import ManagerInterface, ServeError, caller_from_bus, serve
+from personalityd.frontends.dbus import service
+from personalityd.frontends.dbus.service import ManagerInterface, ServeError, caller_from_bus, serve
 
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

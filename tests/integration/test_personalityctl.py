@@ -22,9 +22,9 @@ from dbus_fixture import private_system_bus
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
 
 import personalityd
-from personalityd.build import read_base_os_release
+from personalityd.client.build import read_base_os_release
 from personalityd.core.model import Conflict
-from personalityd.dbus.service import serve
+from personalityd.frontends.dbus.service import serve
 
 BUS = "org.personalityd.personality1"
 PACKAGE_DIR = str(Path(personalityd.__file__).resolve().parents[1])
@@ -54,7 +54,7 @@ def cli_env(extra: Mapping[str, str] | None = None, drop: tuple[str, ...] = ()) 
 async def ctl(*argv: str, env: Mapping[str, str] | None = None) -> Result:
     """`personalityctl ARGV...` as a subprocess, while this loop keeps serving the bus."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "personalityd.cli", *argv,
+        sys.executable, "-m", "personalityd.client.cli", *argv,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         env=dict(env) if env is not None else cli_env(),
     )  # fmt: skip
@@ -65,7 +65,7 @@ async def ctl(*argv: str, env: Mapping[str, str] | None = None) -> Result:
 
 def ctl_sync(*argv: str) -> Result:
     proc = subprocess.run(
-        [sys.executable, "-m", "personalityd.cli", *argv],
+        [sys.executable, "-m", "personalityd.client.cli", *argv],
         capture_output=True, text=True, env=cli_env(), timeout=300, check=False,
     )  # fmt: skip
     return Result(proc.returncode, proc.stdout, proc.stderr)

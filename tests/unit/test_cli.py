@@ -11,8 +11,8 @@ from dbus_fast import Variant
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalityd import build, cli
-from personalityd.build import BuildError, ImageSpec
+from personalityd.client import build, cli
+from personalityd.client.build import BuildError, ImageSpec
 from personalityd.core.osrelease import parse_os_release
 
 VERBS = ("list", "status", "attach", "detach", "switch", "conflicts", "build")

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalityd.config import drop_ins, load_config
-from personalityd.core.config import KEYS, Config, build_config
+from personalityd.config import KEYS, Config, build_config, drop_ins, load_config
 from personalityd.core.errors import ConfigError
 from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import structlog
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from personalityd.core.model import Volume
-from personalityd.manager import ServiceHooks
 
 log = structlog.get_logger()
 
@@ -24,6 +24,14 @@ JOB_TIMEOUT = 90.0
 # JobRemoved can be read in the same batch as the StartUnit/StopUnit reply, before the caller
 # has the job path to wait for; results of jobs nobody waits for (yet) are kept this long.
 FINISHED_JOBS_KEPT = 256
+
+
+@dataclass
+class ServiceHooks:
+    """Called around swaps on a systemd host (see connect_service_hooks); no-ops elsewhere."""
+
+    before_swap: Callable[[Sequence[Volume]], object] | None = None
+    after_change: Callable[[Sequence[Volume]], object] | None = None
 
 
 class ServiceManager:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-
-from personalityd.api import Caller
+from dataclasses import dataclass
 
 ROOT_UID = 0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks; front ends fill it in from credentials (D-Bus) or file ownership (spool)."""
+
+    uid: int
+    gids: frozenset[int]
+    description: str  # for logs, e.g. ":1.42 (uid 1000)" or "spool file web.json"
 
 
 def may_change(caller: Caller, allowed_gids: Collection[int]) -> bool:

@@ -133,3 +133,27 @@ class StackPlan:
 
     def hierarchies_stacked(self) -> tuple[str, ...]:
         return tuple(h for h, names in self.layers.items() if names)
+
+
+@dataclass(frozen=True)
+class PersonalityInfo:
+    name: str
+    state: str  # model.State value
+    version: str
+    device: str  # device node, or "" when the volume is absent
+    mount_point: str  # "<mount_root>/<name>" as seen on the real system, or "" when not mounted
+    reason: str = ""  # why pending / incompatible / failed
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class StackEvent:
+    """Emitted after every change of the live stack, whatever caused it."""
+
+    generation: int
+    attached: tuple[str, ...]  # bottom first
+    newly_attached: tuple[str, ...]
+    detached: tuple[str, ...]
+    # False when only the desired list changed (e.g. a personality whose volume is missing
+    # was asked for): properties change, but there is no new stack to signal.
+    stack_changed: bool = True

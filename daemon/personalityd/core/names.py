@@ -1,9 +1,15 @@
-"""Personality names and how hierarchy paths are spelled in file names."""
+"""Every name the project fixes: personality names, hierarchy keys, and the D-Bus names.
+
+The D-Bus error names come from core.errors, so D-Bus replies, spool result codes and CLI
+messages never drift apart.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Final
 
+from personalityd.core import errors
 from personalityd.core.errors import InvalidName
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -26,3 +32,43 @@ def check_name(name: str) -> str:
 def hierarchy_key(hierarchy: str) -> str:
     """`/usr` -> `_usr`, `/usr/local` -> `_usr_local`: the hierarchy as one path component."""
     return hierarchy.rstrip("/").replace("/", "_")
+
+
+# -- D-Bus (the API of the Manager interface) -------------------------------------------
+
+BUS_NAME: Final = "org.personalityd.personality1"
+OBJECT_PATH: Final = "/org/personalityd/personality1"
+INTERFACE: Final = "org.personalityd.personality1.Manager"
+
+# The bus itself, for credentials of callers.
+DBUS_BUS_NAME: Final = "org.freedesktop.DBus"
+DBUS_OBJECT_PATH: Final = "/org/freedesktop/DBus"
+DBUS_INTERFACE: Final = "org.freedesktop.DBus"
+PROPERTIES_INTERFACE: Final = "org.freedesktop.DBus.Properties"
+
+# Errors. Domain errors carry their own D-Bus name; these are the names clients match on.
+ERROR_NO_SUCH_PERSONALITY: Final = errors.NoSuchPersonality.dbus_name
+ERROR_INCOMPATIBLE: Final = errors.Incompatible.dbus_name
+ERROR_BUSY: Final = errors.Busy.dbus_name
+ERROR_MOUNT_FAILED: Final = errors.MountFailed.dbus_name
+ERROR_INVALID_NAME: Final = errors.InvalidName.dbus_name
+ERROR_TIMEOUT: Final = errors.Timeout.dbus_name
+ERROR_ACCESS_DENIED: Final = errors.AccessDenied.dbus_name  # org.freedesktop.DBus.Error.*
+ERROR_INVALID_ARGS: Final = errors.InvalidRequest.dbus_name  # org.freedesktop.DBus.Error.*
+ERROR_FAILED: Final = "org.freedesktop.DBus.Error.Failed"
+# What a client sees when nobody owns BUS_NAME (no bus activation for us).
+ERROR_SERVICE_UNKNOWN: Final = "org.freedesktop.DBus.Error.ServiceUnknown"
+ERROR_NAME_HAS_NO_OWNER: Final = "org.freedesktop.DBus.Error.NameHasNoOwner"
+
+# Signatures (DESIGN section 7).
+SIG_PERSONALITY_LIST: Final = "a(sssss)"  # name, state, version, device, mount point
+SIG_CONFLICT_LIST: Final = "a(ssasb)"  # path, winner, shadowed (top first), identical
+SIG_OPTIONS: Final = "a{sv}"
+SIG_NAMES: Final = "as"
+SIG_STACK_CHANGED: Final = "tas"  # generation, attached (bottom first)
+
+# Options of Attach/Detach/Switch and the variant signature each must have.
+OPTION_TIMEOUT: Final = "timeout"  # u: seconds to wait for a missing volume
+OPTION_FORCE: Final = "force"  # b: skip the compatibility check
+OPTION_SIGNATURES: Final = {OPTION_TIMEOUT: "u", OPTION_FORCE: "b"}
+

@@ -36,7 +36,7 @@ from personalityd.adapters.mountinfo import (
     top_mount_at,
 )
 from personalityd.adapters.probe import volume_mount_options
-from personalityd.core.config import Config
+from personalityd.config import Config
 from personalityd.core.errors import MountFailed
 from personalityd.core.model import BlockDevice, Conflict, ConflictReport, StackPlan, Volume
 from personalityd.core.names import hierarchy_key

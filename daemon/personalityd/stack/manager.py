@@ -19,10 +19,10 @@ import structlog
 
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
+from personalityd.adapters.systemd import ServiceHooks
 from personalityd.adapters.udev import DeviceEvent, enumerate_block_devices
-from personalityd.api import Caller, PersonalityInfo, StackEvent
-from personalityd.core.access import may_change
-from personalityd.core.config import Config
+from personalityd.config import Config
+from personalityd.core.access import Caller, may_change
 from personalityd.core.errors import (
     AccessDenied,
     Busy,
@@ -36,13 +36,15 @@ from personalityd.core.model import (
     Conflict,
     ConflictReport,
     DesiredEntry,
+    PersonalityInfo,
+    StackEvent,
     StackPlan,
     Volume,
 )
 from personalityd.core.names import check_name
 from personalityd.core.planner import personality_state, plan_stack
-from personalityd.engine import Engine, Upper
-from personalityd.registry import VolumeRegistry
+from personalityd.stack.engine import Engine, Upper
+from personalityd.stack.registry import VolumeRegistry
 
 log = structlog.get_logger()
 
@@ -57,14 +59,6 @@ class Job:
     event: DeviceEvent | None = None
     future: asyncio.Future[bool] | None = None
     changed: bool = False
-
-
-@dataclass
-class ServiceHooks:
-    """Called around swaps on a systemd host (see adapters/systemd.py); no-ops elsewhere."""
-
-    before_swap: Callable[[Sequence[Volume]], object] | None = None
-    after_change: Callable[[Sequence[Volume]], object] | None = None
 
 
 @dataclass

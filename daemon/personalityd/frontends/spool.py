@@ -21,11 +21,11 @@ from personalityd.adapters.spool import (
     result_body,
     watch,
 )
-from personalityd.api import Caller
-from personalityd.core.config import Config
+from personalityd.config import Config
+from personalityd.core.access import Caller
 from personalityd.core.errors import Busy, PersonalityError
 from personalityd.core.requests import Request, parse_request, request_id_of
-from personalityd.manager import Manager
+from personalityd.stack.manager import Manager
 
 log = structlog.get_logger()
 

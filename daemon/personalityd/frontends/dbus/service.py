@@ -39,12 +39,12 @@ from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
+from personalityd.adapters.bus import system_bus_address
 from personalityd.adapters.groups import DEFAULT_GROUPS, personality_group_gids, user_gids
-from personalityd.api import Caller, ManagerAPI, StackEvent
-from personalityd.core.access import may_change
+from personalityd.core.access import Caller, may_change
 from personalityd.core.errors import AccessDenied, InvalidRequest, PersonalityError
-from personalityd.core.names import check_name
-from personalityd.dbus.names import (
+from personalityd.core.model import StackEvent
+from personalityd.core.names import (
     BUS_NAME,
     DBUS_BUS_NAME,
     DBUS_INTERFACE,
@@ -56,14 +56,17 @@ from personalityd.dbus.names import (
     OPTION_FORCE,
     OPTION_SIGNATURES,
     OPTION_TIMEOUT,
+    check_name,
+)
+from personalityd.frontends.dbus.types import (
     ConflictList,
     Names,
     NoResult,
     Options,
     PersonalityList,
     StackChangedArgs,
-    system_bus_address,
 )
+from personalityd.stack.api import ManagerAPI
 
 log = structlog.get_logger("personalityd.dbus")
 

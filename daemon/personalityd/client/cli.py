@@ -17,7 +17,8 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from personalityd import __version__
-from personalityd.build import (
+from personalityd.adapters.bus import system_bus_address
+from personalityd.client.build import (
     FORMATS,
     BuildError,
     ImageSpec,
@@ -25,7 +26,7 @@ from personalityd.build import (
     build_image,
     read_base_os_release,
 )
-from personalityd.dbus.names import (
+from personalityd.core.names import (
     BUS_NAME,
     ERROR_NAME_HAS_NO_OWNER,
     ERROR_SERVICE_UNKNOWN,
@@ -36,7 +37,6 @@ from personalityd.dbus.names import (
     PROPERTIES_INTERFACE,
     SIG_NAMES,
     SIG_OPTIONS,
-    system_bus_address,
 )
 
 PROG: Final = "personalityctl"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import structlog
 
 from personalityd.adapters.probe import NotAPersonality, probe_device
-from personalityd.core.config import Config
+from personalityd.config import Config
 from personalityd.core.errors import NoSuchPersonality, Timeout
 from personalityd.core.manifest import check_compatibility
 from personalityd.core.matching import matched_only_by_fs_type, matches_any

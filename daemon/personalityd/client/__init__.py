@@ -1,0 +1,1 @@
+"""personalityctl: the D-Bus client and the image builder."""
