@@ -16,7 +16,6 @@ import structlog
 
 from personalityd import __version__
 from personalityd.adapters import notify
-from personalityd.adapters.groups import personality_group_gids
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
@@ -89,7 +88,6 @@ class Daemon:
             registry,
             journal,
             state,
-            allowed_gids=lambda: personality_group_gids(),
             hooks=hooks,
         )
         engine.prepare_base_references()

@@ -3,7 +3,7 @@
 It keeps the semantics the front ends rely on (DESIGN sections 1, 4, 7): a desired list, a live
 stack (the desired personalities that are present and compatible, or forced), a generation
 that goes up by one per live-stack change, StackEvents to subscribers, the domain errors, and
-its own authorization check (root or a member of an allowed group).
+the daemon's one authorization rule (core/access.py).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from personalityd.core.access import may_change
-from personalityd.core.errors import AccessDenied, Incompatible, NoSuchPersonality, Timeout
-from personalityd.core.model import Conflict
+from personalityd.adapters.groups import DEFAULT_GROUPS
+from personalityd.core.access import Caller, authorize
+from personalityd.core.errors import Incompatible, NoSuchPersonality, Timeout
+from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.names import check_name
-from personalityd.stack.api import Caller, PersonalityInfo, StackEvent
 
 MOUNT_ROOT = "/opt/personality"
 
@@ -180,8 +180,7 @@ class MemoryManager:
 
     def _authorize(self, operation: str, caller: Caller) -> None:
         self.callers.append((operation, caller))
-        if not may_change(caller, self.allowed_gids):
-            raise AccessDenied(f"{caller.description} may not {operation}")
+        authorize(caller, operation.capitalize(), DEFAULT_GROUPS, self.allowed_gids)
 
     async def _wait_for(self, names: Sequence[str], timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -761,7 +761,7 @@ async def test_nobody_may_read_but_not_change(
     assert not (sandbox_root / "usr/bin/web-tool").exists()
     assert read(sandbox_root, "etc/tools.conf") == b"tools = 1\n"
     log = daemon.log_text()
-    assert log.count("event=dbus_access_denied") == 8, log[-3000:]
+    assert log.count("event=access_denied") == 8, log[-3000:]
     assert "(uid 65534" in log
     no_traceback(daemon)
 

@@ -231,7 +231,7 @@ async def test_switch(served: MessageBus, manager: MemoryManager) -> None:
         (("switch", "web", "web"), "personalityctl: personality 'web' is listed more than once"),
         (
             ("attach", EXPLODING_NAME),
-            "personalityctl: internal error: RuntimeError; see the daemon log",
+            "personalityctl: internal error; the daemon's log has the details",
         ),
     ],
 )

@@ -21,6 +21,7 @@ from types import FrameType
 import pytest
 from structlog.testing import capture_logs
 
+from personalityd.adapters.groups import group_gids, user_gids
 from personalityd.adapters.spool import (
     RequestGone,
     SpoolFile,
@@ -29,10 +30,10 @@ from personalityd.adapters.spool import (
     finish_request,
     list_pending,
     read_request,
-    resolve_allowed_groups,
     result_body,
 )
-from personalityd.core.errors import InvalidRequest, NoSuchPersonality
+from personalityd.core.access import SPOOL, Caller, authorize
+from personalityd.core.errors import AccessDenied, InvalidRequest, NoSuchPersonality
 
 pytestmark = pytest.mark.integration
 
@@ -119,13 +120,13 @@ def test_spool_file() -> None:
 
 def test_read_regular_file(spool_dir: Path) -> None:
     path = drop(spool_dir, "r.json")
-    assert read_request(path, set(), set()) == BODY
+    assert read_request(path).body == BODY
 
 
 def test_read_exactly_64_kib(spool_dir: Path) -> None:
     body = b" " * (64 * 1024)
     path = drop(spool_dir, "r.json", body)
-    assert read_request(path, set(), set()) == body
+    assert read_request(path).body == body
 
 
 def test_symlink_to_shadow_refused_without_opening(
@@ -142,7 +143,7 @@ def test_symlink_to_shadow_refused_without_opening(
 
     monkeypatch.setattr(os, "open", spy_open)
     with pytest.raises(InvalidRequest, match=r"evil\.json: refused, it is a symlink"):
-        read_request(link, set(), set())
+        read_request(link)
     assert opened == []
 
 
@@ -150,7 +151,7 @@ def test_fifo_refused_without_blocking(spool_dir: Path) -> None:
     fifo = spool_dir / "fifo.json"
     os.mkfifo(fifo)
     with deadline(5), pytest.raises(InvalidRequest, match="it is a FIFO"):
-        read_request(fifo, set(), set())
+        read_request(fifo)
 
 
 @pytest.mark.parametrize(
@@ -165,36 +166,31 @@ def test_other_kinds_refused(spool_dir: Path, make: object, kind: str) -> None:
     path = spool_dir / "odd.json"
     make(path)  # type: ignore[operator]
     with pytest.raises(InvalidRequest, match=f"it is {kind}"):
-        read_request(path, set(), set())
+        read_request(path)
 
 
 def test_large_file_refused(spool_dir: Path) -> None:
     path = spool_dir / "big.json"
     path.write_bytes(b" " * (1024 * 1024))
     with pytest.raises(InvalidRequest, match="1048576 bytes is larger than 64 KiB"):
-        read_request(path, set(), set())
+        read_request(path)
     path.write_bytes(b" " * (64 * 1024 + 1))
     with pytest.raises(InvalidRequest, match="larger than 64 KiB"):
-        read_request(path, set(), set())
+        read_request(path)
 
 
-def test_owner_nobody_refused(spool_dir: Path) -> None:
+def test_owner_is_reported_not_judged(spool_dir: Path) -> None:
+    """The owner is who asks; whether they may is the manager's decision (core/access.py)."""
     path = drop(spool_dir, "r.json")
     os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
-    with pytest.raises(InvalidRequest, match="owned by 'nobody'"):
-        read_request(path, {12345}, {"someone-else"})
-
-
-def test_unknown_owner_refused(spool_dir: Path) -> None:
-    path = drop(spool_dir, "r.json")
+    assert read_request(path).owner == NOBODY.pw_uid
     os.chown(path, 4_000_000, 4_000_000)
-    with pytest.raises(InvalidRequest, match="unknown uid 4000000"):
-        read_request(path, set(), set())
+    assert read_request(path).owner == 4_000_000
 
 
 def test_vanished_request(spool_dir: Path) -> None:
     with pytest.raises(RequestGone):
-        read_request(spool_dir / "gone.json", set(), set())
+        read_request(spool_dir / "gone.json")
 
 
 @dataclass(frozen=True)
@@ -225,25 +221,17 @@ def accounts() -> Iterator[TempAccounts]:
         subprocess.run(["groupdel", group], check=False)
 
 
-def test_owner_in_allowed_group_accepted(spool_dir: Path, accounts: TempAccounts) -> None:
-    gids, members = resolve_allowed_groups([accounts.group, "no-such-group-pd"])
+def test_owner_groups_decide(accounts: TempAccounts) -> None:
+    """A member by a supplementary or the primary group may change the stack; others not."""
+    gids = group_gids([accounts.group, "no-such-group-pd"])
     assert gids == {accounts.gid}
-    assert accounts.member in members
     for user in (accounts.member, accounts.primary):
-        path = drop(spool_dir, f"{user}.json")
-        entry = pwd.getpwnam(user)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-        assert read_request(path, gids, members) == BODY
-    # Owned by nobody, but the file's group is allowed.
-    path = drop(spool_dir, "group-owned.json")
-    os.chown(path, NOBODY.pw_uid, accounts.gid)
-    assert read_request(path, gids, members) == BODY
-    # Without the group allowed, the member is refused.
-    path = drop(spool_dir, "refused.json")
-    entry = pwd.getpwnam(accounts.member)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    with pytest.raises(InvalidRequest, match=f"owned by '{accounts.member}'"):
-        read_request(path, set(), set())
+        uid = pwd.getpwnam(user).pw_uid
+        caller = Caller(uid, user_gids(uid), user, front_end=SPOOL)
+        authorize(caller, "Attach", [accounts.group], gids)
+        with pytest.raises(AccessDenied, match="Attach is only allowed for root and members"):
+            authorize(caller, "Attach", ["personality"], group_gids(["personality"]))
+    assert user_gids(4_000_000) == frozenset()
 
 
 # result_body and finish_request

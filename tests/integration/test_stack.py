@@ -23,6 +23,7 @@ from support import (
     Daemon,
     JournalReader,
     LoopDevices,
+    MemberUser,
     build_image,
     build_writable_image,
     drop,
@@ -431,12 +432,42 @@ def test_every_spool_refusal_gets_a_result_and_daemon_keeps_serving(
     nobody.write_text(json.dumps({"action": "attach", "personality": "svc"}))
     os.chown(nobody, 65534, 65534)
     os.rename(nobody, spool / "nobody.json")
-    for name in ("big", "link", "fifo", "nobody"):
+    # The owner is who asks: nobody is not in the personality group.
+    codes = {"big": "invalid-request", "link": "invalid-request", "fifo": "invalid-request",
+             "nobody": "access-denied"}  # fmt: skip
+    for name, code in codes.items():
         wait_for(lambda n=name: (spool / f"failed/{n}.result.json").exists(), daemon)
         result = json.loads((spool / f"failed/{name}.result.json").read_text())
-        assert result["code"] == "invalid-request", result
+        assert result["code"] == code, result
     assert (spool / "failed/link.json").is_symlink()
     assert ok(daemon.request({"action": "attach", "personality": "svc"}))["changed"] is True
+
+
+def test_spool_request_is_judged_by_its_owner_and_the_owners_groups(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    member_user: MemberUser,
+    personality_gid: int,
+) -> None:
+    """The owner of a request file is the caller: a member of `personality` may attach; the
+    file's group does not make its owner a member."""
+    loop_devices.attach(image("svc", {"usr/bin/svc": "s"}))
+    daemon.start()
+    spool = daemon.spool_dir
+    owners = {"member": (member_user.uid, member_user.gid), "grouped": (65534, personality_gid)}
+    for stem, (uid, gid) in owners.items():
+        staged = spool / f".{stem}"
+        staged.write_text(json.dumps({"action": "attach", "personality": "svc"}))
+        os.chown(staged, uid, gid)
+        os.rename(staged, spool / f"{stem}.json")
+        wait_for(lambda s=stem: bool(list(spool.glob(f"*/{s}.result.json"))), daemon)
+    member = json.loads((spool / "done/member.result.json").read_text())
+    assert (member["status"], member["changed"], member["attached"]) == ("ok", True, ["svc"])
+    grouped = json.loads((spool / "failed/grouped.result.json").read_text())
+    assert grouped["code"] == "access-denied", grouped
+    assert "only allowed for root and members of the group 'personality'" in grouped["message"]
+    assert f"spool file member.json (uid {member_user.uid})" in daemon.log_text()
 
 
 def test_incompatible_volume_needs_force_and_unrecognised_is_journalled(

@@ -1,14 +1,15 @@
-"""The request spool (DESIGN section 6): find request files, read them safely, file results.
+"""The request spool: find request files, read them safely, file results.
 
 A request is `<stem>.json` in the spool directory (dotfiles and `*.result.json` are not
 requests). Reading refuses, without opening it, anything that is not a regular file, and
-refuses files too large or owned by someone not allowed. After handling, the result is written
+refuses files too large. The owner of the file is who asks: the manager decides whether they
+may (core/access.py). After handling, the result is written
 as `<stem>.result.json` into `done/` or `failed/`, then the request is moved beside it: a
 daemon that dies mid-request finds the request in the spool again at the next start.
 
 Result body: {"id", "status": "ok"|"error", "code", "message", "changed", "attached",
 "generation", "finished"}. On success `code` is "" (empty string): the error codes of
-DESIGN section 7 are only for errors, and a string in every result keeps `jq -r .code` simple.
+the D-Bus API are only for errors, and a string in every result keeps `jq -r .code` simple.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import grp
 import os
-import pwd
 import shutil
 import stat
-from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,23 +115,6 @@ def list_pending(spool_dir: Path) -> list[Path]:
     return [path for _, _, path in found]
 
 
-def resolve_allowed_groups(group_names: Iterable[str]) -> tuple[frozenset[int], frozenset[str]]:
-    """(gids, supplementary member user names) of the allowed groups that exist.
-
-    Cheap (reads the group database); call it per request to see membership changes.
-    """
-    gids: set[int] = set()
-    members: set[str] = set()
-    for name in group_names:
-        try:
-            group = grp.getgrnam(name)
-        except KeyError:
-            continue
-        gids.add(group.gr_gid)
-        members.update(group.gr_mem)
-    return frozenset(gids), frozenset(members)
-
-
 def _kind_name(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symlink"
@@ -149,45 +131,25 @@ def _kind_name(mode: int) -> str:
     return "not a regular file"
 
 
-def _owner_refusal(
-    st: os.stat_result, allowed_gids: Collection[int], allowed_group_members: Collection[str]
-) -> str | None:
-    """Why the owner may not make requests, or None when they may."""
-    if st.st_uid == 0 or st.st_gid in allowed_gids:
-        return None
-    try:
-        user = pwd.getpwuid(st.st_uid)
-    except KeyError:
-        return f"owned by unknown uid {st.st_uid}, not by root or an allowed group"
-    if user.pw_gid in allowed_gids or user.pw_name in allowed_group_members:
-        return None
-    return f"owned by {user.pw_name!r}, who is neither root nor in an allowed group"
-
-
-def _check(
-    name: str,
-    st: os.stat_result,
-    allowed_gids: Collection[int],
-    allowed_group_members: Collection[str],
-) -> None:
+def _check(name: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise InvalidRequest(f"request {name}: refused, it is {_kind_name(st.st_mode)}")
     if st.st_size > MAX_REQUEST_SIZE:
         raise InvalidRequest(f"request {name}: refused, {st.st_size} bytes is larger than 64 KiB")
-    refusal = _owner_refusal(st, allowed_gids, allowed_group_members)
-    if refusal is not None:
-        raise InvalidRequest(f"request {name}: refused, {refusal}")
 
 
-def read_request(
-    path: Path, allowed_gids: Collection[int], allowed_group_members: Collection[str]
-) -> bytes:
-    """The body of the request file `path`, read without following or blocking on anything.
+@dataclass(frozen=True)
+class RequestFile:
+    body: bytes
+    owner: int  # uid of the file's owner: the one who asks
+
+
+def read_request(path: Path) -> RequestFile:
+    """The request file `path`, read without following or blocking on anything.
 
     Raises InvalidRequest saying why when the request is refused: not a regular file (checked
     with lstat before opening, so symlinks, FIFOs and devices are never opened), larger than
-    64 KiB, owner neither root, nor in an allowed group (primary or supplementary), nor the
-    file's group allowed; also when it was swapped while opening, or cannot be read.
+    64 KiB; also when it was swapped while opening, or cannot be read.
     RequestGone (an InvalidRequest) when there is no such file any more: nothing to file, the
     consumer skips it (it may be a path yielded twice and already handled).
     """
@@ -198,7 +160,7 @@ def read_request(
         raise RequestGone(f"request {name}: gone before it could be read") from e
     except OSError as e:
         raise InvalidRequest(f"request {name}: cannot be read: {e.strerror}") from e
-    _check(name, st, allowed_gids, allowed_group_members)
+    _check(name, st)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as e:
@@ -209,7 +171,7 @@ def read_request(
         opened = os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
             raise InvalidRequest(f"request {name}: refused, it was replaced while being opened")
-        _check(name, opened, allowed_gids, allowed_group_members)
+        _check(name, opened)
         parts: list[bytes] = []
         size = 0
         while size <= MAX_REQUEST_SIZE:
@@ -224,7 +186,7 @@ def read_request(
         os.close(fd)
     if size > MAX_REQUEST_SIZE:
         raise InvalidRequest(f"request {name}: refused, it grew larger than 64 KiB")
-    return b"".join(parts)
+    return RequestFile(b"".join(parts), opened.st_uid)
 
 
 def _now_iso() -> str:

@@ -1,4 +1,8 @@
-"""Domain errors, and the one table that maps each to its D-Bus name and spool code."""
+"""Domain errors: each carries its D-Bus name and spool code, and the volume and cause as fields.
+
+The message (`str()`) is the one line shown to the user. Code that needs to know which volume
+failed reads `error.volume`, never the text.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,16 @@ ERROR_PREFIX = "org.personalityd.personality1.Error."
 
 
 class PersonalityError(Exception):
-    """A failure a user can cause or observe; `str()` is the one-line message shown to them."""
+    """A failure a user can cause or observe."""
 
     code = "failed"  # spool result code (kebab case)
     dbus_name = "org.freedesktop.DBus.Error.Failed"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, volume: str | None = None, cause: str | None = None):
         super().__init__(message)
         self.message = message
+        self.volume = volume  # the personality the error is about, when there is one
+        self.cause = cause  # the underlying reason (an OS error's text, a unit's result...)
 
     def __str__(self) -> str:
         return self.message
@@ -39,6 +45,14 @@ class MountFailed(PersonalityError):
     dbus_name = ERROR_PREFIX + "MountFailed"
 
 
+class InternalError(MountFailed):
+    """An unexpected exception inside a change: the caller learns only that it failed; the
+    traceback goes to the daemon's log."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error; the daemon's log has the details")
+
+
 class InvalidName(PersonalityError):
     code = "invalid-name"
     dbus_name = ERROR_PREFIX + "InvalidName"
@@ -61,15 +75,3 @@ class InvalidRequest(PersonalityError):
 
 class ConfigError(Exception):
     """A config file the daemon refuses to start with; names file, key and expected form."""
-
-
-ERROR_TYPES: tuple[type[PersonalityError], ...] = (
-    NoSuchPersonality,
-    Incompatible,
-    Busy,
-    MountFailed,
-    InvalidName,
-    Timeout,
-    AccessDenied,
-    InvalidRequest,
-)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 
+from personalityd.core.errors import MountFailed
 from personalityd.core.model import DesiredEntry, StackPlan, State, Volume
 
 REASON_ABSENT = "volume not present"
@@ -48,6 +49,16 @@ def plan_stack(
     top_first = tuple(reversed(live))
     layers = {h: tuple(name for name in top_first if provided(name, h)) for h in hierarchies}
     return StackPlan(live=live, layers=layers)
+
+
+def check_layer_limit(plan: StackPlan, limit: int) -> None:
+    """Raise MountFailed when a hierarchy would have more than `limit` layers (with the base)."""
+    for h, names in plan.layers.items():
+        if len(names) + 1 > limit:
+            raise MountFailed(
+                f"{h} would have {len(names) + 1} layers ({len(names)} personalities "
+                f"and the base); overlayfs allows at most {limit}"
+            )
 
 
 def personality_state(

@@ -1,9 +1,10 @@
 """The spool front end: request files in, manager calls, result files out.
 
 Each request is handled in its own task, so one waiting for a volume (its `timeout`) does not
-hold up the others; tasks reach the manager's queue in the order the files were found. A
-request file stays in the spool until its result is written, so one interrupted by a crash
-is handled again at the next start.
+hold up the others; tasks reach the manager's queue in the order the files were found. The
+caller is the request file's owner with that owner's groups; the manager decides whether they
+may change the stack. A request file stays in the spool until its result is written, so one
+interrupted by a crash is handled again at the next start.
 """
 
 from __future__ import annotations
@@ -13,29 +14,28 @@ from pathlib import Path
 
 import structlog
 
+from personalityd.adapters.groups import lookup_user_gids
 from personalityd.adapters.spool import (
     RequestGone,
     finish_request,
     read_request,
-    resolve_allowed_groups,
     result_body,
     watch,
 )
 from personalityd.config import Config
-from personalityd.core.access import Caller
+from personalityd.core.access import SPOOL, Caller
 from personalityd.core.errors import Busy, PersonalityError
 from personalityd.core.requests import Request, parse_request, request_id_of
-from personalityd.stack.manager import Manager
+from personalityd.stack.api import ManagerAPI
 
 log = structlog.get_logger()
 
 
 class SpoolService:
-    def __init__(self, config: Config, manager: Manager) -> None:
+    def __init__(self, config: Config, manager: ManagerAPI) -> None:
         self.config = config
         self.manager = manager
         self.spool = config.path(config.spool_dir)
-        self.handled = 0
 
     async def run(self) -> None:
         in_flight: set[Path] = set()
@@ -49,10 +49,11 @@ class SpoolService:
     async def _handle(self, path: Path, in_flight: set[Path]) -> None:
         body: bytes | None = None
         try:
-            gids, members = resolve_allowed_groups(self.config.allowed_groups)
-            body = read_request(path, gids, members)
+            request_file = read_request(path)
+            body = request_file.body
             request = parse_request(body)
-            changed = await self._execute(request, path)
+            caller = await self._caller(path, request_file.owner)
+            changed = await self._execute(request, caller)
             result = result_body(
                 request.id, None, changed, self.manager.attached, self.manager.generation
             )
@@ -75,15 +76,21 @@ class SpoolService:
             await asyncio.get_running_loop().run_in_executor(
                 None, finish_request, self.spool, path, ok, result
             )
-            self.handled += 1
         except OSError as exc:
             log.error("spool_result_not_written", file=path.name, error=str(exc))
         finally:
             in_flight.discard(path)
 
-    async def _execute(self, request: Request, path: Path) -> bool:
-        caller = Caller(0, frozenset(), f"spool file {path.name}")
-        log.info("spool_request", file=path.name, action=request.action, names=request.names)
+    @staticmethod
+    async def _caller(path: Path, owner: int) -> Caller:
+        # Root's groups are looked up too: every request makes the same lookups, so they
+        # reach the manager's queue in the order the files were found.
+        gids = await lookup_user_gids(owner)
+        return Caller(owner, gids, f"spool file {path.name} (uid {owner})", front_end=SPOOL)
+
+    async def _execute(self, request: Request, caller: Caller) -> bool:
+        log.info("spool_request", caller=caller.description, action=request.action,
+                 names=request.names)  # fmt: skip
         if request.action == "attach":
             return await self.manager.attach(
                 caller, request.names[0], timeout=request.timeout, force=request.force

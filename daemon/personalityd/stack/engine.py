@@ -1,33 +1,24 @@
-"""Applies stack plans to the system: the only place that changes mounts.
+"""Mount primitives for the stack: the only place that changes mounts.
 
-A change is one transaction. First everything new is prepared where nobody looks: volume
-mounts at `<mount_root>/<name>`, their indexes, the conflict report, and each hierarchy's new
-overlay as a detached mount. Only then is each hierarchy swapped: the new overlay is moved
-beneath the old one (MOVE_MOUNT_BENEATH) and the old top is lazily unmounted, so a path under
-the hierarchy resolves to the old stack or to the new one, never to nothing. A failure before
-the swap undoes what was prepared and leaves the visible system as it was.
+Base references, volume mounts at `<mount_root>/<name>`, the upper (writable volume or
+tmpfs), detached overlays built where nobody sees them, and the swap that puts them in place
+(the new overlay moved beneath the old one, then the old top lazily unmounted, so a path
+under the hierarchy resolves to the old stack or to the new one, never to nothing). What to
+mount and in which order is decided by stack/transaction.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
 from personalityd.adapters import mounts
-from personalityd.adapters.indexer import (
-    BaseNames,
-    identical_entries,
-    index_volume_packed,
-    release_free_memory,
-)
 from personalityd.adapters.mountinfo import (
     MountEntry,
     mounted_from_device,
@@ -38,14 +29,13 @@ from personalityd.adapters.mountinfo import (
 from personalityd.adapters.probe import volume_mount_options
 from personalityd.config import Config
 from personalityd.core.errors import MountFailed
-from personalityd.core.model import BlockDevice, Conflict, ConflictReport, StackPlan, Volume
+from personalityd.core.model import BlockDevice, StackPlan, Volume
 from personalityd.core.names import hierarchy_key
-from personalityd.core.packed import EMPTY, PackedTree, find_conflicts_packed
+from personalityd.stack.layout import Layout, MountedVolume, OverlaySpec, Upper
 
 log = structlog.get_logger()
 
 OVERLAY_SOURCE = "personalityd"
-VolumeIndex = dict[str, PackedTree]  # hierarchy -> compact index (core/packed.py)
 
 
 @dataclass(frozen=True)
@@ -83,73 +73,12 @@ def detect_features(config: Config, scratch_dir: str) -> MountFeatures:
     return features
 
 
-@dataclass(frozen=True)
-class Upper:
-    """Where overlay writes go: a writable volume, a tmpfs, or nowhere (read-only stack)."""
-
-    kind: str  # "volume", "tmpfs", "none"
-    root: str | None  # mounted directory holding upper/ and work/
-    device: str  # what WritableDevice shows: device node, "tmpfs" or ""
-
-    def upper_dir(self, hierarchy: str) -> str | None:
-        return None if self.root is None else f"{self.root}/upper/{hierarchy_key(hierarchy)}"
-
-    def work_parent(self, hierarchy: str) -> str | None:
-        return None if self.root is None else f"{self.root}/work/{hierarchy_key(hierarchy)}"
-
-
-@dataclass(frozen=True)
-class OverlaySpec:
-    layers: tuple[str, ...]  # lower directories, top first, the base reference last
-    upper: str | None
-
-    def to_json(self) -> dict[str, object]:
-        return {"layers": list(self.layers), "upper": self.upper}
-
-
-@dataclass
-class MountedVolume:
-    name: str
-    identity: str
-    devnode: str
-    path: str
-
-
-class Layout:
-    """Where things live under `root`."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.mount_root = str(config.path(config.mount_root))
-        self.runtime = str(config.path(config.runtime_dir))
-        self.record_file = Path(self.runtime) / "stack.json"
-
-    def hierarchy(self, h: str) -> str:
-        return str(self.config.path(h))
-
-    def base_ref(self, h: str) -> str:
-        return f"{self.runtime}/base/{hierarchy_key(h)}"
-
-    def volume_dir(self, name: str) -> str:
-        return f"{self.mount_root}/{name}"
-
-    def layer_dir(self, name: str, h: str) -> str:
-        return f"{self.mount_root}/{name}{h}"
-
-    def staging(self, h: str) -> str:
-        return f"{self.runtime}/staging/{hierarchy_key(h)}"
-
-    def links(self, h: str) -> str:
-        return f"{self.runtime}/links/{hierarchy_key(h)}"
-
-
 class Engine:
     def __init__(self, config: Config, features: MountFeatures) -> None:
         self.config = config
         self.features = features
         self.layout = Layout(config)
         self.volumes: dict[str, MountedVolume] = {}  # mounted at <mount_root>/<name>
-        self.indexes: dict[str, VolumeIndex] = {}  # by volume identity
         self.specs: dict[str, OverlaySpec] = {}  # hierarchy -> what is mounted there now
         self.mount_ids: dict[str, int] = {}
 
@@ -250,7 +179,7 @@ class Engine:
 
     def writable_upper(self, device: BlockDevice) -> Upper:
         """Mount the writable volume at `<runtime>/writable` (once) and use it as upper."""
-        path = f"{self.layout.runtime}/writable"
+        path = self.layout.writable()
         top = top_mount_at(read_mountinfo(), path)
         if top is None or top.devnum != device.devnum:
             if top is not None:
@@ -266,7 +195,7 @@ class Engine:
 
     def tmpfs_upper(self) -> Upper:
         """A volatile upper on a tmpfs at `<runtime>/volatile`, kept across generations."""
-        path = f"{self.layout.runtime}/volatile"
+        path = self.layout.volatile()
         if top_mount_at(read_mountinfo(), path) is None:
             os.makedirs(path, mode=0o700, exist_ok=True)
             with mounts.mount_tmpfs(["mode=0755"], "volatile upper") as detached:
@@ -276,8 +205,7 @@ class Engine:
     def release_writable(self, keep: Upper) -> None:
         """Lazily unmount a writable volume or tmpfs that is no longer the upper."""
         entries = read_mountinfo()
-        for kind in ("writable", "volatile"):
-            path = f"{self.layout.runtime}/{kind}"
+        for path in (self.layout.writable(), self.layout.volatile()):
             in_use = any(s.upper and s.upper.startswith(path + "/") for s in self.specs.values())
             if keep.root != path and not in_use and top_mount_at(entries, path) is not None:
                 mounts.unmount(path)
@@ -300,58 +228,7 @@ class Engine:
         wanted = self.specs_for(plan, upper)
         return all(wanted[h] == self.specs.get(h) for h in self.config.hierarchies)
 
-    async def index(self, volume: Volume, path: str) -> VolumeIndex:
-        cached = self.indexes.get(volume.device.identity)
-        if cached is not None:
-            return cached
-        loop = asyncio.get_running_loop()
-        index = await loop.run_in_executor(
-            None, index_volume_packed, path, list(self.config.hierarchies)
-        )
-        self.indexes[volume.device.identity] = index
-        release_free_memory()  # the walk's transient lists, so the resident set stays small
-        log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
-        return index
-
-    def forget_index(self, identity: str) -> None:
-        self.indexes.pop(identity, None)
-
-    async def mount_and_index(self, volumes: Sequence[Volume]) -> list[MountedVolume]:
-        """Mount (if needed) and index each volume; returns the mounts made by this call.
-        On failure, undoes its own mounts and raises MountFailed naming the volume."""
-        made: list[MountedVolume] = []
-        current: Volume | None = None
-        to_index: list[tuple[Volume, str]] = []
-        try:
-            for volume in volumes:
-                current = volume
-                mounted = self.volumes.get(volume.name)
-                if mounted is not None and mounted.identity != volume.device.identity:
-                    self.unmount_volume(volume.name)
-                    mounted = None
-                if mounted is None:
-                    mounted = self._mount_volume(volume)
-                    made.append(mounted)
-                to_index.append((volume, mounted.path))
-            # The walks run side by side in worker threads: they are mostly kernel work
-            # (directory blocks read and decompressed) done with the GIL released.
-            outcomes = await asyncio.gather(
-                *(self.index(v, path) for v, path in to_index), return_exceptions=True
-            )
-            for (volume, _), outcome in zip(to_index, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    current = volume
-                    raise outcome
-        except OSError as exc:
-            for mounted in made:
-                self.unmount_volume(mounted.name)
-            assert current is not None
-            raise MountFailed(
-                f"cannot use volume '{current.name}' on {current.device.devnode}: {exc}"
-            ) from exc
-        return made
-
-    def _mount_volume(self, volume: Volume) -> MountedVolume:
+    def mount_volume(self, volume: Volume) -> MountedVolume:
         path = self.layout.volume_dir(volume.name)
         os.makedirs(path, mode=0o755, exist_ok=True)
         device = volume.device
@@ -386,29 +263,6 @@ class Engine:
             os.rmdir(mounted.path)
         log.info("volume_unmounted", name=name, device=mounted.devnode)
         return mounted
-
-    def conflict_report(self, plan: StackPlan, volumes: Mapping[str, Volume]) -> ConflictReport:
-        """Conflicts and overrides of the planned stack, from the cached indexes."""
-        conflicts: list[Conflict] = []
-        overrides = 0
-        for h in self.config.hierarchies:
-            names = plan.layers.get(h, ())
-            if not names:
-                continue
-            layers = [(n, self.indexes[volumes[n].device.identity].get(h, EMPTY)) for n in names]
-            base = BaseNames(self.layout.base_ref(h))
-            found, count = find_conflicts_packed(h, layers, base, self._identical_in(h))
-            conflicts += found
-            overrides += count
-        conflicts.sort(key=lambda c: c.path)
-        release_free_memory()
-        return ConflictReport(tuple(conflicts), overrides)
-
-    def _identical_in(self, h: str) -> Callable[[str, Sequence[str]], bool]:
-        def identical(relpath: str, names: Sequence[str]) -> bool:
-            return identical_entries([f"{self.layout.layer_dir(n, h)}/{relpath}" for n in names])
-
-        return identical
 
     def build(
         self, wanted: Mapping[str, OverlaySpec | None], generation: int
@@ -467,29 +321,34 @@ class Engine:
         wanted: Mapping[str, OverlaySpec | None],
         built: Mapping[str, mounts.Detached | str],
     ) -> None:
-        """Put each built overlay in place of the old one; drop stacks no longer wanted."""
-        for h, spec in wanted.items():
-            target = self.layout.hierarchy(h)
-            old = self.specs.get(h)
-            if spec == old:
-                continue
-            if spec is None:
-                mounts.unmount(target)
-                self.specs.pop(h, None)
-                self.mount_ids.pop(h, None)
-                continue
-            item = built[h]
-            if old is not None and self.features.beneath:
-                mounts.attach_any(item, target, beneath=True)
-                mounts.unmount(target)
-            else:
-                if old is not None:
+        """Put each built overlay in place of the old one; drop stacks no longer wanted.
+
+        Always releases `built`. An OSError part-way leaves the hierarchies swapped so far
+        swapped (the kernel refused a move; never seen): the caller converges from there."""
+        try:
+            for h, spec in wanted.items():
+                target = self.layout.hierarchy(h)
+                old = self.specs.get(h)
+                if spec == old:
+                    continue
+                if spec is None:
                     mounts.unmount(target)
-                mounts.attach_any(item, target)
-            self.specs[h] = spec
-            top = top_mount_at(read_mountinfo(), target)
-            self.mount_ids[h] = top.mount_id if top else -1
-        self.release(built)
+                    self.specs.pop(h, None)
+                    self.mount_ids.pop(h, None)
+                    continue
+                item = built[h]
+                if old is not None and self.features.beneath:
+                    mounts.attach_any(item, target, beneath=True)
+                    mounts.unmount(target)
+                else:
+                    if old is not None:
+                        mounts.unmount(target)
+                    mounts.attach_any(item, target)
+                self.specs[h] = spec
+                top = top_mount_at(read_mountinfo(), target)
+                self.mount_ids[h] = top.mount_id if top else -1
+        finally:
+            self.release(built)
 
     def write_record(self, generation: int) -> None:
         record = {

@@ -13,6 +13,7 @@ import structlog
 
 from personalityd.adapters.probe import NotAPersonality, probe_device
 from personalityd.config import Config
+from personalityd.core.desired import no_such_message, quoted
 from personalityd.core.errors import NoSuchPersonality, Timeout
 from personalityd.core.manifest import check_compatibility
 from personalityd.core.matching import matched_only_by_fs_type, matches_any
@@ -182,7 +183,7 @@ class VolumeRegistry:
         if not missing:
             return
         if timeout <= 0:
-            raise NoSuchPersonality(self.no_such_message(missing))
+            raise NoSuchPersonality(no_such_message(missing, self.volumes))
 
         async def all_present() -> None:
             async with self._changed:
@@ -193,14 +194,5 @@ class VolumeRegistry:
         except TimeoutError:
             missing = [n for n in names if n not in self.volumes]
             raise Timeout(
-                f"no volume for {_quoted(missing)} appeared within {timeout:g} s"
+                f"no volume for {quoted(missing)} appeared within {timeout:g} s"
             ) from None
-
-    def no_such_message(self, missing: Sequence[str]) -> str:
-        available = ", ".join(sorted(self.volumes)) or "none"
-        noun = "personality" if len(missing) == 1 else "personalities"
-        return f"no {noun} named {_quoted(missing)}; available: {available}"
-
-
-def _quoted(names: Sequence[str]) -> str:
-    return ", ".join(f"'{n}'" for n in names)

@@ -1,8 +1,9 @@
 """The org.personalityd.personality1.Manager interface: a thin layer over api.ManagerAPI.
 
 It converts D-Bus arguments to domain calls and domain errors to D-Bus errors, finds out who
-is calling, and turns the manager's stack events into signals. It makes no decisions of its
-own beyond "may this caller change the stack at all", which it checks before the manager does.
+is calling (uid and groups, from the bus daemon), and turns the manager's stack events into
+signals. It decides nothing itself: whether the caller may change the stack is the manager's
+one decision (core/access.py).
 
 How the caller is known: dbus-fast (5.x) gives a service method only its arguments, never the
 message, and has no supported accessor for the sender. It does document message handlers
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -40,9 +41,10 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from personalityd.adapters.bus import system_bus_address
-from personalityd.adapters.groups import DEFAULT_GROUPS, personality_group_gids, user_gids
-from personalityd.core.access import Caller, may_change
-from personalityd.core.errors import AccessDenied, InvalidRequest, PersonalityError
+from personalityd.adapters.groups import lookup_user_gids
+from personalityd.core.access import Caller
+from personalityd.core.desired import Edit, check_edit
+from personalityd.core.errors import AccessDenied, InternalError, InvalidRequest, PersonalityError
 from personalityd.core.model import StackEvent
 from personalityd.core.names import (
     BUS_NAME,
@@ -115,24 +117,16 @@ def parse_options(
 
 def check_names(names: Sequence[str]) -> list[str]:
     """Validate a Switch list: every name valid (InvalidName), none twice (InvalidArgs)."""
-    seen: set[str] = set()
-    for name in names:
-        check_name(name)
-        if name in seen:
-            raise InvalidRequest(f"personality {name!r} is listed more than once")
-        seen.add(name)
+    check_edit(Edit("switch", tuple(names)))
     return list(names)
 
 
 class ManagerInterface(ServiceInterface):
     """org.personalityd.personality1.Manager, backed by a ManagerAPI (DESIGN section 7)."""
 
-    def __init__(
-        self, manager: ManagerAPI, *, allowed_groups: Iterable[str] = DEFAULT_GROUPS
-    ) -> None:
+    def __init__(self, manager: ManagerAPI) -> None:
         super().__init__(INTERFACE)
         self._manager = manager
-        self._allowed_groups = tuple(allowed_groups)
         self._properties = self._property_values()
         self._buses: list[MessageBus] = []
         # An interface whose buses are all gone unsubscribes itself at the next event.
@@ -249,13 +243,13 @@ class ManagerInterface(ServiceInterface):
     async def _attach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
         opts = parse_options(options, "Attach", (OPTION_TIMEOUT, OPTION_FORCE))
         check_name(name)
-        caller = await self._authorize("Attach", call)
+        caller = await caller_from_bus(*call)
         return await self._manager.attach(caller, name, timeout=opts.timeout, force=opts.force)
 
     async def _detach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
         parse_options(options, "Detach", ())
         check_name(name)
-        caller = await self._authorize("Detach", call)
+        caller = await caller_from_bus(*call)
         return await self._manager.detach(caller, name)
 
     async def _switch(
@@ -263,11 +257,11 @@ class ManagerInterface(ServiceInterface):
     ) -> bool:
         opts = parse_options(options, "Switch", (OPTION_TIMEOUT, OPTION_FORCE))
         checked = check_names(names)
-        caller = await self._authorize("Switch", call)
+        caller = await caller_from_bus(*call)
         return await self._manager.switch(caller, checked, timeout=opts.timeout, force=opts.force)
 
     async def _refresh(self, call: tuple[MessageBus, Message]) -> None:
-        caller = await self._authorize("Refresh", call)
+        caller = await caller_from_bus(*call)
         await self._manager.refresh(caller)
 
     async def _changing(
@@ -280,9 +274,9 @@ class ManagerInterface(ServiceInterface):
             raise DBusError(exc.dbus_name, str(exc)) from None
         except DBusError:
             raise
-        except Exception as exc:
+        except Exception:
             log.exception("dbus_method_failed", method=method, sender=call[1].sender)
-            raise _internal_error(exc) from None
+            raise _internal_error() from None
         finally:
             # Desired can change without a stack change (a pending attach): no StackEvent.
             self._sync_properties()
@@ -293,21 +287,9 @@ class ManagerInterface(ServiceInterface):
             return read()
         except PersonalityError as exc:
             raise DBusError(exc.dbus_name, str(exc)) from None
-        except Exception as exc:
+        except Exception:
             log.exception("dbus_method_failed", method=method)
-            raise _internal_error(exc) from None
-
-    async def _authorize(self, method: str, call: tuple[MessageBus, Message]) -> Caller:
-        caller = await caller_from_bus(*call)
-        if caller.uid != 0:
-            allowed = await asyncio.to_thread(personality_group_gids, self._allowed_groups)
-            if not may_change(caller, allowed):
-                log.warning("dbus_access_denied", method=method, caller=caller.description)
-                groups = " or ".join(repr(g) for g in self._allowed_groups)
-                raise AccessDenied(
-                    f"{method} is only allowed for root and members of the group {groups}"
-                )
-        return caller
+            raise _internal_error() from None
 
     # -- events -------------------------------------------------------------------------
 
@@ -370,8 +352,8 @@ def _this_call(member: str, args: tuple[object, ...]) -> tuple[MessageBus, Messa
     raise DBusError(AccessDenied.dbus_name, "cannot identify the caller of this request")
 
 
-def _internal_error(exc: BaseException) -> DBusError:
-    return DBusError(ERROR_FAILED, f"internal error: {type(exc).__name__}; see the daemon log")
+def _internal_error() -> DBusError:
+    return DBusError(ERROR_FAILED, InternalError().message)
 
 
 async def _bus_call(bus: MessageBus, member: str, signature: str, body: list[Any]) -> Message:
@@ -414,7 +396,7 @@ async def caller_from_bus(bus: MessageBus, msg: Message) -> Caller:
     if gids_variant is not None:
         gids = frozenset(int(g) for g in gids_variant.value)
     else:
-        gids = await asyncio.to_thread(user_gids, uid)
+        gids = await lookup_user_gids(uid)
     pid_variant = creds.get("ProcessID")
     pid = f", pid {pid_variant.value}" if pid_variant is not None else ""
     return Caller(uid=uid, gids=gids, description=f"{sender} (uid {uid}{pid})")
@@ -436,8 +418,6 @@ async def _describe_owner(bus: MessageBus, name: str) -> str:
 async def serve(
     manager: ManagerAPI,
     bus_address: str | None = None,
-    *,
-    allowed_groups: Iterable[str] = DEFAULT_GROUPS,
 ) -> MessageBus:
     """Connect to the system bus, export the Manager interface and own BUS_NAME.
 
@@ -451,7 +431,7 @@ async def serve(
     except Exception as exc:
         raise ServeError(f"cannot connect to the system bus at {address}: {exc}") from exc
     try:
-        ManagerInterface(manager, allowed_groups=allowed_groups).export_on(bus)
+        ManagerInterface(manager).export_on(bus)
         try:
             reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         except DBusError as exc:

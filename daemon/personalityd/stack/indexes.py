@@ -1,0 +1,82 @@
+"""The path indexes of mounted volumes, cached by volume identity, and the conflict report.
+
+An index is made once per medium (the walk is the expensive part of a change) and reused by
+every later change that stacks the same volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+
+import structlog
+
+from personalityd.adapters.indexer import (
+    BaseNames,
+    identical_entries,
+    index_volume_packed,
+    release_free_memory,
+)
+from personalityd.core.model import Conflict, ConflictReport, StackPlan, Volume
+from personalityd.core.packed import EMPTY, PackedTree, find_conflicts_packed
+from personalityd.stack.layout import Layout
+
+log = structlog.get_logger()
+
+VolumeIndex = dict[str, PackedTree]  # hierarchy -> compact index (core/packed.py)
+
+
+class VolumeIndexes:
+    def __init__(self, layout: Layout, hierarchies: Sequence[str]) -> None:
+        self.layout = layout
+        self.hierarchies = tuple(hierarchies)
+        self._by_identity: dict[str, VolumeIndex] = {}
+
+    async def index(self, volume: Volume, path: str) -> VolumeIndex:
+        """The index of `volume` mounted at `path` (walked in a worker thread if not cached).
+        Raises OSError when the walk fails."""
+        cached = self._by_identity.get(volume.device.identity)
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        index = await loop.run_in_executor(None, index_volume_packed, path, self.hierarchies)
+        self._by_identity[volume.device.identity] = index
+        release_free_memory()  # the walk's transient lists, so the resident set stays small
+        log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
+        return index
+
+    def forget(self, identity: str) -> None:
+        self._by_identity.pop(identity, None)
+
+    def provides(self, volumes: Mapping[str, Volume]) -> Callable[[str, str], bool]:
+        """`provided(name, hierarchy)` for the planner, from the cached indexes."""
+
+        def provided(name: str, hierarchy: str) -> bool:
+            index = self._by_identity.get(volumes[name].device.identity)
+            return index is not None and hierarchy in index
+
+        return provided
+
+    def conflict_report(self, plan: StackPlan, volumes: Mapping[str, Volume]) -> ConflictReport:
+        """Conflicts and overrides of the planned stack (blocking: run in a worker thread)."""
+        conflicts: list[Conflict] = []
+        overrides = 0
+        for h in self.hierarchies:
+            names = plan.layers.get(h, ())
+            if not names:
+                continue
+            identity = {n: volumes[n].device.identity for n in names}
+            layers = [(n, self._by_identity[identity[n]].get(h, EMPTY)) for n in names]
+            base = BaseNames(self.layout.base_ref(h))
+            found, count = find_conflicts_packed(h, layers, base, self._identical_in(h))
+            conflicts += found
+            overrides += count
+        conflicts.sort(key=lambda c: c.path)
+        release_free_memory()
+        return ConflictReport(tuple(conflicts), overrides)
+
+    def _identical_in(self, h: str) -> Callable[[str, Sequence[str]], bool]:
+        def identical(relpath: str, names: Sequence[str]) -> bool:
+            return identical_entries([f"{self.layout.layer_dir(n, h)}/{relpath}" for n in names])
+
+        return identical

@@ -1,0 +1,395 @@
+"""The life of one change of the stack, from prepare to publish: the `Change` transaction.
+
+- prepare: mount and index the live volumes, plan, compute the conflict report, and build
+  each changed hierarchy's new overlay as a detached mount where nobody sees it;
+- commit: persist the state, stop the services of leaving personalities, then swap each
+  hierarchy (the new overlay beneath the old one, then the old top lazily unmounted);
+- undo: every step records its undo as it is made; a failure runs them newest first, so
+  nothing visible changes;
+- publish: release leaving volumes, write the runtime record and `conflicts.json`, journal
+  the report, replace the readers' snapshot, signal subscribers, answer the callers.
+
+Only the manager's consumer runs a change, one at a time. Blocking work (walks, mounts,
+fsync) runs in worker threads so readers are answered meanwhile; only the consumer touches
+the engine, so this is race-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from personalityd.adapters.journal import Journal
+from personalityd.adapters.mounts import Detached
+from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
+from personalityd.adapters.systemd import ServiceHooks
+from personalityd.config import Config
+from personalityd.core.errors import MountFailed, PersonalityError
+from personalityd.core.model import (
+    ConflictReport,
+    DesiredEntry,
+    StackEvent,
+    StackPlan,
+    Volume,
+)
+from personalityd.core.planner import check_layer_limit, plan_stack
+from personalityd.stack.engine import Engine
+from personalityd.stack.indexes import VolumeIndexes
+from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
+from personalityd.stack.registry import VolumeRegistry
+
+log = structlog.get_logger()
+
+Answer = tuple["asyncio.Future[bool]", bool]  # a caller's future and what it is answered
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What readers see; replaced as a whole when a change is published."""
+
+    generation: int = 0
+    live: tuple[str, ...] = ()
+    report: ConflictReport = field(default_factory=lambda: ConflictReport((), 0))
+
+
+@dataclass
+class StackState:
+    """The stack as the daemon knows it. Read by anyone; written only by changes."""
+
+    desired: tuple[DesiredEntry, ...]
+    saved: PersistedState  # what state.json holds
+    snapshot: Snapshot
+    upper: Upper = NO_UPPER
+    draining: dict[str, str] = field(default_factory=dict)  # name -> device still held
+
+    def desired_names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.desired)
+
+
+@dataclass
+class Stack:
+    """Everything a change works with."""
+
+    config: Config
+    engine: Engine
+    indexes: VolumeIndexes
+    registry: VolumeRegistry
+    journal: Journal
+    hooks: ServiceHooks
+    state: StackState
+    notify: Callable[[StackEvent], None]
+
+    def current_upper(self) -> Upper:
+        writable = self.registry.writable
+        if writable is not None:
+            try:
+                return self.engine.writable_upper(writable)
+            except OSError as exc:
+                log.error("writable_mount_failed", device=writable.devnode, error=str(exc))
+        if self.config.writable_fallback == "tmpfs":
+            return self.engine.tmpfs_upper()
+        return NO_UPPER
+
+    def plan(self, volumes: dict[str, Volume], indexed: bool = True) -> StackPlan:
+        """The planned stack; `indexed=False` gives the live names before indexes exist."""
+        provided = self.indexes.provides(volumes) if indexed else (lambda n, h: True)
+        return plan_stack(self.state.desired, volumes, provided, self.config.hierarchies)
+
+
+class VolumeFailed(Exception):
+    """A volume of the live stack could not be mounted or indexed (`error.volume` says which);
+    the manager marks it failed and plans again without it."""
+
+    def __init__(self, error: PersonalityError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class UndoLog:
+    """The undo of every step made so far, run newest first when the change fails."""
+
+    def __init__(self) -> None:
+        self._steps: dict[int, tuple[str, Callable[[], object]]] = {}
+        self._next = 0
+
+    def add(self, what: str, undo: Callable[[], object]) -> int:
+        self._next += 1
+        self._steps[self._next] = (what, undo)
+        return self._next
+
+    def discard(self, *tokens: int) -> None:
+        """Steps whose result now belongs to someone else (e.g. the swap)."""
+        for token in tokens:
+            self._steps.pop(token, None)
+
+    def run(self) -> None:
+        for token in sorted(self._steps, reverse=True):
+            what, undo = self._steps.pop(token)
+            try:
+                undo()
+            except Exception:
+                log.exception("undo_failed", step=what)
+
+
+async def mount_and_index(stack: Stack, volumes: Sequence[Volume], undo: UndoLog) -> list[int]:
+    """Mount (if needed) and index each volume; each new mount's undo goes to `undo`.
+    Returns the undo tokens of the mounts made. Raises VolumeFailed naming the volume."""
+    engine = stack.engine
+    made: list[int] = []
+    for volume in volumes:
+        mounted = engine.volumes.get(volume.name)
+        if mounted is not None and mounted.identity != volume.device.identity:
+            engine.unmount_volume(volume.name)
+            mounted = None
+        if mounted is None:
+            try:
+                engine.mount_volume(volume)
+            except OSError as exc:
+                raise VolumeFailed(_volume_error(volume, exc)) from exc
+            unmount = functools.partial(engine.unmount_volume, volume.name)
+            made.append(undo.add(f"unmount {volume.name}", unmount))
+    # The walks run side by side in worker threads: they are mostly kernel work (directory
+    # blocks read and decompressed) done with the GIL released.
+    outcomes = await asyncio.gather(
+        *(stack.indexes.index(v, engine.volumes[v.name].path) for v in volumes),
+        return_exceptions=True,
+    )
+    for volume, outcome in zip(volumes, outcomes, strict=True):
+        if isinstance(outcome, OSError):
+            raise VolumeFailed(_volume_error(volume, outcome)) from outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return made
+
+
+def _volume_error(volume: Volume, exc: OSError) -> MountFailed:
+    cause = exc.strerror or str(exc)
+    return MountFailed(
+        f"cannot use volume '{volume.name}' on {volume.device.devnode}: {exc}",
+        volume=volume.name,
+        cause=cause,
+    )
+
+
+class Change:
+    """One change of the live stack (see the module docstring)."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        requested: str,
+        answers: Sequence[Answer] = (),
+    ) -> None:
+        self.stack = stack
+        self.requested = requested  # what was asked, for the journal and the log
+        self.answers = answers
+        self.undo = UndoLog()
+        self.before = stack.state.snapshot
+        self.volumes: dict[str, Volume] = {}
+        self.plan = StackPlan((), {})
+        self.upper = NO_UPPER
+        self.generation = self.before.generation
+        self.report = ConflictReport((), 0)
+        self.wanted: dict[str, OverlaySpec | None] = {}
+        self._mounts: list[int] = []  # undo tokens of the volume mounts this change made
+        self._built_items: dict[str, Detached | str] = {}
+        self._built = 0  # undo token of releasing them
+        self.swap_ms = 0.0
+
+    async def run(self) -> bool:
+        """Prepare, commit and publish; True when the live stack changed. On failure nothing
+        visible has changed (but for a swap the kernel refused part-way) and it raises the
+        PersonalityError for the caller, or VolumeFailed."""
+        try:
+            if not await self.prepare():
+                await self.publish_unchanged()
+                return False
+            await self.commit()
+        except VolumeFailed:
+            self.undo.run()
+            raise
+        except PersonalityError as error:
+            self.undo.run()
+            self.stack.journal.change_failed(self.requested, str(error))
+            log.error("change_failed", requested=self.requested, error=str(error))
+            raise
+        except BaseException:
+            self.undo.run()
+            raise
+        await self.publish()
+        return True
+
+    # -- prepare ---------------------------------------------------------------------------
+
+    async def prepare(self) -> bool:
+        """Everything new, made where nobody looks. False when there is nothing to change."""
+        stack = self.stack
+        self.volumes = stack.registry.usable()
+        live = stack.plan(self.volumes, indexed=False).live
+        self._mounts = await mount_and_index(stack, [self.volumes[n] for n in live], self.undo)
+        self.upper = stack.current_upper()
+        self.plan = stack.plan(self.volumes)
+        if self.plan.live == self.before.live and stack.engine.is_current(self.plan, self.upper):
+            return False
+        self.generation = self.before.generation + 1
+        check_layer_limit(self.plan, stack.config.max_layers)
+        loop = asyncio.get_running_loop()
+        indexes, engine = stack.indexes, stack.engine
+        self.report = await loop.run_in_executor(
+            None, indexes.conflict_report, self.plan, self.volumes
+        )
+        self.wanted = engine.specs_for(self.plan, self.upper)
+        built = await loop.run_in_executor(None, engine.build, self.wanted, self.generation)
+        self._built_items = built
+        self._built = self.undo.add("release the built overlays", lambda: engine.release(built))
+        return True
+
+    # -- commit ----------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        stack = self.stack
+        loop = asyncio.get_running_loop()
+        previous = stack.state.saved
+        try:
+            await loop.run_in_executor(None, self._persist, self.generation)
+        except OSError as exc:
+            raise MountFailed(f"cannot save the state: {exc}", cause=str(exc)) from exc
+        self.undo.add("restore the saved state", lambda: self._restore(previous))
+        leaving = self._leaving()
+        if stack.hooks.before_swap is not None and leaving:
+            await _maybe_await(stack.hooks.before_swap(leaving))
+        # From here the overlays and the volume mounts belong to the swap.
+        self.undo.discard(self._built, *self._mounts)
+        started = time.monotonic()
+        try:
+            stack.engine.swap(self.wanted, self._built_items)
+        except OSError as exc:
+            log.error("swap_failed", requested=self.requested, error=str(exc))
+            raise MountFailed(
+                f"swapping in the new stack failed: {exc}", cause=str(exc)
+            ) from exc
+        self.swap_ms = (time.monotonic() - started) * 1000
+
+    def _leaving(self) -> list[Volume]:
+        volumes = self.stack.registry.volumes
+        return [
+            v for n, v in volumes.items() if n in self.before.live and n not in self.plan.live
+        ]
+
+    def _persist(self, generation: int) -> None:
+        state = self.stack.state
+        new = PersistedState(state.desired, generation)
+        if new != state.saved:
+            save_state(self.stack.config.path(self.stack.config.state_dir), new)
+            state.saved = new
+
+    def _restore(self, previous: PersistedState) -> None:
+        state = self.stack.state
+        if state.saved != previous:
+            save_state(self.stack.config.path(self.stack.config.state_dir), previous)
+            state.saved = previous
+
+    # -- publish ---------------------------------------------------------------------------
+
+    async def publish_unchanged(self) -> None:
+        """Nothing to swap; the desired list may still have changed (a pending attach)."""
+        state = self.stack.state
+        desired_before = tuple(e.name for e in state.saved.desired)
+        await asyncio.get_running_loop().run_in_executor(None, self._persist, self.generation)
+        state.upper = self.upper
+        if desired_before != state.desired_names():
+            live = self.before.live
+            self.stack.notify(StackEvent(self.generation, live, (), (), stack_changed=False))
+        self._answer()
+
+    async def publish(self) -> None:
+        stack, state, plan = self.stack, self.stack.state, self.plan
+        for name in list(stack.engine.volumes):
+            if name not in plan.live:
+                gone = stack.engine.unmount_volume(name)
+                if gone is not None:
+                    state.draining[name] = gone.devnode
+        for name in plan.live:
+            state.draining.pop(name, None)
+        await asyncio.get_running_loop().run_in_executor(None, self._record)
+        state.upper = self.upper
+        state.snapshot = Snapshot(self.generation, plan.live, self.report)
+        if self.upper.kind == "tmpfs":
+            log.warning("writable_volatile", reason="no writable volume; writes go to a tmpfs")
+        log.info(
+            "stack_changed",
+            generation=self.generation,
+            attached=" ".join(plan.live),
+            conflicts=len(self.report.conflicts),
+            overrides=self.report.overrides,
+            swap_ms=round(self.swap_ms, 3),
+        )
+        before = self.before.live
+        stack.notify(
+            StackEvent(
+                generation=self.generation,
+                attached=plan.live,
+                newly_attached=tuple(n for n in plan.live if n not in before),
+                detached=tuple(n for n in before if n not in plan.live),
+            )
+        )
+        stack.engine.clean_work_dirs(self.upper, self.generation)
+        stack.engine.release_writable(self.upper)
+        arriving = [self.volumes[n] for n in plan.live if n not in before]
+        if stack.hooks.after_change is not None:  # reloads even when only leaving
+            await _maybe_await(stack.hooks.after_change(arriving))
+        self._answer()
+
+    def _record(self) -> None:
+        """The files and journal entries of the change (in a worker thread)."""
+        stack = self.stack
+        stack.engine.write_record(self.generation)
+        runtime = stack.config.path(stack.config.runtime_dir)
+        try:
+            write_conflict_report(runtime, self.generation, self.plan.live, self.report)
+        except OSError as exc:
+            log.error("conflict_report_not_written", error=str(exc))
+        conflicts, overrides = self.report.conflicts, self.report.overrides
+        stack.journal.report_stack(self.generation, self.plan.live, conflicts, overrides)
+
+    def _answer(self) -> None:
+        for future, value in self.answers:
+            if not future.done():
+                future.set_result(value)
+
+
+async def adopt(stack: Stack) -> bool:
+    """After the engine adopted what an earlier run left mounted: True when that is exactly the
+    planned stack (then it is published as the current generation), False when a change must
+    rebuild it."""
+    undo = UndoLog()
+    volumes = stack.registry.usable()
+    live = stack.plan(volumes, indexed=False).live
+    try:
+        await mount_and_index(stack, [volumes[n] for n in live], undo)
+    except VolumeFailed as failure:
+        undo.run()
+        log.error("adopt_index_failed", error=str(failure.error))
+    upper = stack.current_upper()
+    plan = stack.plan(volumes)
+    if not stack.engine.is_current(plan, upper):
+        return False
+    loop = asyncio.get_running_loop()
+    report = await loop.run_in_executor(None, stack.indexes.conflict_report, plan, volumes)
+    state = stack.state
+    state.upper = upper
+    state.snapshot = Snapshot(state.snapshot.generation, plan.live, report)
+    runtime = stack.config.path(stack.config.runtime_dir)
+    write_conflict_report(runtime, state.snapshot.generation, plan.live, report)
+    log.info("stack_restored", generation=state.snapshot.generation, attached=" ".join(plan.live))
+    return True
+
+
+async def _maybe_await(result: object) -> None:
+    if asyncio.iscoroutine(result):
+        await result
