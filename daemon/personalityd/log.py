@@ -16,26 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-from personalityd.core.messages import SYSLOG_IDENTIFIER
-
-
-def _load_sendv() -> Callable[..., object] | None:
-    try:
-        from systemd.journal import sendv
-    except ImportError:  # systemd-python missing: stderr only
-        return None
-    function: Callable[..., object] = sendv
-    return function
-
-
-_sendv = _load_sendv()
+from personalityd.adapters.journal import Sendv, encode_fields, send_items, sendv_available
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
@@ -62,9 +49,6 @@ PRIORITIES = {
 
 # Keys the renderer puts first, and the journal sender does not repeat as fields.
 _HEAD_KEYS = ("timestamp", "level", "event")
-# Field names journald accepts: upper case, digits, underscore; not starting with _ or a digit.
-_BAD_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")
-_OWN_FIELDS = frozenset({"MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"})
 
 EventDict = MutableMapping[str, Any]
 
@@ -80,37 +64,20 @@ def stderr_is_journal(environ: MutableMapping[str, str] | None = None) -> bool:
         return False
 
 
-def journal_field_name(key: str) -> str:
-    """A structlog key as a journal field name: `device` -> `DEVICE`."""
-    name = _BAD_FIELD_CHARS.sub("_", key.upper()).lstrip("_")[:64] or "FIELD"
-    if name[0].isdigit() or name in _OWN_FIELDS:
-        name = ("FIELD_" + name)[:64]
-    return name
-
-
 class JournalSender:
     """A structlog processor that sends each event to the journal and passes it on unchanged."""
 
-    def __init__(self, sendv: Callable[..., object] | None = None) -> None:
-        # sd_journal_sendv drops entries silently while the socket is missing.
-        self._sendv = sendv if sendv is not None else _sendv
+    def __init__(self, sendv: Sendv | None = None) -> None:
+        self._sendv = sendv  # tests substitute one; else adapters/journal.py's
 
     def __call__(self, _logger: object, method_name: str, event_dict: EventDict) -> EventDict:
-        if self._sendv is None:
-            return event_dict
         fields = {k: v for k, v in event_dict.items() if k not in _HEAD_KEYS}
         event = str(event_dict.get("event", ""))
         message = " ".join([event, *(f"{k}={_text(v)}" for k, v in fields.items())])
         level = str(event_dict.get("level", method_name))
-        items = [
-            f"MESSAGE={message}",
-            f"PRIORITY={PRIORITIES.get(level, 6)}",
-            f"SYSLOG_IDENTIFIER={SYSLOG_IDENTIFIER}",
-            *(f"{journal_field_name(k)}={_text(v)}" for k, v in fields.items()),
-        ]
         # If journald went away, the line is still on stderr.
         with contextlib.suppress(OSError, ValueError):
-            self._sendv(*(item.encode("utf-8", "surrogateescape") for item in items))
+            send_items(message, PRIORITIES.get(level, 6), encode_fields(fields), sendv=self._sendv)
         return event_dict
 
 
@@ -147,7 +114,7 @@ def setup_logging(level: str = "info", *, journal: bool | None = None) -> None:
             f"unknown log level {level!r}: expected one of {', '.join(LEVELS)}"
         ) from None
     if journal is None:
-        journal = _sendv is not None and os.path.exists(JOURNAL_SOCKET) and not stderr_is_journal()
+        journal = sendv_available() and os.path.exists(JOURNAL_SOCKET) and not stderr_is_journal()
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

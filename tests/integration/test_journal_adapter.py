@@ -17,7 +17,7 @@ from journal_fixture import journald, read_journal  # noqa: F401  (fixture used 
 from structlog.testing import capture_logs
 
 from personalityd import log as log_module
-from personalityd.adapters.journal import Journal, encode_fields
+from personalityd.adapters.journal import Journal, encode_fields, journal_field_name
 from personalityd.core import messages
 from personalityd.core.conflicts import conflict_message
 from personalityd.core.model import Conflict
@@ -244,8 +244,8 @@ def test_stderr_is_journal() -> None:
 
 
 def test_journal_field_names() -> None:
-    assert log_module.journal_field_name("device") == "DEVICE"
-    assert log_module.journal_field_name("_private") == "PRIVATE"
-    assert log_module.journal_field_name("message") == "FIELD_MESSAGE"
-    assert log_module.journal_field_name("2nd") == "FIELD_2ND"
-    assert log_module.journal_field_name("a-b.c") == "A_B_C"
+    assert journal_field_name("device") == "DEVICE"
+    assert journal_field_name("_private") == "PRIVATE"
+    assert journal_field_name("message") == "FIELD_MESSAGE"
+    assert journal_field_name("2nd") == "FIELD_2ND"
+    assert journal_field_name("a-b.c") == "A_B_C"

@@ -83,7 +83,6 @@ def test_plan_stack(
     assert plan.live == live
     assert dict(plan.layers) == layers
     assert list(plan.layers) == ["/usr", "/etc", "/opt"]
-    assert plan.hierarchies_stacked() == tuple(h for h in ("/usr", "/etc") if layers[h])
 
 
 def test_plan_stack_excludes_failed_volumes() -> None:

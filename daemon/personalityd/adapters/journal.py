@@ -1,6 +1,9 @@
-"""The systemd journal: structured entries with our MESSAGE_IDs (DESIGN section 5).
+"""The systemd journal: the one path to it, and the entries with our MESSAGE_IDs.
 
-Sending never raises. When journald is not there (socket missing, or sendv failing because
+`send_items` is the only place that calls sd_journal_sendv; `encode_fields` the only place
+that turns fields into journal items. The log (log.py) and the `Journal` entries both use them.
+
+`Journal.send` never raises. When journald is not there (socket missing, or sendv failing because
 journald stopped), the first failure is logged once through structlog and entries are dropped;
 every send checks again (one stat), so entries flow again as soon as journald is back.
 """
@@ -8,6 +11,7 @@ every send checks again (one stat), so entries flow again as soon as journald is
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping, Sequence
 
@@ -15,6 +19,7 @@ import structlog
 
 from personalityd.core import messages
 from personalityd.core.conflicts import conflict_message
+from personalityd.core.messages import SYSLOG_IDENTIFIER
 from personalityd.core.model import Conflict
 
 Sendv = Callable[..., object]
@@ -36,9 +41,12 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 PRIORITY_ERR = 3
 PRIORITY_WARNING = 4
 PRIORITY_NOTICE = 5
-PRIORITY_INFO = 6
 
 FieldValue = str | int | Sequence[str]
+
+# Field names journald accepts: upper case, digits, underscore; not starting with _ or a digit.
+_BAD_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")
+_OWN_FIELDS = frozenset({"MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"})
 
 log = structlog.get_logger(__name__)
 
@@ -50,21 +58,56 @@ def journal_socket_present(socket_path: str = JOURNAL_SOCKET) -> bool:
         return False
 
 
-def encode_fields(fields: Mapping[str, FieldValue]) -> list[bytes]:
-    """`KEY=value` items for sendv: keys upper-cased, a sequence repeats its key once per item,
-    bools become 0/1 and ints decimal. Text is UTF-8; undecodable path bytes (surrogate
-    escapes) are passed through as the original bytes."""
+def journal_field_name(key: str) -> str:
+    """A key as a journal field name: `device` -> `DEVICE`, `odd-key` -> `ODD_KEY`; never one
+    of the fields every entry sets itself."""
+    name = _BAD_FIELD_CHARS.sub("_", key.upper()).lstrip("_")[:64] or "FIELD"
+    if name[0].isdigit() or name in _OWN_FIELDS:
+        name = ("FIELD_" + name)[:64]
+    return name
+
+
+def sendv_available() -> bool:
+    return _sendv is not None
+
+
+def send_items(
+    message: str,
+    priority: int,
+    items: Sequence[bytes],
+    message_id: str = "",
+    sendv: Sendv | None = None,
+) -> None:
+    """Hand one entry to journald: MESSAGE, MESSAGE_ID (if any), PRIORITY, our
+    SYSLOG_IDENTIFIER, then `items`. Raises OSError or ValueError; silently nothing without
+    systemd-python. `sendv` replaces sd_journal_sendv (tests)."""
+    sendv = sendv or _sendv
+    if sendv is None:
+        return
+    head = [_item("MESSAGE", message)]
+    if message_id:
+        head.append(_item("MESSAGE_ID", message_id))
+    head += [_item("PRIORITY", str(priority)), _item("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER)]
+    sendv(*head, *items)
+
+
+def encode_fields(fields: Mapping[str, FieldValue | bool]) -> list[bytes]:
+    """`KEY=value` items for sendv: keys as journal field names, a sequence repeats its key
+    once per item, bools become 0/1 and ints decimal. Text is UTF-8; undecodable path bytes
+    (surrogate escapes) are passed through as the original bytes. Other values: their str."""
     items: list[bytes] = []
     for key, value in fields.items():
-        name = key.upper()
+        name = journal_field_name(key)
         if isinstance(value, str):
             items.append(_item(name, value))
         elif isinstance(value, bool):
             items.append(_item(name, "1" if value else "0"))
         elif isinstance(value, int):
             items.append(_item(name, str(value)))
+        elif isinstance(value, list | tuple):
+            items.extend(_item(name, str(item)) for item in value)
         else:
-            items.extend(_item(name, item) for item in value)
+            items.append(_item(name, str(value)))
     return items
 
 
@@ -81,7 +124,7 @@ class Journal:
 
     def __init__(self, socket_path: str = JOURNAL_SOCKET, sendv: Sendv | None = None) -> None:
         self.socket_path = socket_path
-        self._sendv = sendv if sendv is not None else _sendv
+        self._sendv = sendv  # tests substitute one; else send_items
         self._available = True  # what we last told the log
 
     @property
@@ -96,21 +139,14 @@ class Journal:
         fields: Mapping[str, FieldValue],
     ) -> bool:
         """Send one entry; True when it was handed to journald. Never raises."""
-        if self._sendv is None:
+        if self._sendv is None and not sendv_available():
             self._unavailable("systemd-python is not installed")
             return False
         if not journal_socket_present(self.socket_path):
             self._unavailable(f"{self.socket_path} is missing")
             return False
-        items = [
-            _item("MESSAGE", message),
-            _item("MESSAGE_ID", message_id),
-            _item("PRIORITY", str(priority)),
-            _item("SYSLOG_IDENTIFIER", messages.SYSLOG_IDENTIFIER),
-            *encode_fields(fields),
-        ]
         try:
-            self._sendv(*items)
+            send_items(message, priority, encode_fields(fields), message_id, self._sendv)
         except (OSError, ValueError) as e:
             self._unavailable(str(e))
             return False
@@ -124,7 +160,7 @@ class Journal:
             self._available = False
             log.warning("journal_unavailable", socket=self.socket_path, reason=reason)
 
-    # The DESIGN section 5 entries.
+    # Our entries (docs/journal.md).
 
     def conflict(self, c: Conflict, generation: int) -> bool:
         return self.send(

@@ -22,7 +22,6 @@ class MountEntry:
     mount_point: str
     fs_type: str
     source: str
-    super_options: str
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
@@ -41,7 +40,6 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
                     mount_point=_unescape(fields[4]),
                     fs_type=fields[sep + 1],
                     source=_unescape(fields[sep + 2]),
-                    super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
                 )
             )
         except (ValueError, IndexError):

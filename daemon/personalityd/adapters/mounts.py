@@ -358,3 +358,13 @@ def kernel_supports_beneath(scratch_dir: str) -> bool:
         return True
     finally:
         unmount(scratch_dir)
+
+
+def device_busy(devnode: str) -> bool:
+    """A block device still used by a (lazily unmounted) filesystem refuses O_EXCL."""
+    try:
+        fd = os.open(devnode, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False

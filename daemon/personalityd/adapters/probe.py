@@ -34,7 +34,6 @@ class NotAPersonality(Exception):
 @dataclass(frozen=True)
 class ProbeResult:
     manifest: Manifest
-    existing_mount: str | None  # where the device was already mounted, if it was
     # Set-id regular files found when the volume options say nosuid (a few, root-relative):
     # overlayfs honours only the overlay mount's own nosuid, so through the stack they would
     # run set-id whatever the volume mount says; such a volume is refused.
@@ -145,11 +144,11 @@ def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeRe
     if existing:
         where = existing[0].mount_point
         manifest = read_manifest(where)
-        return ProbeResult(manifest, where, find_setid_files(where) if scan else ())
+        return ProbeResult(manifest, find_setid_files(where) if scan else ())
     options = (*volume_mount_options(fs_type, mount_options), "noexec")
     with mounts.mount_block_device(
         device.devnode, fs_type, options, f"probe of {device.devnode}"
     ) as detached:
         tree = f"/proc/self/fd/{detached.fd}"
         manifest = read_manifest(tree)
-        return ProbeResult(manifest, None, find_setid_files(tree) if scan else ())
+        return ProbeResult(manifest, find_setid_files(tree) if scan else ())

@@ -1,4 +1,4 @@
-"""Journal MESSAGE_IDs (DESIGN section 5) and the identifier every entry carries."""
+"""Journal MESSAGE_IDs of our entries (docs/journal.md) and the identifier every entry carries."""
 
 from __future__ import annotations
 

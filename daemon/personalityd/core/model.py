@@ -20,8 +20,6 @@ BLOCK_DEVICE = "b"
 FIFO = "p"
 SOCKET = "s"
 
-MERGING_KINDS = frozenset({DIR})
-
 # A TreeIndex maps a path relative to the hierarchy ("bin/tool", no leading slash; the
 # hierarchy's own directory is not a key) to its kind character above.
 TreeIndex = Mapping[str, str]
@@ -130,9 +128,6 @@ class StackPlan:
 
     live: tuple[str, ...]  # bottom first (attach order)
     layers: Mapping[str, tuple[str, ...]]  # hierarchy -> personality names, top first
-
-    def hierarchies_stacked(self) -> tuple[str, ...]:
-        return tuple(h for h, names in self.layers.items() if names)
 
 
 @dataclass(frozen=True)

@@ -46,21 +46,14 @@ DBUS_OBJECT_PATH: Final = "/org/freedesktop/DBus"
 DBUS_INTERFACE: Final = "org.freedesktop.DBus"
 PROPERTIES_INTERFACE: Final = "org.freedesktop.DBus.Properties"
 
-# Errors. Domain errors carry their own D-Bus name; these are the names clients match on.
-ERROR_NO_SUCH_PERSONALITY: Final = errors.NoSuchPersonality.dbus_name
-ERROR_INCOMPATIBLE: Final = errors.Incompatible.dbus_name
-ERROR_BUSY: Final = errors.Busy.dbus_name
-ERROR_MOUNT_FAILED: Final = errors.MountFailed.dbus_name
-ERROR_INVALID_NAME: Final = errors.InvalidName.dbus_name
-ERROR_TIMEOUT: Final = errors.Timeout.dbus_name
-ERROR_ACCESS_DENIED: Final = errors.AccessDenied.dbus_name  # org.freedesktop.DBus.Error.*
-ERROR_INVALID_ARGS: Final = errors.InvalidRequest.dbus_name  # org.freedesktop.DBus.Error.*
+# Errors. Domain errors carry their own D-Bus name (core/errors.py); these are the others.
+ERROR_INVALID_ARGS: Final = errors.InvalidRequest.dbus_name
 ERROR_FAILED: Final = "org.freedesktop.DBus.Error.Failed"
 # What a client sees when nobody owns BUS_NAME (no bus activation for us).
 ERROR_SERVICE_UNKNOWN: Final = "org.freedesktop.DBus.Error.ServiceUnknown"
 ERROR_NAME_HAS_NO_OWNER: Final = "org.freedesktop.DBus.Error.NameHasNoOwner"
 
-# Signatures (DESIGN section 7).
+# Signatures of the Manager interface.
 SIG_PERSONALITY_LIST: Final = "a(sssss)"  # name, state, version, device, mount point
 SIG_CONFLICT_LIST: Final = "a(ssasb)"  # path, winner, shadowed (top first), identical
 SIG_OPTIONS: Final = "a{sv}"

@@ -139,129 +139,148 @@ def find_conflicts_packed(
     the base has no such directory. `identical(relpath, names_top_first)` is asked only for
     conflicts whose entries are all regular files or all symlinks.
     """
-    n = len(layers)
-    names = [name for name, _ in layers]
-    trees = [tree for _, tree in layers]
-    dir_maps = [tree.dir_map() for tree in trees]
+    finder = _ConflictFinder(layers, base_names)
+    overrides = finder.single_provider_overrides()
+    conflicts, questions, more = finder.shared_paths(hierarchy)
+    for i, relpath, names_top_first in questions:
+        if identical(relpath, names_top_first):
+            conflicts[i] = dataclasses.replace(conflicts[i], identical=True)
+    conflicts.sort(key=lambda c: c.path)
+    return conflicts, overrides + more
 
-    listings: dict[tuple[int, bytes], dict[bytes, str]] = {}
 
-    def listing(k: int, directory: bytes) -> dict[bytes, str]:
-        found = listings.get((k, directory))
+class _ConflictFinder:
+    """The state of one `find_conflicts_packed` call: listings and base names read once."""
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, PackedTree]],
+        base_names: Callable[[bytes], Collection[bytes] | None],
+    ) -> None:
+        self.n = len(layers)
+        self.names = [name for name, _ in layers]
+        self.trees = [tree for _, tree in layers]
+        self.dir_maps = [tree.dir_map() for tree in self.trees]
+        self.base_names = base_names
+        self.listings: dict[tuple[int, bytes], dict[bytes, str]] = {}
+        self.base_cache: dict[bytes, Collection[bytes] | None] = {}
+        # Directory -> the deepest layer index (n: the base too) that reaches its children.
+        self.limits: dict[bytes, int] = {b"": self.n}
+        self.holders: dict[bytes, list[int]] = {}  # directory -> layers that have it
+        for k, dir_map in enumerate(self.dir_maps):
+            for d in dir_map:
+                self.holders.setdefault(d, []).append(k)
+        self.multi = self._provided_twice()
+
+    def _provided_twice(self) -> dict[bytes, list[int]]:
+        """Paths that two or more layers provide: only in directories two or more layers have."""
+        multi: dict[bytes, list[int]] = {}
+        for d, ks in self.holders.items():
+            if len(ks) < 2:
+                continue
+            seen: dict[bytes, list[int]] = {}
+            for k in ks:
+                for name in self.listing(k, d):
+                    seen.setdefault(name, []).append(k)
+            for name, providers in seen.items():
+                if len(providers) > 1:
+                    multi[_join(d, name)] = providers
+        return multi
+
+    def listing(self, k: int, directory: bytes) -> dict[bytes, str]:
+        found = self.listings.get((k, directory))
         if found is None:
-            found = trees[k].listing(dir_maps[k][directory])
-            listings[(k, directory)] = found
+            found = self.trees[k].listing(self.dir_maps[k][directory])
+            self.listings[(k, directory)] = found
         return found
 
-    # Paths that two or more layers provide: only in directories that two or more layers have.
-    holders: dict[bytes, list[int]] = {}
-    for k, dir_map in enumerate(dir_maps):
-        for d in dir_map:
-            holders.setdefault(d, []).append(k)
-    multi: dict[bytes, list[int]] = {}
-    for d, ks in holders.items():
-        if len(ks) < 2:
-            continue
-        seen: dict[bytes, list[int]] = {}
-        for k in ks:
-            for name in listing(k, d):
-                seen.setdefault(name, []).append(k)
-        for name, providers in seen.items():
-            if len(providers) > 1:
-                multi[_join(d, name)] = providers
-
-    def kind_in(k: int, path: bytes) -> str:
+    def kind_in(self, k: int, path: bytes) -> str:
         parent, _, name = path.rpartition(b"/")
-        return listing(k, parent)[name]
+        return self.listing(k, parent)[name]
 
-    # Directory -> the deepest layer index (n: the base too) that reaches its children.
-    limits: dict[bytes, int] = {b"": n}
+    def in_base(self, directory: bytes) -> Collection[bytes] | None:
+        if directory not in self.base_cache:
+            self.base_cache[directory] = self.base_names(directory)
+        return self.base_cache[directory]
 
-    def cut_at(directory: bytes, limit: int) -> int:
-        providers = multi.get(directory)
+    def _cut_at(self, directory: bytes, limit: int) -> int:
+        providers = self.multi.get(directory)
         if providers is None:
-            ks = holders.get(directory)
+            ks = self.holders.get(directory)
             if not ks:
                 return limit  # in no layer: cuts nothing
             k = ks[0]
-            if k > limit or trees[k].dir_kinds[dir_maps[k][directory]] == _DIR:
+            tree = self.trees[k]
+            if k > limit or tree.dir_kinds[self.dir_maps[k][directory]] == _DIR:
                 return limit
             return k  # an opaque directory
         for k in providers:
             if k > limit:
                 break
-            kind = kind_in(k, directory)
+            kind = self.kind_in(k, directory)
             if kind == DIR:
                 continue
             return k if kind == OPAQUE_DIR else k - 1
         return limit
 
-    def limit_below(directory: bytes) -> int:
+    def limit_below(self, directory: bytes) -> int:
         chain: list[bytes] = []
+        limits = self.limits
         while directory not in limits:
             chain.append(directory)
             directory = directory.rpartition(b"/")[0]
         limit = limits[directory]
         for directory in reversed(chain):
-            limit = cut_at(directory, limit)
+            limit = self._cut_at(directory, limit)
             limits[directory] = limit
         return limit
 
-    base_cache: dict[bytes, Collection[bytes] | None] = {}
-
-    def in_base(directory: bytes) -> Collection[bytes] | None:
-        if directory not in base_cache:
-            base_cache[directory] = base_names(directory)
-        return base_cache[directory]
-
-    overrides = 0
-    # Paths with one provider: a replacing entry the base still reaches overrides it.
-    for k, tree in enumerate(trees):
-        for i, d in enumerate(tree.dirs):
-            if tree.kind_offsets[i] == tree.kind_offsets[i + 1]:
-                continue
-            if limit_below(d) != n:
-                continue
-            base = in_base(d)
-            if not base:
-                continue
-            entries = listing(k, d)
-            for name in entries.keys() & base if isinstance(base, set | frozenset) else entries:
-                if name not in base or entries[name] == DIR:
+    def single_provider_overrides(self) -> int:
+        """Paths with one provider: a replacing entry the base still reaches overrides it."""
+        overrides = 0
+        for k, tree in enumerate(self.trees):
+            for i, d in enumerate(tree.dirs):
+                if tree.kind_offsets[i] == tree.kind_offsets[i + 1]:
                     continue
-                if _join(d, name) not in multi:
-                    overrides += 1
+                if self.limit_below(d) != self.n:
+                    continue
+                base = self.in_base(d)
+                if base:
+                    overrides += self._overrides_in(k, d, base)
+        return overrides
 
-    prefix = hierarchy.rstrip("/") + "/"
-    conflicts: list[Conflict] = []
-    questions: list[tuple[int, str, tuple[str, ...]]] = []  # (conflict index, relpath, names)
-    for path, providers in multi.items():
-        parent, _, leaf = path.rpartition(b"/")
-        limit = limit_below(parent)
-        reaching = [k for k in providers if k <= limit]
-        if not reaching:
-            continue
-        kinds = [kind_in(k, path) for k in reaching]
-        relpath = os.fsdecode(path)
-        if len(reaching) > 1 and any(kind != DIR for kind in kinds):
-            shown = [names[k] for k in reaching]
-            if all(kind == FILE for kind in kinds) or all(kind == SYMLINK for kind in kinds):
-                questions.append((len(conflicts), relpath, tuple(shown)))
-            conflicts.append(
-                Conflict(
-                    path=prefix + relpath,
-                    hierarchy=hierarchy,
-                    winner=shown[0],
-                    shadowed=tuple(shown[1:]),
-                    identical=False,
-                )
-            )
-        if kinds[0] != DIR and limit == n:
-            base = in_base(parent)
-            if base and leaf in base:
-                overrides += 1
-    for i, relpath, names_top_first in questions:
-        if identical(relpath, names_top_first):
-            conflicts[i] = dataclasses.replace(conflicts[i], identical=True)
-    conflicts.sort(key=lambda c: c.path)
-    return conflicts, overrides
+    def _overrides_in(self, k: int, d: bytes, base: Collection[bytes]) -> int:
+        entries = self.listing(k, d)
+        count = 0
+        for name in entries.keys() & base if isinstance(base, set | frozenset) else entries:
+            if name in base and entries[name] != DIR and _join(d, name) not in self.multi:
+                count += 1
+        return count
+
+    def shared_paths(
+        self, hierarchy: str
+    ) -> tuple[list[Conflict], list[tuple[int, str, tuple[str, ...]]], int]:
+        """The conflicts (not yet sorted), the identity questions to ask (conflict index,
+        relpath, names top first), and the overrides among paths several layers provide."""
+        prefix = hierarchy.rstrip("/") + "/"
+        conflicts: list[Conflict] = []
+        questions: list[tuple[int, str, tuple[str, ...]]] = []
+        overrides = 0
+        for path, providers in self.multi.items():
+            parent, _, leaf = path.rpartition(b"/")
+            limit = self.limit_below(parent)
+            reaching = [k for k in providers if k <= limit]
+            if not reaching:
+                continue
+            kinds = [self.kind_in(k, path) for k in reaching]
+            if len(reaching) > 1 and any(kind != DIR for kind in kinds):
+                relpath = os.fsdecode(path)
+                shown = tuple(self.names[k] for k in reaching)
+                if all(kind == FILE for kind in kinds) or all(kind == SYMLINK for kind in kinds):
+                    questions.append((len(conflicts), relpath, shown))
+                conflicts.append(Conflict(prefix + relpath, hierarchy, shown[0], shown[1:], False))
+            if kinds[0] != DIR and limit == self.n:
+                base = self.in_base(parent)
+                if base and leaf in base:
+                    overrides += 1
+        return conflicts, questions, overrides

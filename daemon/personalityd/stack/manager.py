@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import structlog
 
 from personalityd.adapters.groups import DEFAULT_GROUPS, lookup_group_gids
 from personalityd.adapters.journal import Journal
+from personalityd.adapters.mounts import device_busy
 from personalityd.adapters.state import PersistedState
 from personalityd.adapters.systemd import ServiceHooks
 from personalityd.adapters.udev import DeviceEvent, enumerate_block_devices
@@ -381,19 +381,9 @@ class Manager:
         while True:
             await asyncio.sleep(interval)
             for name, devnode in list(self.state.draining.items()):
-                if not _device_busy(devnode):
+                if not device_busy(devnode):
                     del self.state.draining[name]
                     log.info("volume_released", name=name, device=devnode)
-
-
-def _device_busy(devnode: str) -> bool:
-    """A block device still used by a (lazily unmounted) filesystem refuses O_EXCL."""
-    try:
-        fd = os.open(devnode, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc.errno == 16  # EBUSY
-    os.close(fd)
-    return False
 
 
 def _fail(job: Job, error: PersonalityError) -> None:

@@ -21,7 +21,7 @@ from personalityd.core.model import BlockDevice, OsRelease, Volume
 
 log = structlog.get_logger()
 
-WRITABLE_FS_TYPES = ("ext4", "xfs", "btrfs")  # can hold an overlay upper (DESIGN section 3)
+WRITABLE_FS_TYPES = ("ext4", "xfs", "btrfs")  # can hold an overlay upper
 
 RefusalSink = Callable[[str, str | None, str], object]  # device, name, reason
 

@@ -122,7 +122,7 @@ def check_names(names: Sequence[str]) -> list[str]:
 
 
 class ManagerInterface(ServiceInterface):
-    """org.personalityd.personality1.Manager, backed by a ManagerAPI (DESIGN section 7)."""
+    """org.personalityd.personality1.Manager, backed by a ManagerAPI."""
 
     def __init__(self, manager: ManagerAPI) -> None:
         super().__init__(INTERFACE)
@@ -141,7 +141,7 @@ class ManagerInterface(ServiceInterface):
                 _current_call.set(None)
                 return False
             _current_call.set((bus, msg))
-            # dbus-fast would answer UnknownMethod; DESIGN wants InvalidArgs for bad arguments.
+            # dbus-fast would answer UnknownMethod; bad arguments are InvalidArgs in our API.
             expected = in_signatures.get(msg.member or "")
             if (
                 expected is not None
