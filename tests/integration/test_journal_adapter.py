@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from personalityd import log as log_module
 from personalityd.adapters.journal import Journal, encode_fields, journal_field_name
 from personalityd.core import messages
-from personalityd.core.conflicts import conflict_message
+from personalityd.core.messages import conflict_message
 from personalityd.core.model import Conflict
 
 pytestmark = pytest.mark.integration

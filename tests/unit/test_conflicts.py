@@ -5,8 +5,9 @@ from collections.abc import Callable, Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import find_conflicts
 
-from personalityd.core.conflicts import conflict_message, find_conflicts
+from personalityd.core.messages import conflict_message
 from personalityd.core.model import (
     BLOCK_DEVICE,
     CHAR_DEVICE,

@@ -11,13 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from oracles import index_tree, index_volume
 
 from personalityd.adapters import indexer
-from personalityd.adapters.indexer import (
-    identical_entries,
-    index_tree,
-    index_volume,
-)
+from personalityd.adapters.indexer import identical_entries
 from personalityd.core.model import (
     BLOCK_DEVICE,
     CHAR_DEVICE,

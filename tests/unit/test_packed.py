@@ -1,4 +1,4 @@
-"""The packed index (core/packed.py) against the dict index and core.conflicts.find_conflicts."""
+"""The packed index (core/packed.py) against the reference walker and conflict rule (oracles.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import find_conflicts, index_volume, pack, to_dict
 
-from personalityd.adapters.indexer import BaseNames, index_volume, index_volume_packed
-from personalityd.core.conflicts import find_conflicts
+from personalityd.adapters.indexer import BaseNames, index_volume_packed
 from personalityd.core.model import (
     CHAR_DEVICE,
     DIR,
@@ -20,7 +20,7 @@ from personalityd.core.model import (
     SYMLINK,
     WHITEOUT,
 )
-from personalityd.core.packed import EMPTY, find_conflicts_packed, pack
+from personalityd.core.packed import EMPTY, find_conflicts_packed
 
 KINDS = [DIR, OPAQUE_DIR, FILE, SYMLINK, WHITEOUT, CHAR_DEVICE, FIFO]
 NAMES = ["a", "b", "c", "bin", "lib", "x y", "é", "a-b"]
@@ -80,13 +80,13 @@ def test_same_conflicts_and_overrides_as_the_dict_version(
 @given(trees())
 def test_pack_round_trips(tree: dict[str, str]) -> None:
     packed = pack(tree)
-    assert packed.to_dict() == tree
+    assert to_dict(packed) == tree
     assert len(packed) == len(tree)
 
 
 def test_empty() -> None:
     assert len(EMPTY) == 0
-    assert EMPTY.to_dict() == {}
+    assert to_dict(EMPTY) == {}
 
 
 def test_packed_indexer_matches_dict_indexer(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_packed_indexer_matches_dict_indexer(tmp_path: Path) -> None:
     plain = index_volume(str(tmp_path), ["/usr", "/etc", "/opt"])
     assert set(packed) == set(plain) == {"/usr", "/etc"}
     for h in plain:
-        assert packed[h].to_dict() == plain[h]
+        assert to_dict(packed[h]) == plain[h]
 
 
 def test_base_names(tmp_path: Path) -> None:

@@ -53,21 +53,6 @@ _NO_XATTR_ERRNOS = frozenset({errno.ENOTSUP, errno.ENODATA})
 COMPARE_CHUNK = 1024 * 1024
 
 
-def index_volume(mount_path: str, hierarchies: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Index each hierarchy (`/usr`) the volume mounted at `mount_path` provides.
-
-    Returns hierarchy -> TreeIndex (relative path -> kind). A hierarchy the volume does not
-    have as a real directory (missing, a file, or a symlink anywhere on the way) is absent
-    from the result. An unreadable directory or an I/O error raises OSError naming the path.
-    """
-    result: dict[str, dict[str, str]] = {}
-    for hierarchy in hierarchies:
-        top = _hierarchy_dir(mount_path, hierarchy)
-        if top is not None:
-            result[hierarchy] = index_tree(top)
-    return result
-
-
 def _hierarchy_dir(mount_path: str, hierarchy: str) -> str | None:
     """`mount_path` + `hierarchy` if every component is a real directory, else None."""
     path = mount_path
@@ -86,46 +71,13 @@ def _hierarchy_dir(mount_path: str, hierarchy: str) -> str | None:
     return path
 
 
-def index_tree(top: str) -> dict[str, str]:
-    """Index everything below the directory `top` (not `top` itself)."""
-    index: dict[str, str] = {}
-    # (absolute directory path, its relative path + "/" or "" for top, holds xattr whiteouts)
-    stack: list[tuple[str, str, bool]] = [(top, "", _dir_marks(top)[1])]
-    # Local names: this loop runs once per entry of the volume.
-    pop = stack.pop
-    push = stack.append
-    dir_marks = _dir_marks
-    other_kind = _other_kind
-    is_xattr_whiteout = _is_xattr_whiteout
-    while stack:
-        dirpath, prefix, xwhiteouts = pop()
-        try:
-            with os.scandir(dirpath) as entries:
-                for entry in entries:
-                    relpath = prefix + entry.name
-                    # Regular files first: they are most entries, and d_type answers.
-                    if entry.is_file(follow_symlinks=False):
-                        if xwhiteouts and is_xattr_whiteout(entry):
-                            index[relpath] = WHITEOUT
-                        else:
-                            index[relpath] = FILE
-                    elif entry.is_dir(follow_symlinks=False):
-                        opaque, child_xwhiteouts = dir_marks(entry.path)
-                        index[relpath] = OPAQUE_DIR if opaque else DIR
-                        push((entry.path, relpath + "/", child_xwhiteouts))
-                    elif entry.is_symlink():
-                        index[relpath] = SYMLINK
-                    else:
-                        index[relpath] = other_kind(entry.stat(follow_symlinks=False))
-        except OSError as e:
-            where = e.filename if isinstance(e.filename, str) else dirpath
-            raise OSError(e.errno, e.strerror, where) from e
-    return index
-
-
 def index_volume_packed(mount_path: str, hierarchies: Sequence[str]) -> dict[str, PackedTree]:
-    """`index_volume` in the compact form the daemon keeps (core/packed.py): same entries,
-    same kinds, same errors, a few bytes per entry instead of a dict's hundred."""
+    """Index each hierarchy (`/usr`) the volume mounted at `mount_path` provides, in the
+    compact form the daemon keeps (core/packed.py): a few bytes per entry, not a dict's hundred.
+
+    A hierarchy the volume does not have as a real directory (missing, a file, or a symlink
+    anywhere on the way) is absent from the result. An unreadable directory or an I/O error
+    raises OSError naming the path."""
     result: dict[str, PackedTree] = {}
     for hierarchy in hierarchies:
         top = _hierarchy_dir(mount_path, hierarchy)
@@ -138,7 +90,7 @@ def index_tree_packed(top: str) -> PackedTree:
     """Index everything below the directory `top` into a PackedTree.
 
     Walks with bytes paths (no decoding of names) and one scandir per directory; d_type
-    answers for regular files, directories and symlinks, as in `index_tree`."""
+    answers for regular files, directories and symlinks."""
     builder = PackedTreeBuilder()
     add_dir = builder.add_dir
     dir_marks = _dir_marks

@@ -18,8 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from personalityd.core import messages
-from personalityd.core.conflicts import conflict_message
-from personalityd.core.messages import SYSLOG_IDENTIFIER
+from personalityd.core.messages import SYSLOG_IDENTIFIER, conflict_message
 from personalityd.core.model import Conflict
 
 Sendv = Callable[..., object]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from personalityd.core.model import Conflict
+
 SYSLOG_IDENTIFIER = "personalityd"
 
 MESSAGE_ID_CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
@@ -11,3 +13,10 @@ MESSAGE_ID_CHANGE_FAILED = "091e1791abd44213b5aa028ad69c8fce"
 
 # At most this many conflict entries per stack change; the summary says how many were left out.
 MAX_CONFLICT_ENTRIES = 1000
+
+
+def conflict_message(c: Conflict) -> str:
+    """The journal MESSAGE for one conflict."""
+    shadowed = ", ".join(f"'{name}'" for name in c.shadowed)
+    message = f"Conflict on {c.path}: '{c.winner}' (attached last) shadows {shadowed}"
+    return message + " (identical content)" if c.identical else message

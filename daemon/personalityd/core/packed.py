@@ -9,8 +9,8 @@ where a dict entry costs over 100 bytes: an index of 300,000 paths stays a few M
 Trees must be well formed, as the indexer makes them: every directory that holds entries is
 itself an entry (DIR or OPAQUE_DIR) of its parent, except the hierarchy's own top ("").
 
-`find_conflicts_packed` gives exactly what `core.conflicts.find_conflicts` gives for the same
-trees (tests/unit/test_packed.py checks that with hypothesis), but works per directory: only
+`find_conflicts_packed` gives exactly what the path-by-path reference rule in the tests gives
+for the same trees (checked with hypothesis), but works per directory: only
 directories present in two or more layers are looked into name by name, and the base is asked
 once per directory (`base_names`), not once per path.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from array import array
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from personalityd.core.model import DIR, FILE, OPAQUE_DIR, SYMLINK, Conflict
@@ -59,9 +59,6 @@ class PackedTree:
             for name, kind in self.listing(i).items():
                 yield os.fsdecode(prefix + name), kind
 
-    def to_dict(self) -> dict[str, str]:
-        return dict(self.items())
-
 
 class PackedTreeBuilder:
     """Collects a tree directory by directory (`add_dir`), then `build()`s it."""
@@ -98,25 +95,6 @@ class PackedTreeBuilder:
             b"".join(self._names),
             "".join(self._kinds).encode(),
         )
-
-
-def pack(tree: Mapping[str, str]) -> PackedTree:
-    """A PackedTree from a well-formed TreeIndex (tests, and indexes made the old way)."""
-    children: dict[bytes, list[tuple[bytes, str]]] = {b"": []}
-    kinds: dict[bytes, str] = {}
-    for path, kind in tree.items():
-        raw = os.fsencode(path)
-        parent, _, name = raw.rpartition(b"/")
-        children.setdefault(parent, []).append((name, kind))
-        kinds[raw] = kind
-        if kind in (DIR, OPAQUE_DIR):
-            children.setdefault(raw, [])
-    builder = PackedTreeBuilder()
-    for d, entries in children.items():
-        builder.add_dir(
-            d, kinds.get(d) if d else None, [n for n, _ in entries], "".join(k for _, k in entries)
-        )
-    return builder.build()
 
 
 EMPTY = PackedTreeBuilder().build()
