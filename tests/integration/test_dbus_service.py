@@ -38,7 +38,8 @@ from support import MemberUser
 from personalityd.adapters.groups import group_gids
 from personalityd.core.model import Conflict
 from personalityd.frontends.dbus import service
-from personalityd.frontends.dbus.service import ManagerInterface, ServeError, caller_from_bus, serve
+from personalityd.frontends.dbus.credentials import caller_from_bus
+from personalityd.frontends.dbus.service import ManagerInterface, ServeError, serve
 
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

@@ -19,11 +19,10 @@ elements themselves); otherwise the call is refused with AccessDenied.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from dbus_fast import (
@@ -41,16 +40,11 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from personalityd.adapters.bus import system_bus_address
-from personalityd.adapters.groups import lookup_user_gids
-from personalityd.core.access import Caller
 from personalityd.core.desired import Edit, check_edit
 from personalityd.core.errors import AccessDenied, InternalError, InvalidRequest, PersonalityError
 from personalityd.core.model import StackEvent
 from personalityd.core.names import (
     BUS_NAME,
-    DBUS_BUS_NAME,
-    DBUS_INTERFACE,
-    DBUS_OBJECT_PATH,
     ERROR_FAILED,
     ERROR_INVALID_ARGS,
     INTERFACE,
@@ -60,6 +54,7 @@ from personalityd.core.names import (
     OPTION_TIMEOUT,
     check_name,
 )
+from personalityd.frontends.dbus.credentials import caller_from_bus, describe_owner
 from personalityd.frontends.dbus.types import (
     ConflictList,
     Names,
@@ -74,8 +69,6 @@ log = structlog.get_logger("personalityd.dbus")
 
 _T = TypeVar("_T")
 
-# Bus calls the service makes itself (credentials, name owner) must not hang a request.
-BUS_CALL_TIMEOUT: Final = 10.0
 
 # The (bus, message) being dispatched; see the module docstring.
 _current_call: contextvars.ContextVar[tuple[MessageBus, Message] | None] = contextvars.ContextVar(
@@ -356,65 +349,6 @@ def _internal_error() -> DBusError:
     return DBusError(ERROR_FAILED, InternalError().message)
 
 
-async def _bus_call(bus: MessageBus, member: str, signature: str, body: list[Any]) -> Message:
-    msg = Message(
-        destination=DBUS_BUS_NAME,
-        path=DBUS_OBJECT_PATH,
-        interface=DBUS_INTERFACE,
-        member=member,
-        signature=signature,
-        body=body,
-    )
-    async with asyncio.timeout(BUS_CALL_TIMEOUT):
-        reply = await bus.call(msg)
-    if reply.message_type is MessageType.ERROR:
-        raise DBusError(reply.error_name or ERROR_FAILED, str(reply.body[0] if reply.body else ""))
-    return reply
-
-
-async def caller_from_bus(bus: MessageBus, msg: Message) -> Caller:
-    """The credentials of the sender of `msg`, asked of the bus daemon (never of the caller).
-
-    GetConnectionCredentials gives the uid and, on dbus-daemon >= 1.10 and dbus-broker, the
-    connection's real groups (UnixGroupIDs). Without UnixGroupIDs, the user's groups from the
-    group database stand in (the process may have dropped some; it cannot have gained any).
-    Raises AccessDenied when the bus cannot say who the caller is.
-    """
-    sender = msg.sender or ""
-    try:
-        reply = await _bus_call(bus, "GetConnectionCredentials", "s", [sender])
-        creds: dict[str, Variant] = reply.body[0]
-        uid_variant = creds.get("UnixUserID")
-        if uid_variant is not None:
-            uid = int(uid_variant.value)
-        else:
-            uid = int((await _bus_call(bus, "GetConnectionUnixUser", "s", [sender])).body[0])
-    except (DBusError, TimeoutError) as exc:
-        log.warning("dbus_credentials_unavailable", sender=sender, error=str(exc))
-        raise AccessDenied(f"cannot determine the credentials of {sender}") from None
-    gids_variant = creds.get("UnixGroupIDs")
-    if gids_variant is not None:
-        gids = frozenset(int(g) for g in gids_variant.value)
-    else:
-        gids = await lookup_user_gids(uid)
-    pid_variant = creds.get("ProcessID")
-    pid = f", pid {pid_variant.value}" if pid_variant is not None else ""
-    return Caller(uid=uid, gids=gids, description=f"{sender} (uid {uid}{pid})")
-
-
-async def _describe_owner(bus: MessageBus, name: str) -> str:
-    """`:1.5 (pid 123)` for the current owner of `name`, as far as the bus will say."""
-    try:
-        owner = str((await _bus_call(bus, "GetNameOwner", "s", [name])).body[0])
-    except (DBusError, TimeoutError):
-        return "another connection"
-    try:
-        pid = (await _bus_call(bus, "GetConnectionUnixProcessID", "s", [owner])).body[0]
-    except (DBusError, TimeoutError):
-        return owner
-    return f"{owner} (pid {pid})"
-
-
 async def serve(
     manager: ManagerAPI,
     bus_address: str | None = None,
@@ -440,7 +374,7 @@ async def serve(
                 f"{BUS_NAME}.conf installed in /usr/share/dbus-1/system.d, and are we root?)"
             ) from exc
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            owner = await _describe_owner(bus, BUS_NAME)
+            owner = await describe_owner(bus, BUS_NAME)
             raise ServeError(
                 f"cannot own the bus name {BUS_NAME}: it is owned by {owner}; "
                 "is another personalityd running?"
