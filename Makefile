@@ -23,9 +23,9 @@ deps: apt-deps $(STAMP)
 apt-deps:
 	tools/apt-install-missing $(APT_PACKAGES)
 
-$(STAMP): pyproject.toml | apt-deps
+$(STAMP): pyproject.toml testkit/pyproject.toml | apt-deps
 	[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]' -e ./testkit
 	touch $@
 
 ## demo: the self-contained demo (sandbox root, loop devices, three personalities)
@@ -37,7 +37,7 @@ test: lint typecheck
 	$(PY) -m pytest -q tests/unit tests/integration
 
 lint: deps
-	$(VENV)/bin/ruff check daemon tests
+	$(VENV)/bin/ruff check daemon tests testkit
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -49,8 +49,8 @@ unit: deps
 ## clean: caches, build output, the demo's work dir, the install stamp (not the venv)
 clean:
 	if [ -d demo/work ]; then demo/run.sh clean; fi
-	rm -rf build dist daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
-	find daemon tests demo -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf build dist daemon/*.egg-info testkit/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find daemon tests demo bench testkit -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f $(STAMP)
 
 -include mk/*.mk

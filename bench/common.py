@@ -23,9 +23,6 @@ DATA = REPO / "bench" / "data"
 IMAGES = DATA / "images"
 TREES = DATA / "trees"
 
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "daemon"))
-
 NAMESPACE_ENV = "PERSONALITYD_BENCH_NS"
 
 

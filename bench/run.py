@@ -41,18 +41,13 @@ from common import (
 
 ensure_private_namespace()
 
-from dbus_fixture import private_system_bus  # noqa: E402
-from support import (  # noqa: E402
-    Daemon,
-    LoopDevices,
-    ensure_udevd,
-    make_sandbox_root,
-    mountinfo,
-    stop_pid,
-    udev_settle,
-    udev_tag_rule,
-    unmount_tree,
-)
+from testkit.daemon import Daemon  # noqa: E402
+from testkit.dbus import private_system_bus  # noqa: E402
+from testkit.loops import LoopDevices  # noqa: E402
+from testkit.mounts import mountinfo, unmount_tree  # noqa: E402
+from testkit.processes import stop_pid  # noqa: E402
+from testkit.sandbox import make_sandbox_root  # noqa: E402
+from testkit.udev import ensure_udevd, udev_settle, udev_tag_rule  # noqa: E402
 
 QUICK = quick()
 RUNS = 3 if QUICK else 5

@@ -26,6 +26,8 @@ from collections.abc import Generator
 
 import pytest
 
+from testkit.namespace import reexec_unshared
+
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 
 _REEXEC = os.geteuid() == 0 and NAMESPACE_ENV not in os.environ
@@ -35,11 +37,7 @@ _REEXEC = os.geteuid() == 0 and NAMESPACE_ENV not in os.environ
 def pytest_configure(config: pytest.Config) -> None:
     if not _REEXEC:
         return
-    os.environ[NAMESPACE_ENV] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = [sys.executable, "-m", "pytest", *sys.argv[1:]]
-    os.execvp("unshare", ["unshare", "-m", "--propagation", "private", "--", *argv])
+    reexec_unshared([sys.executable, "-m", "pytest", *sys.argv[1:]], NAMESPACE_ENV)
 
 
 @pytest.hookimpl(wrapper=True)

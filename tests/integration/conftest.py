@@ -1,12 +1,12 @@
 """Fixtures for the integration tests: real udevd, journald, loop devices, the daemon.
 
-The helpers themselves live in `support.py` (import them with `from support import ...`);
-this file wires them into fixtures that always clean up after themselves, also on failure.
+The helpers themselves live in the `testkit` package (`from testkit.loops import LoopDevices`,
+...); this file wires them into fixtures that always clean up after themselves, also on failure.
 
 | fixture | scope | gives |
 |---|---|---|
 | `udevd` | session | PID of the systemd-udevd we started, or None if one was running |
-| `journald` | session | PID of the journald started (`journal_fixture`), or None if running |
+| `journald` | session | PID of the journald started (`testkit.journal`), or None if running |
 | `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
 | `journal` | function | `JournalReader` limited to entries written since the test started |
 | `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
@@ -20,42 +20,26 @@ When a test fails, the log of every daemon it started is attached to the report.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from journal_fixture import running_journald
-from support import (
-    Daemon,
-    JournalReader,
-    LoopDevices,
-    MemberUser,
-    UdevMonitor,
-    ensure_udevd,
-    keep_services,
-    make_sandbox_root,
-    stop_pid,
-    udev_tag_rule,
-    unmount_tree,
-)
+
+from testkit.daemon import Daemon
+from testkit.journal import JOURNALD, JournalReader, journald_available, running_journald
+from testkit.loops import LoopDevices
+from testkit.mounts import unmount_tree
+from testkit.namespace import in_private_mount_namespace
+from testkit.processes import keep_services, stop_pid
+from testkit.sandbox import make_sandbox_root
+from testkit.udev import UdevMonitor, ensure_udevd, udev_tag_rule
+from testkit.users import MemberUser, ensure_group, temporary_member
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
-
-
-def _in_private_mount_namespace() -> bool:
-    if os.environ.get(NAMESPACE_ENV) != "1":
-        return False
-    try:
-        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
-    except OSError:
-        return True  # PID 1's namespace is not visible to us: trust the marker
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,7 +55,7 @@ def _integration_preconditions() -> None:
             "run `make test` as root",
             pytrace=False,
         )
-    if not _in_private_mount_namespace():
+    if not in_private_mount_namespace(NAMESPACE_ENV):
         pytest.fail(
             "integration tests must run in the private mount namespace that tests/conftest.py "
             f"sets up (re-exec under `unshare -m`, {NAMESPACE_ENV}=1); run pytest on `tests`",
@@ -93,7 +77,9 @@ def udevd() -> Iterator[int | None]:
 
 @pytest.fixture(scope="session")
 def journald() -> Iterator[int | None]:
-    """journald listening on its socket (`journal_fixture.running_journald`); PID if ours."""
+    """journald listening on its socket (`testkit.journal.running_journald`); PID if ours."""
+    if not journald_available():
+        pytest.skip(f"{JOURNALD} is not installed")
     with running_journald() as pid:
         yield pid
 
@@ -124,7 +110,7 @@ def loop_devices(udevd: int | None, udev_token: str) -> Iterator[LoopDevices]:
 
 @pytest.fixture
 def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
-    """`tmp_path/root`: a minimal Debian 12 base tree (see `support.make_sandbox_root`).
+    """`tmp_path/root`: a minimal Debian 12 base tree (see `testkit.sandbox.make_sandbox_root`).
 
     After the test every mount under it (volumes, overlays the daemon left, as it does on
     SIGTERM) is lazily unmounted, before the loop devices are detached.
@@ -212,23 +198,11 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="module")
 def personality_gid() -> int:
     """The `personality` group exists (created if missing and left: it is harmless)."""
-    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
-    return grp.getgrnam("personality").gr_gid
+    return ensure_group("personality")
 
 
 @pytest.fixture(scope="module")
 def member_user(personality_gid: int) -> Iterator[MemberUser]:
     """A temporary system user in the `personality` group; removed afterwards."""
-    name = f"pdtest{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        [
-            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
-            *("-G", "personality", name),
-        ],
-        check=True,
-    )
-    try:
-        entry = pwd.getpwnam(name)
-        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False)
+    with temporary_member("personality") as user:
+        yield user

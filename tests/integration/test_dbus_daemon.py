@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import (
-    BUS,
-    IFACE,
-    PATH,
+
+from testkit.contract import BUS, IFACE, PATH
+from testkit.daemon import Daemon
+from testkit.dbus import (
     Signals,
     call,
     call_error,
@@ -40,18 +40,13 @@ from dbus_fixture import (
     parse_introspect,
     private_system_bus,
 )
-from support import (
-    BASE_TOOL_BYTES,
-    REPO,
-    Daemon,
-    LoopDevices,
-    MemberUser,
-    build_image,
-    build_writable_image,
-    pid_alive,
-    run,
-    wait_for,
-)
+from testkit.images import build_image, build_writable_image
+from testkit.loops import LoopDevices
+from testkit.paths import REPO
+from testkit.polling import wait_for
+from testkit.processes import pid_alive, run
+from testkit.sandbox import BASE_TOOL_BYTES
+from testkit.users import MemberUser
 
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

@@ -21,10 +21,15 @@ import pytest
 import structlog
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import (
-    BUS,
-    IFACE,
-    PATH,
+from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
+
+from personalityd.adapters.groups import group_gids
+from personalityd.core.model import Conflict
+from personalityd.frontends.dbus import service
+from personalityd.frontends.dbus.credentials import caller_from_bus
+from personalityd.frontends.dbus.service import ManagerInterface, ServeError, serve
+from testkit.contract import BUS, IFACE, PATH
+from testkit.dbus import (
     Signals,
     call_error,
     call_ok,
@@ -32,14 +37,7 @@ from dbus_fixture import (
     parse_introspect,
     private_system_bus,
 )
-from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
-from support import MemberUser
-
-from personalityd.adapters.groups import group_gids
-from personalityd.core.model import Conflict
-from personalityd.frontends.dbus import service
-from personalityd.frontends.dbus.credentials import caller_from_bus
-from personalityd.frontends.dbus.service import ManagerInterface, ServeError, serve
+from testkit.users import MemberUser
 
 ERR = "org.personalityd.personality1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-from journal_fixture import journald, read_journal  # noqa: F401  (fixture used by name)
 from structlog.testing import capture_logs
 
 from personalityd import log as log_module
@@ -21,6 +20,7 @@ from personalityd.adapters.journal import Journal, encode_fields, journal_field_
 from personalityd.core import messages
 from personalityd.core.messages import conflict_message
 from personalityd.core.model import Conflict
+from testkit.journal import read_journal
 
 pytestmark = pytest.mark.integration
 

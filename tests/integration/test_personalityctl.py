@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from dbus_fast.aio import MessageBus
-from dbus_fixture import private_system_bus
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
 
 import personalityd
 from personalityd.client.build import read_base_os_release
 from personalityd.core.model import Conflict
 from personalityd.frontends.dbus.service import serve
+from testkit.dbus import private_system_bus
 
 BUS = "org.personalityd.personality1"
 PACKAGE_DIR = str(Path(personalityd.__file__).resolve().parents[1])

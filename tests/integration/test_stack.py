@@ -17,19 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import (
-    BASE_CONF,
-    BASE_TOOL_BYTES,
-    Daemon,
-    JournalReader,
-    LoopDevices,
-    MemberUser,
-    build_image,
-    build_writable_image,
-    drop,
-    field_list,
-    mountinfo,
-)
+
+from testkit.daemon import Daemon
+from testkit.images import build_image, build_writable_image
+from testkit.journal import JournalReader, field_list
+from testkit.loops import LoopDevices
+from testkit.mounts import mountinfo
+from testkit.sandbox import BASE_CONF, BASE_TOOL_BYTES
+from testkit.spool import drop
+from testkit.users import MemberUser
 
 CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
 SUMMARY = "745778a2970b4475acba70df8299437b"

@@ -15,26 +15,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import (
-    BASE_TOOL_BYTES,
-    MESSAGE_ID_CONFLICT,
-    MESSAGE_ID_STACK_CHANGED,
-    TEST_PROPERTY,
-    Daemon,
-    JournalReader,
-    LoopDevices,
-    UdevMonitor,
-    build_image,
-    build_writable_image,
-    field_list,
-    loop_backing_file,
-    mounts_snapshot,
-    mounts_under,
-    run,
-    spool_request,
-    udev_properties,
-    unmount_tree,
-)
+
+from testkit.contract import MESSAGE_ID_CONFLICT, MESSAGE_ID_STACK_CHANGED
+from testkit.daemon import Daemon
+from testkit.images import build_image, build_writable_image
+from testkit.journal import JournalReader, field_list
+from testkit.loops import LoopDevices, loop_backing_file
+from testkit.mounts import mounts_snapshot, mounts_under, unmount_tree
+from testkit.processes import run
+from testkit.sandbox import BASE_TOOL_BYTES
+from testkit.spool import spool_request
+from testkit.udev import TEST_PROPERTY, UdevMonitor, udev_properties
 
 FILES = {
     "usr/bin/tool": "#!/bin/sh\necho tool\n",

@@ -3,7 +3,7 @@
 `make stress` runs `pytest -o python_files='stress_*.py' tests/stress` (so `make test` never
 collects these). The integration fixtures (real udevd, journald, loop devices tagged for this
 session, sandbox root, daemon factory) are loaded from tests/integration/conftest.py under a
-module name of their own; `support.py` there provides the helpers.
+module name of their own; the helpers come from the `testkit` package.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
-for path in (str(INTEGRATION), str(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+INTEGRATION = Path(__file__).resolve().parent.parent / "integration"
 
 _spec = importlib.util.spec_from_file_location(
     "personalityd_integration_conftest", INTEGRATION / "conftest.py"

@@ -11,15 +11,11 @@ import random
 import time
 from pathlib import Path
 
-from helpers import (
-    desired_of,
-    expect_clean_work_dirs,
-    expect_stack,
-    files_of,
-    spool_answers,
-    wait_answered,
-)
-from support import Daemon, LoopDevices, build_image, build_writable_image, drop
+from testkit.daemon import Daemon
+from testkit.images import build_image, build_writable_image
+from testkit.loops import LoopDevices
+from testkit.spool import drop, spool_answers, wait_answered
+from testkit.stack import desired_of, expect_clean_work_dirs, expect_stack, files_of
 
 KILLS = int(os.environ.get("STRESS_KILLS", "30"))
 NAMES = ["k1", "k2", "k3", "k4"]

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import expect_clean_work_dirs, expect_stack, files_of
-from support import Daemon, LoopDevices, build_image, build_writable_image
+from testkit.daemon import Daemon
+from testkit.images import build_image, build_writable_image
+from testkit.loops import LoopDevices
+from testkit.stack import expect_clean_work_dirs, expect_stack, files_of
 
 SWITCHES = int(os.environ.get("STRESS_SWITCHES", "100"))
 

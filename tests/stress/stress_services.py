@@ -19,18 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import expect_stack, files_of, state_of
-from journal_fixture import JOURNALD, journal_listening
-from support import (
-    MESSAGE_ID_STACK_CHANGED,
-    Daemon,
-    LoopDevices,
-    build_image,
-    ensure_udevd,
-    keep_services,
-    stop_pid,
-    wait_for,
-)
+
+from testkit.contract import MESSAGE_ID_STACK_CHANGED
+from testkit.daemon import Daemon
+from testkit.images import build_image
+from testkit.journal import JOURNALD, journal_listening
+from testkit.loops import LoopDevices
+from testkit.polling import wait_for
+from testkit.processes import keep_services, stop_pid
+from testkit.stack import expect_stack, files_of, state_of
+from testkit.udev import ensure_udevd
 
 JOURNAL_DIRS = ("/run/systemd/journal", "/run/log/journal")
 

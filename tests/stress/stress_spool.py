@@ -8,10 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import expect_stack, files_of, results, spool_answers, wait_answered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Daemon, LoopDevices, build_image, drop
+
+from testkit.daemon import Daemon
+from testkit.images import build_image
+from testkit.loops import LoopDevices
+from testkit.spool import drop, results, spool_answers, wait_answered
+from testkit.stack import expect_stack, files_of
 
 BURST = int(os.environ.get("STRESS_SPOOL_BURST", "10000"))
 

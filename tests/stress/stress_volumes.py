@@ -12,18 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import desired_of, expect_stack, files_of
-from support import (
-    MESSAGE_ID_CONFLICT,
-    MESSAGE_ID_VOLUME_REFUSED,
-    OS_RELEASE,
-    Daemon,
-    JournalReader,
-    LoopDevices,
-    build_image,
-    mountinfo,
-    wait_for,
-)
+
+from testkit.contract import MESSAGE_ID_CONFLICT, MESSAGE_ID_VOLUME_REFUSED
+from testkit.daemon import Daemon
+from testkit.images import build_image
+from testkit.journal import JournalReader
+from testkit.loops import LoopDevices
+from testkit.mounts import mountinfo
+from testkit.polling import wait_for
+from testkit.sandbox import OS_RELEASE
+from testkit.stack import desired_of, expect_stack, files_of
 
 
 def test_surprise_removal_during_switches(

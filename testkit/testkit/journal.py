@@ -14,10 +14,11 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
+from testkit.processes import stop_process
 
 JOURNALD = "/usr/lib/systemd/systemd-journald"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -35,6 +36,11 @@ def journal_listening(path: str = JOURNAL_SOCKET) -> bool:
     return True
 
 
+def journald_available() -> bool:
+    """A journald listens already, or one can be started here."""
+    return journal_listening() or os.access(JOURNALD, os.X_OK)
+
+
 @contextlib.contextmanager
 def running_journald(timeout: float = 10.0) -> Iterator[int | None]:
     """Yield the PID of the journald started here, or None when one was already listening."""
@@ -42,7 +48,7 @@ def running_journald(timeout: float = 10.0) -> Iterator[int | None]:
         yield None
         return
     if not os.access(JOURNALD, os.X_OK):
-        pytest.skip(f"{JOURNALD} is not installed")
+        raise RuntimeError(f"{JOURNALD} is not installed")
     proc = subprocess.Popen(
         [JOURNALD],
         stdin=subprocess.DEVNULL,
@@ -60,20 +66,7 @@ def running_journald(timeout: float = 10.0) -> Iterator[int | None]:
             time.sleep(0.05)
         yield proc.pid
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture(scope="session")
-def journald() -> Iterator[int | None]:
-    """A journald listening on the system journal socket for the whole session."""
-    with running_journald() as pid:
-        yield pid
+        stop_process(proc, timeout=10)
 
 
 def read_journal(*matches: str, timeout: float = 5.0, expect: int = 1) -> list[dict[str, Any]]:
@@ -95,3 +88,48 @@ def read_journal(*matches: str, timeout: float = 5.0, expect: int = 1) -> list[d
         if len(entries) >= expect or time.monotonic() > deadline:
             return entries
         time.sleep(0.1)
+
+
+def journal_entries(
+    message_id: str,
+    *,
+    since: float | None = None,
+    min_count: int = 1,
+    timeout: float = 5.0,
+    **match: str | int,
+) -> list[dict[str, Any]]:
+    """Journal entries with MESSAGE_ID and all `match` fields (FIELD=value), oldest first.
+
+    Runs `journalctl --no-pager -o json [--since=@EPOCH] MESSAGE_ID=... FIELD=value ...` (via
+    `read_journal`) until at least `min_count` entries are there or `timeout` seconds have
+    passed, then returns what it found (possibly fewer; pass `min_count=0` to check for
+    absence without waiting). Entries are readable as soon as journald has them; no
+    `journalctl --sync`/`--flush` is needed. Repeated fields (e.g. PERSONALITY_SHADOWED) come
+    back as lists in the order sent, single ones as strings.
+    """
+    args = [] if since is None else [f"--since=@{since:.6f}"]
+    args.append(f"MESSAGE_ID={message_id}")
+    args += [f"{key}={value}" for key, value in match.items()]
+    return read_journal(*args, timeout=timeout, expect=min_count)
+
+
+def field_list(entry: Mapping[str, Any], key: str) -> list[str]:
+    """A journal field as a list, whether journalctl printed it once (str) or repeated (list)."""
+    value = entry.get(key)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+@dataclass
+class JournalReader:
+    """`journal_entries` limited to entries written since `since` (default: when created)."""
+
+    since: float = field(default_factory=lambda: time.time() - 0.001)
+
+    def entries(
+        self, message_id: str, *, min_count: int = 1, timeout: float = 5.0, **match: str | int
+    ) -> list[dict[str, Any]]:
+        return journal_entries(
+            message_id, since=self.since, min_count=min_count, timeout=timeout, **match
+        )

@@ -1,4 +1,4 @@
-"""A private dbus-daemon configured like the system bus, with our policy file, for tests.
+"""D-Bus for tests: a private system bus with our policy, Manager calls, collected signals.
 
 `private_system_bus()` starts `dbus-daemon --nofork --print-address` with a system-bus config
 (`<type>system</type>`, EXTERNAL auth, the default-deny policy of Debian's system.conf) that
@@ -6,8 +6,7 @@ includes `config/org.personalityd.personality1.conf` from this repository, liste
 socket in a fresh temporary directory that any user can reach (tests run clients as `nobody`),
 sets `DBUS_SYSTEM_BUS_ADDRESS` for the code under test, and stops the daemon by PID at the end.
 
-`Signals` collects the signals a second connection sees. Import them as the other helpers:
-`from dbus_fixture import Signals, private_system_bus`.
+`Signals` collects the signals a second connection sees, with their arrival times.
 """
 
 from __future__ import annotations
@@ -27,7 +26,9 @@ from typing import Any
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-REPO = Path(__file__).resolve().parents[2]
+from testkit.contract import BUS, IFACE, PATH
+from testkit.paths import REPO
+
 POLICY_FILE = REPO / "config" / "org.personalityd.personality1.conf"
 ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 
@@ -151,6 +152,7 @@ class Signals:
     `async with Signals(bus, sender=BUS_NAME, path=OBJECT_PATH) as signals:` adds the match
     rule and a message handler, removed again on exit; `await signals.wait_for(pred)` returns
     the next signal (after the one the previous wait_for returned) that satisfies `pred`.
+    `arrived_at[i]` is the `time.monotonic()` at which `received[i]` was read off the bus.
     """
 
     def __init__(self, bus: MessageBus, *, sender: str, path: str | None = None) -> None:
@@ -158,6 +160,7 @@ class Signals:
         self.rule = f"type='signal',sender='{sender}'" + (f",path='{path}'" if path else "")
         self.path = path
         self.received: list[Message] = []
+        self.arrived_at: list[float] = []
         self._cursor = 0
         self._arrived = asyncio.Event()
 
@@ -176,6 +179,7 @@ class Signals:
 
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type is MessageType.SIGNAL and (self.path is None or msg.path == self.path):
+            self.arrived_at.append(time.monotonic())
             self.received.append(msg)
             self._arrived.set()
         return False
@@ -190,28 +194,35 @@ class Signals:
         if self.bus.connected:
             await self._bus_call("RemoveMatch")
 
-    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 5) -> Message:
+    def skip_received(self) -> None:
+        """Let the next `wait_for` look only at signals that arrive from now on."""
+        self._cursor = len(self.received)
+
+    async def wait_stamped(
+        self, predicate: Callable[[Message], bool], timeout: float = 5
+    ) -> tuple[float, Message]:
+        """As `wait_for`, with the signal's arrival time (`time.monotonic()`)."""
         async with asyncio.timeout(timeout):
             while True:
                 for index in range(self._cursor, len(self.received)):
                     if predicate(self.received[index]):
                         self._cursor = index + 1
-                        return self.received[index]
+                        return self.arrived_at[index], self.received[index]
                 self._arrived.clear()
                 await self._arrived.wait()
 
+    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 5) -> Message:
+        _, msg = await self.wait_stamped(predicate, timeout)
+        return msg
+
 
 # -- calling the Manager interface ------------------------------------------------------------
-# The contract's names, spelled out here rather than imported from the daemon.
-BUS = "org.personalityd.personality1"
-PATH = "/org/personalityd/personality1"
-IFACE = "org.personalityd.personality1.Manager"
 CALL_TIMEOUT = 60.0
 
 
-async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
-    """A method call on the Manager interface; the reply (return or error) as it came."""
-    msg = Message(
+def manager_message(member: str, signature: str = "", *body: Any) -> Message:
+    """A method call message for the Manager interface of the daemon's object."""
+    return Message(
         destination=BUS,
         path=PATH,
         interface=IFACE,
@@ -219,7 +230,11 @@ async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) ->
         signature=signature,
         body=list(body),
     )
-    return await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
+
+
+async def call(bus: MessageBus, member: str, signature: str = "", *body: Any) -> Message:
+    """A method call on the Manager interface; the reply (return or error) as it came."""
+    return await asyncio.wait_for(bus.call(manager_message(member, signature, *body)), CALL_TIMEOUT)
 
 
 async def call_ok(bus: MessageBus, member: str, signature: str = "", *body: Any) -> list[Any]:

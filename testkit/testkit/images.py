@@ -1,0 +1,159 @@
+"""File trees and personality images: squashfs, erofs and ext4, built from a dict of files.
+
+ext4 labels are at most 16 bytes (`personality-gameserver` would become `personality-game`);
+bookworm's mkfs.erofs (erofs-utils 1.5) cannot set a label at all, squashfs has none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from testkit.processes import run
+
+# File specs for `write_tree`/`build_image`: bytes or str is a regular file (mode 0755 when it
+# starts with "#!", else 0644); tuples:
+#   ("symlink", target)  ("dir",)  ("file", content, mode)  ("fifo",)  ("chardev", major, minor)
+FileSpec = bytes | str | tuple[Any, ...]
+
+
+def _write_special(path: Path, rel: str, spec: tuple[Any, ...]) -> None:
+    kind = spec[0]
+    if kind == "symlink":
+        path.symlink_to(spec[1])
+    elif kind == "dir":
+        path.mkdir(exist_ok=True)
+    elif kind == "file":
+        content = spec[1].encode() if isinstance(spec[1], str) else spec[1]
+        path.write_bytes(content)
+        path.chmod(spec[2])
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        os.mknod(path, 0o600 | 0o020000, os.makedev(spec[1], spec[2]))
+    else:
+        raise ValueError(f"{rel}: unknown file spec {spec!r}")
+
+
+def write_tree(src: Path, files: Mapping[str, FileSpec]) -> None:
+    """Create `files` (root-relative paths, leading '/' optional) under directory `src`."""
+    for rel, spec in files.items():
+        path = src / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(spec, str):
+            spec = spec.encode()
+        if isinstance(spec, bytes):
+            path.write_bytes(spec)
+            path.chmod(0o755 if spec.startswith(b"#!") else 0o644)
+        else:
+            _write_special(path, rel, spec)
+
+
+def format_os_release(fields: Mapping[str, str]) -> str:
+    """os-release syntax: KEY="value" lines, with shell-special characters escaped."""
+    lines = []
+    for key, value in fields.items():
+        escaped = re.sub(r'([\\"$`])', r"\\\1", str(value))
+        lines.append(f'{key}="{escaped}"')
+    return "\n".join(lines) + "\n"
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _tree_bytes(src: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += (math.ceil(st.st_size / 4096) + 1) * 4096
+    return total
+
+
+def _erofs_supports_label() -> bool:
+    proc = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True, check=False)
+    return re.search(r"^\s*-L", proc.stdout + proc.stderr, re.MULTILINE) is not None
+
+
+def pack_image(src: Path, image: Path, fmt: str, label: str | None = None) -> None:
+    """Pack directory `src` into a new image file: files owned by root, as a volume ships.
+
+    `squashfs` (`mksquashfs -all-root`), `erofs` (`mkfs.erofs --all-root`; bookworm's
+    erofs-utils 1.5 has no `-L`, so a label fails there), `ext4` (`mkfs.ext4 -d`, sized from
+    the tree, at least 4 MiB; labels of at most 16 bytes).
+    """
+    if fmt == "squashfs":
+        run("mksquashfs", src, image, "-noappend", "-quiet", "-no-progress", "-all-root")
+    elif fmt == "erofs":
+        cmd = ["mkfs.erofs", "--quiet", "--all-root"]
+        if label is not None:
+            if not _erofs_supports_label():
+                raise AssertionError("this mkfs.erofs has no -L: erofs images cannot be labelled")
+            cmd += ["-L", label]
+        run(*cmd, image, src)
+    elif fmt == "ext4":
+        if label is not None and len(label.encode()) > 16:
+            raise AssertionError(f"ext4 labels have at most 16 bytes: {label!r}")
+        size = max(4 << 20, 2 * _tree_bytes(src) + (2 << 20))
+        with open(image, "wb") as f:
+            f.truncate(size)
+        cmd = ["mkfs.ext4", "-q", "-d", str(src)]
+        if label is not None:
+            cmd += ["-L", label]
+        run(*cmd, image)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+
+
+def build_image(
+    tmp_path: Path,
+    name: str,
+    files: Mapping[str, FileSpec],
+    fmt: str = "squashfs",
+    manifest: Mapping[str, str] | None = None,
+    label: str | None = None,
+    *,
+    with_manifest: bool = True,
+    manifest_dir: str = "usr/lib/extension-release.d",
+) -> Path:
+    """Build a personality image `name` from `files`; return the image path.
+
+    The tree gets `<manifest_dir>/extension-release.<name>` with `manifest` in os-release syntax
+    (default `ID=_any`; none at all with `with_manifest=False`). Formats as `pack_image`.
+    Images go to `tmp_path/images/<name>.<fmt>` (`<name>-2.<fmt>` ... if taken).
+    """
+    images = tmp_path / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    src = _unique(images / f"{name}.tree")
+    src.mkdir()
+    write_tree(src, files)
+    if with_manifest:
+        release = src / manifest_dir / f"extension-release.{name}"
+        release.parent.mkdir(parents=True, exist_ok=True)
+        release.write_text(format_os_release(manifest if manifest is not None else {"ID": "_any"}))
+    image = _unique(images / f"{name}.{fmt}")
+    pack_image(src, image, fmt, label)
+    return image
+
+
+def build_writable_image(
+    tmp_path: Path, label: str = "personality-data", size_mb: int = 32
+) -> Path:
+    """An empty ext4 image labelled `label` for the writable volume."""
+    images = tmp_path / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    image = _unique(images / f"{label}.ext4")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    run("mkfs.ext4", "-q", "-L", label, image)
+    return image
