@@ -37,7 +37,7 @@ test: lint typecheck
 	$(PY) -m pytest -q tests/unit tests/integration
 
 lint: deps
-	$(VENV)/bin/ruff check daemon tests testkit
+	$(VENV)/bin/ruff check daemon tests bench demo testkit
 
 typecheck: deps
 	$(VENV)/bin/mypy

@@ -2,11 +2,13 @@
 
     helpers.py reader FILE STOPFILE        read FILE in a loop until STOPFILE exists; print JSON
     helpers.py naive-swap TARGET N A B     umount-then-mount TARGET N times between layer lists
+    helpers.py switcher SPOOL STOPFILE A B switch between stacks A and B until STOPFILE exists
 
 `reader` counts reads, errors by errno name, and reads whose bytes differ from the first read.
 `naive-swap` is the reference for the readers row: the obvious way to replace an overlay,
 `umount2(target, MNT_DETACH)` then `mount(2)` of the new one, with the layer lists A and B
 (colon-separated, top first) alternating. It prints the seconds each swap took as JSON.
+`switcher` is the load of the dbus row: switch requests through the spool, back to back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+from testkit.spool import ResultWatch, drop, wait_result
 
 
 def reader(path: str, stop: str) -> None:
@@ -87,20 +92,14 @@ def naive_swap(target: str, count: int, a: str, b: str) -> None:
 def switcher(spool: str, stop: str, a: str, b: str) -> None:
     """Switch between the comma-separated stacks A and B through the spool until STOPFILE."""
     count = 0
-    while not os.path.exists(stop):
-        names = (a if count % 2 == 0 else b).split(",")
-        name = f"sw-{os.getpid()}-{count}"
-        tmp = os.path.join(spool, f".tmp-{name}")
-        with open(tmp, "w") as f:
-            json.dump({"action": "switch", "personalities": names}, f)
-        os.rename(tmp, os.path.join(spool, f"{name}.json"))
-        results = [os.path.join(spool, d, f"{name}.result.json") for d in ("done", "failed")]
-        deadline = time.monotonic() + 120
-        while not any(os.path.exists(r) for r in results):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"no result for {name}")
-            time.sleep(0.002)
-        count += 1
+    spool_dir = Path(spool)
+    with ResultWatch(spool_dir) as watch:
+        while not os.path.exists(stop):
+            names = (a if count % 2 == 0 else b).split(",")
+            name = f"sw-{os.getpid()}-{count}"
+            drop(spool_dir, name, {"action": "switch", "personalities": names})
+            wait_result(spool_dir, name, timeout=120, watch=watch, moved=False)
+            count += 1
     print(json.dumps({"switches": count}))
 
 

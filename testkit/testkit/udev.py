@@ -222,4 +222,7 @@ def udev_tag_rule(token: str, backing_dir: Path) -> Iterator[Path]:
         yield rule
     finally:
         rule.unlink(missing_ok=True)
-        run("udevadm", "control", "--reload")
+        # A udevd that has gone meanwhile (stopped by the session that started it) needs no
+        # reload: the next one reads the rules afresh.
+        if pids_named("systemd-udevd"):
+            run("udevadm", "control", "--reload")

@@ -1,6 +1,6 @@
 """Self-tests of the integration helpers: images, loop devices, udev, journal, spool, Daemon.
 
-These pin down the machine facts the daemon's tests rely on (see the `support` docstring).
+These pin down the machine facts the daemon's tests rely on (see the `testkit.udev` docstring).
 """
 
 from __future__ import annotations
