@@ -54,11 +54,11 @@ def ensure_directories(config: Config) -> None:
         group = grp.getgrnam(config.allowed_groups[0]).gr_gid if config.allowed_groups else None
     except KeyError:
         group = None
-    ensure_spool_dirs(config.path(config.spool_dir), group)
+    ensure_spool_dirs(config.spool_path, group)
     for directory, mode in (
-        (config.path(config.state_dir), 0o700),
-        (config.path(config.runtime_dir), 0o755),
-        (config.path(config.mount_root), 0o755),
+        (config.state_path, 0o700),
+        (config.runtime_path, 0o755),
+        (config.mount_root_path, 0o755),
     ):
         if not directory.is_dir():
             directory.mkdir(mode=mode, parents=True)
@@ -75,8 +75,8 @@ class Daemon:
         config = self.config
         notify.status("starting")
         ensure_directories(config)
-        state = load_state(config.path(config.state_dir))
-        runtime = config.path(config.runtime_dir)
+        state = load_state(config.state_path)
+        runtime = config.runtime_path
         features = detect_features(config, str(runtime / "probe"))
         journal = Journal()
         engine = Engine(config, features)

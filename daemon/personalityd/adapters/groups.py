@@ -46,13 +46,6 @@ def user_gids(uid: int) -> frozenset[int]:
     return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
-def user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
 async def lookup_group_gids(names: Iterable[str]) -> frozenset[int]:
     names = tuple(names)
     return await asyncio.get_running_loop().run_in_executor(_worker, group_gids, names)
@@ -61,6 +54,3 @@ async def lookup_group_gids(names: Iterable[str]) -> frozenset[int]:
 async def lookup_user_gids(uid: int) -> frozenset[int]:
     return await asyncio.get_running_loop().run_in_executor(_worker, user_gids, uid)
 
-
-async def lookup_user_name(uid: int) -> str | None:
-    return await asyncio.get_running_loop().run_in_executor(_worker, user_name, uid)

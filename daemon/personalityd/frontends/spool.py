@@ -35,7 +35,7 @@ class SpoolService:
     def __init__(self, config: Config, manager: ManagerAPI) -> None:
         self.config = config
         self.manager = manager
-        self.spool = config.path(config.spool_dir)
+        self.spool = config.spool_path
 
     async def run(self) -> None:
         in_flight: set[Path] = set()

@@ -49,8 +49,8 @@ class Layout:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.mount_root = str(config.path(config.mount_root))
-        self.runtime = str(config.path(config.runtime_dir))
+        self.mount_root = str(config.mount_root_path)
+        self.runtime = str(config.runtime_path)
         self.record_file = Path(self.runtime) / "stack.json"
 
     def hierarchy(self, h: str) -> str:

@@ -285,13 +285,13 @@ class Change:
         state = self.stack.state
         new = PersistedState(state.desired, generation)
         if new != state.saved:
-            save_state(self.stack.config.path(self.stack.config.state_dir), new)
+            save_state(self.stack.config.state_path, new)
             state.saved = new
 
     def _restore(self, previous: PersistedState) -> None:
         state = self.stack.state
         if state.saved != previous:
-            save_state(self.stack.config.path(self.stack.config.state_dir), previous)
+            save_state(self.stack.config.state_path, previous)
             state.saved = previous
 
     # -- publish ---------------------------------------------------------------------------
@@ -349,7 +349,7 @@ class Change:
         """The files and journal entries of the change (in a worker thread)."""
         stack = self.stack
         stack.engine.write_record(self.generation)
-        runtime = stack.config.path(stack.config.runtime_dir)
+        runtime = stack.config.runtime_path
         try:
             write_conflict_report(runtime, self.generation, self.plan.live, self.report)
         except OSError as exc:
@@ -384,7 +384,7 @@ async def adopt(stack: Stack) -> bool:
     state = stack.state
     state.upper = upper
     state.snapshot = Snapshot(state.snapshot.generation, plan.live, report)
-    runtime = stack.config.path(stack.config.runtime_dir)
+    runtime = stack.config.runtime_path
     write_conflict_report(runtime, state.snapshot.generation, plan.live, report)
     log.info("stack_restored", generation=state.snapshot.generation, attached=" ".join(plan.live))
     return True
