@@ -12,11 +12,10 @@ import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from personalityd.core.access import may_change
+from personalityd.core.access import Caller, may_change
 from personalityd.core.errors import AccessDenied, Incompatible, NoSuchPersonality, Timeout
-from personalityd.core.model import Conflict
+from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.names import check_name
-from personalityd.stack.api import Caller, PersonalityInfo, StackEvent
 
 MOUNT_ROOT = "/opt/personality"
 

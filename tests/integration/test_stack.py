@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import (
@@ -52,7 +53,7 @@ def read(root: Path, rel: str) -> bytes:
     return (root / rel).read_bytes()
 
 
-def ok(result: dict[str, object]) -> dict[str, object]:
+def ok(result: dict[str, Any]) -> dict[str, Any]:
     assert result["status"] == "ok", result
     assert result["_dir"] == "done"
     return result
@@ -432,7 +433,7 @@ def test_every_spool_refusal_gets_a_result_and_daemon_keeps_serving(
     os.chown(nobody, 65534, 65534)
     os.rename(nobody, spool / "nobody.json")
     for name in ("big", "link", "fifo", "nobody"):
-        wait_for(lambda n=name: (spool / f"failed/{n}.result.json").exists(), daemon)
+        wait_for((spool / f"failed/{name}.result.json").exists, daemon)
         result = json.loads((spool / f"failed/{name}.result.json").read_text())
         assert result["code"] == "invalid-request", result
     assert (spool / "failed/link.json").is_symlink()

@@ -36,7 +36,7 @@ from support import (
     unmount_tree,
 )
 
-FILES = {
+FILES: dict[str, bytes | str | tuple[object, ...]] = {
     "usr/bin/tool": "#!/bin/sh\necho tool\n",
     "usr/lib/data.bin": bytes(range(256)),
     "usr/bin/tool-link": ("symlink", "tool"),
@@ -344,6 +344,7 @@ def test_fixtures_drive_the_real_daemon(
     assert (sandbox_root / "usr/bin/tool").read_text() == tool
     assert (sandbox_root / "usr/bin/base-tool").read_bytes() == BASE_TOOL_BYTES
     assert (sandbox_root / "opt/personality/web/usr/bin/tool").is_file()
+    assert daemon.pid is not None
     (summary,) = journal.entries(MESSAGE_ID_STACK_CHANGED, _PID=daemon.pid)
     assert summary["PERSONALITY_ATTACHED"] == "web"
     assert summary["PERSONALITY_GENERATION"] == str(result["generation"])

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -291,7 +292,7 @@ def test_device_nodes_in_a_volume_are_not_usable(
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_trees(tmp_path: Path) -> None:
+def _no_stray_trees(tmp_path: Path) -> Iterator[None]:
     # build_image leaves its source trees in tmp_path/images; nothing to clean but keep the
     # disk use of a long run bounded.
     yield
