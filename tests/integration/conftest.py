@@ -5,7 +5,7 @@ this file wires them into fixtures that always clean up after themselves, also o
 
 | fixture | scope | gives |
 |---|---|---|
-| `udevd` | session | PID of the systemd-udevd we started, or None if one was running |
+| `udevd` | session | `PrivateUdevd`: the session's own udevd (`udevd_fixture`); `.restart()` |
 | `journald` | session | PID of the journald started (`journal_fixture`), or None if running |
 | `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
 | `journal` | function | `JournalReader` limited to entries written since the test started |
@@ -37,13 +37,11 @@ from support import (
     LoopDevices,
     MemberUser,
     UdevMonitor,
-    ensure_udevd,
-    keep_services,
     make_sandbox_root,
-    stop_pid,
     udev_tag_rule,
     unmount_tree,
 )
+from udevd_fixture import PrivateUdevd, private_udevd
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
@@ -80,15 +78,11 @@ def _integration_preconditions() -> None:
 
 
 @pytest.fixture(scope="session")
-def udevd() -> Iterator[int | None]:
-    """systemd-udevd running; stopped at session end (by PID) if this session started it.
-
-    Set PERSONALITYD_TEST_KEEP_SERVICES=1 to leave it running for other runs on the machine.
-    """
-    pid = ensure_udevd()
-    yield pid
-    if pid is not None and not keep_services():
-        stop_pid(pid, comm="systemd-udevd")
+def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateUdevd]:
+    """The session's own systemd-udevd, on a private /run/udev, in the session's network
+    namespace (`udevd_fixture`); a udevd the machine runs is neither used nor touched."""
+    with private_udevd(tmp_path_factory.mktemp("udevd")) as ours:
+        yield ours
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +93,7 @@ def journald() -> Iterator[int | None]:
 
 
 @pytest.fixture(scope="session")
-def udev_token(udevd: int | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def udev_token(udevd: PrivateUdevd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A runtime udev rule tags loop devices backed by this session's files with this token."""
     token = f"s{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with udev_tag_rule(token, tmp_path_factory.getbasetemp().resolve()):
@@ -113,7 +107,7 @@ def journal(journald: int | None) -> JournalReader:
 
 
 @pytest.fixture
-def loop_devices(udevd: int | None, udev_token: str) -> Iterator[LoopDevices]:
+def loop_devices(udevd: PrivateUdevd, udev_token: str) -> Iterator[LoopDevices]:
     """Attach images as loop devices; everything still attached is detached after the test."""
     loops = LoopDevices()
     try:
@@ -188,7 +182,7 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 
 
 @pytest.fixture
-def udev_monitor(tmp_path: Path, udevd: int | None) -> Iterator[UdevMonitor]:
+def udev_monitor(tmp_path: Path, udevd: PrivateUdevd) -> Iterator[UdevMonitor]:
     """`udevadm monitor --udev --property` on block devices, running for the whole test."""
     with UdevMonitor(tmp_path / "udev-monitor.log") as monitor:
         yield monitor

@@ -170,7 +170,8 @@ def test_yank_idle_device_delivers_remove(
     assert dev not in loop_devices.attached
 
 
-def test_loop_cleanup_detaches_only_what_is_still_ours(tmp_path: Path, udevd: int | None) -> None:
+@pytest.mark.usefixtures("udevd")
+def test_loop_cleanup_detaches_only_what_is_still_ours(tmp_path: Path) -> None:
     loops = LoopDevices()
     image_a = build_image(tmp_path, "a", {"usr/bin/a": "a"})
     first = loops.attach(image_a)
