@@ -191,11 +191,11 @@ async def test_attach_detach(served: MessageBus, manager: MemoryManager) -> None
 
 
 async def test_attach_wait(served: MessageBus, manager: MemoryManager) -> None:
-    attach = asyncio.create_task(ctl("attach", "late", "--wait", "30"))
-    await asyncio.sleep(1)
+    attach = asyncio.create_task(ctl("attach", "late", "--wait", "600"))
+    await manager.wait_for_callers(1)  # the Attach waits in the manager; only the volume ends it
     assert not attach.done()
     manager.add_volume(FakeVolume("late"))
-    result = await asyncio.wait_for(attach, 30)
+    result = await asyncio.wait_for(attach, 120)
     assert (result.rc, result.out) == (0, "Attached late.\n"), result.err
 
     timed_out = await ctl("attach", "never", "--wait", "1")

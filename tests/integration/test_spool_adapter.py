@@ -250,7 +250,9 @@ def test_owner_in_allowed_group_accepted(spool_dir: Path, accounts: TempAccounts
 
 
 def test_result_body_success_and_error() -> None:
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     ok = result_body("abc", None, True, ["base-tools", "web"], 7)
+    after = datetime.datetime.now(datetime.UTC)
     assert ok["id"] == "abc"
     assert ok["status"] == "ok"
     assert ok["code"] == ""
@@ -260,7 +262,7 @@ def test_result_body_success_and_error() -> None:
     assert ok["generation"] == 7
     finished = datetime.datetime.fromisoformat(ok["finished"].replace("Z", "+00:00"))
     assert finished.tzinfo == datetime.UTC
-    assert abs(datetime.datetime.now(datetime.UTC) - finished).total_seconds() < 60
+    assert before <= finished <= after  # the time it was made, to the millisecond it keeps
     assert result_body(None, None, False, [], 0, message="attached 'web'")["message"] == (
         "attached 'web'"
     )
@@ -335,7 +337,7 @@ async def watching(spool_dir: Path) -> AsyncIterator[AsyncGenerator[Path, None]]
         yield paths
 
 
-async def take(paths: AsyncIterator[Path], count: int, timeout: float = 20) -> list[Path]:
+async def take(paths: AsyncIterator[Path], count: int, timeout: float = 60) -> list[Path]:
     seen: list[Path] = []
     async with asyncio.timeout(timeout):
         while len(seen) < count:
@@ -371,7 +373,7 @@ async def test_watcher_yields_present_then_arriving(spool_dir: Path) -> None:
             await asyncio.sleep(0.3)
             assert not pending.done(), "yielded while still being written"
             f.write(b' "detach", "personality": "web"}')
-        assert await asyncio.wait_for(pending, 5) == spool_dir / "inplace.json"
+        assert await asyncio.wait_for(pending, 60) == spool_dir / "inplace.json"
         # Kinds that never get CLOSE_WRITE are yielded on creation, to be refused.
         os.symlink("/etc/shadow", spool_dir / "link.json")
         assert await take(paths, 1) == [spool_dir / "link.json"]
@@ -428,4 +430,4 @@ async def test_watcher_raises_when_spool_removed(tmp_path: Path) -> None:
         assert await take(paths, 1) == [first]
         os.rename(spool_dir, tmp_path / "moved")
         with pytest.raises(OSError, match="spool directory removed or moved"):
-            await take(paths, 1, timeout=5)
+            await take(paths, 1, timeout=60)
