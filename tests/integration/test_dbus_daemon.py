@@ -172,10 +172,12 @@ def serve(system_bus: str) -> Serve:
     def start(daemon: Daemon) -> Daemon:
         daemon.env[ADDRESS_ENV] = system_bus
         before = daemon.log_text().count(SERVING_EVENT)
-        daemon.start()
+        # Coldplug probes every volume (a walk for set-id files): with 100,000-file volumes on
+        # a loaded machine that is minutes, not seconds. The deadlines are for a hang.
+        daemon.start(timeout=600)
         wait_for(
             lambda: daemon.log_text().count(SERVING_EVENT) > before or not daemon.running(),
-            timeout=30,
+            timeout=600,
             what=f"{daemon.name} to log {SERVING_EVENT}",
         )
         assert daemon.running(), daemon.log_text()[-4000:]
