@@ -11,6 +11,7 @@ this file wires them into fixtures that always clean up after themselves, also o
 | `journal` | function | `JournalReader` limited to entries written since the test started |
 | `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
 | `sandbox_root` | function | `Path` of a minimal base OS tree; unmounts everything in it after |
+| `image` | function | `image(name, files, fmt="squashfs", **kw)`: `build_image` into `tmp_path` |
 | `daemon_factory` | function | `make(root=None, *, config=None, env=None, name=...) -> Daemon` |
 | `daemon` | function | a `Daemon` on `sandbox_root`, configured but not started |
 | `udev_monitor` | function | a running `UdevMonitor` on block devices |
@@ -37,6 +38,7 @@ from support import (
     LoopDevices,
     MemberUser,
     UdevMonitor,
+    build_image,
     make_sandbox_root,
     udev_tag_rule,
     unmount_tree,
@@ -128,6 +130,17 @@ def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
         yield root
     finally:
         unmount_tree(root)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Callable[..., Path]:
+    """`image(name, files, fmt="squashfs", **kw)`: a personality image in this test's tmp."""
+
+    def make(name: str, files: dict[str, object], fmt: str = "squashfs", **kw: object) -> Path:
+        # build_image's own types are narrower; it refuses what it cannot build.
+        return build_image(tmp_path, name, files, fmt, **kw)  # type: ignore[arg-type]
+
+    return make
 
 
 @pytest.fixture
