@@ -26,14 +26,7 @@ from sandbox_view import (
     stacked_overlays,
     wait_until,
 )
-from support import (
-    BASE_CONF,
-    BASE_TOOL_BYTES,
-    Daemon,
-    JournalReader,
-    LoopDevices,
-    field_list,
-)
+from support import BASE_CONF, BASE_TOOL_BYTES, Daemon, JournalReader, LoopDevices, field_list
 
 
 def test_attach_shows_files_and_mounts_volume_read_only(

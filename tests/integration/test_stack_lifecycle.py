@@ -17,15 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sandbox_view import (
-    REFUSED,
-    Images,
-    ok,
-    our_mounts,
-    read,
-    stacked_overlays,
-    wait_until,
-)
+from sandbox_view import REFUSED, Images, ok, our_mounts, read, stacked_overlays, wait_until
 from support import (
     BASE_CONF,
     Daemon,

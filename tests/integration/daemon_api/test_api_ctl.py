@@ -12,27 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bus_clients import (
-    NOBODY,
-    Result,
-)
-from dbus_fixture import (
-    BUS,
-)
-from served_daemon import (
-    ADDRESS_ENV,
-    Images,
-    Serve,
-    Trio,
-    no_traceback,
-    read,
-)
-from support import (
-    REPO,
-    Daemon,
-    LoopDevices,
-    wait_for,
-)
+from bus_clients import NOBODY, Result
+from dbus_fixture import BUS
+from served_daemon import ADDRESS_ENV, Images, Serve, Trio, no_traceback, read
+from support import REPO, Daemon, LoopDevices, wait_for
 
 # -- personalityctl -------------------------------------------------------------------------------
 

@@ -11,29 +11,9 @@ from typing import Any
 
 from dbus_fast import MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import (
-    BUS,
-    PATH,
-    Signals,
-    call,
-    call_ok,
-    get_property,
-)
-from served_daemon import (
-    DOCUMENTED_ERRORS,
-    Images,
-    Serve,
-    connect,
-    listing,
-    no_traceback,
-    read,
-)
-from support import (
-    Daemon,
-    LoopDevices,
-    pid_alive,
-    run,
-)
+from dbus_fixture import BUS, PATH, Signals, call, call_ok, get_property
+from served_daemon import DOCUMENTED_ERRORS, Images, Serve, connect, listing, no_traceback, read
+from support import Daemon, LoopDevices, pid_alive, run
 
 # -- load -----------------------------------------------------------------------------------------
 

@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bus_clients import (
-    ERR,
-    arun,
-    busctl,
-    busctl_call,
-    busctl_json,
-)
+from bus_clients import ERR, arun, busctl, busctl_call, busctl_json
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_fixture import (
@@ -32,22 +26,8 @@ from dbus_fixture import (
     get_property,
     parse_introspect,
 )
-from served_daemon import (
-    Images,
-    Serve,
-    Trio,
-    listing,
-    no_traceback,
-    read,
-)
-from support import (
-    BASE_TOOL_BYTES,
-    Daemon,
-    LoopDevices,
-    build_writable_image,
-    run,
-    wait_for,
-)
+from served_daemon import Images, Serve, Trio, listing, no_traceback, read
+from support import BASE_TOOL_BYTES, Daemon, LoopDevices, build_writable_image, run, wait_for
 
 # -- methods and properties through dbus-fast -----------------------------------------------------
 

@@ -22,25 +22,9 @@ from bus_clients import (
 )
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import (
-    BUS,
-    IFACE,
-    PATH,
-    call_error,
-    call_ok,
-    get_property,
-)
-from served_daemon import (
-    Serve,
-    Trio,
-    listing,
-    no_traceback,
-    read,
-)
-from support import (
-    Daemon,
-    MemberUser,
-)
+from dbus_fixture import BUS, IFACE, PATH, call_error, call_ok, get_property
+from served_daemon import Serve, Trio, listing, no_traceback, read
+from support import Daemon, MemberUser
 
 # -- who may change the stack ---------------------------------------------------------------------
 

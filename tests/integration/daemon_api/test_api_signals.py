@@ -10,25 +10,9 @@ from typing import Any
 
 from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fixture import (
-    BUS,
-    IFACE,
-    PATH,
-    Signals,
-    call_ok,
-    get_property,
-)
-from served_daemon import (
-    Images,
-    Serve,
-    Trio,
-    no_traceback,
-    read,
-)
-from support import (
-    Daemon,
-    LoopDevices,
-)
+from dbus_fixture import BUS, IFACE, PATH, Signals, call_ok, get_property
+from served_daemon import Images, Serve, Trio, no_traceback, read
+from support import Daemon, LoopDevices
 
 # -- signals seen by a second connection ----------------------------------------------------------
 
