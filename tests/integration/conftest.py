@@ -11,6 +11,7 @@ this file wires them into fixtures that always clean up after themselves, also o
 | `journal` | function | `JournalReader` limited to entries written since the test started |
 | `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
 | `sandbox_root` | function | `Path` of a minimal base OS tree; unmounts everything in it after |
+| `spool_dir` | function | an empty spool directory (`ensure_spool_dirs`), for the adapter tests |
 | `image` | function | `image(name, files, fmt="squashfs", **kw)`: `build_image` into `tmp_path` |
 | `daemon_factory` | function | `make(root=None, *, config=None, env=None, name=...) -> Daemon` |
 | `daemon` | function | a `Daemon` on `sandbox_root`, configured but not started |
@@ -44,6 +45,8 @@ from support import (
     unmount_tree,
 )
 from udevd_fixture import PrivateUdevd, private_udevd
+
+from personalityd.adapters.spool import ensure_spool_dirs
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
@@ -130,6 +133,14 @@ def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
         yield root
     finally:
         unmount_tree(root)
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    """`tmp_path/spool` with done/ and failed/, as the daemon makes it."""
+    directory = tmp_path / "spool"
+    ensure_spool_dirs(directory)
+    return directory
 
 
 @pytest.fixture
