@@ -203,7 +203,7 @@ async def test_bad_input_gets_documented_errors_and_the_daemon_keeps_serving(
     assert f"{INVALID_ARGS}: option 'force' must be of D-Bus type 'b'" in result.err, result.err
 
     # A volume that never comes: Timeout once the time asked for has passed, never before.
-    # (That other calls are answered while one waits: test_dbus_service, with a long wait.)
+    # (That other calls are answered while one waits: frontends/test_service_interface.py.)
     started = time.monotonic()
     waiting = asyncio.create_task(
         call_error(client, "Attach", "sa{sv}", "never", {"timeout": Variant("u", 2)})
