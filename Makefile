@@ -15,7 +15,13 @@ STAMP := $(VENV)/.personalityd-installed
 APT_PACKAGES := udev squashfs-tools erofs-utils dbus e2fsprogs dosfstools util-linux attr \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd libglib2.0-bin
 
-.PHONY: deps apt-deps demo test lint typecheck unit clean
+.PHONY: help deps apt-deps demo test lint typecheck unit clean
+
+## help: this list: every target with a `## target: text` line in Makefile and mk/*.mk
+help:
+	@echo 'Targets (make TARGET; the default is test):'
+	@awk '/^## [A-Za-z0-9_.-]+: / { line = substr($$0, 4); i = index(line, ": "); \
+		printf "  %-14s %s\n", substr(line, 1, i - 1), substr(line, i + 2) }' $(MAKEFILE_LIST)
 
 ## deps: Debian packages (only the missing ones) and the virtualenv with the project in it
 deps: apt-deps $(STAMP)
@@ -36,11 +42,15 @@ demo: deps
 test: lint typecheck
 	$(PY) -m pytest -q tests/unit tests/integration
 
+## lint: ruff check, with the rules in pyproject.toml
 lint: deps
 	$(VENV)/bin/ruff check daemon tests bench demo testkit
 
+## typecheck: mypy --strict (the files in pyproject.toml, then each extra conftest.py)
 typecheck: deps
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/stress/conftest.py
+	$(VENV)/bin/mypy tests/system/conftest.py
 
 ## unit: the unit tests only (no root needed)
 unit: deps

@@ -1,10 +1,16 @@
-"""Test session setup: run the whole session in a private mount namespace when we are root.
+"""Test session setup: run the whole session in private mount and network namespaces as root.
 
 As root, the first thing pytest does here is re-exec itself, with the same interpreter and
-command line, under `unshare -m --propagation private` with `PERSONALITYD_TEST_NS=1` set. Every
-mount a test or a daemon it starts makes then lives in that namespace and dies with it, even if
-cleanup fails; nothing leaks into the host's mount table. Loop devices, udev and the journal
-stay global: the integration fixtures clean those up by name and PID.
+command line, under `unshare -m -n --propagation private` with `PERSONALITYD_TEST_NS=1` set.
+Every mount a test or a daemon it starts makes then lives in that namespace and dies with it,
+even if cleanup fails; nothing leaks into the host's mount table. The network namespace holds
+the session's own udevd and its event multicast (`tests/integration/udevd_fixture.py`), apart
+from any udevd the machine runs. Loop devices and the journal stay global: the integration
+fixtures clean those up by name and PID.
+
+The system tests keep the host's network (debootstrap fetches packages; nspawn gives the
+container a network of its own anyway): with `PERSONALITYD_SYSTEM_TEST=1`, or a path under
+tests/system on the command line, the re-exec leaves out `-n`.
 
 The decision is taken at import time; the exec itself happens in the earliest
 `pytest_configure` rather than during the import, because pytest imports this file while its
@@ -23,21 +29,40 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
 
-from testkit.namespace import reexec_unshared
-
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
+OUTER_NETNS_ENV = "PERSONALITYD_TEST_OUTER_NETNS"
+
+SYSTEM_TESTS = Path(__file__).resolve().parent / "system"
 
 _REEXEC = os.geteuid() == 0 and NAMESPACE_ENV not in os.environ
+
+
+def _system_tests_requested(config: pytest.Config) -> bool:
+    if os.environ.get("PERSONALITYD_SYSTEM_TEST") == "1":
+        return True
+    for arg in config.args:
+        path = Path(arg.split("::", 1)[0]).resolve()
+        if path == SYSTEM_TESTS or SYSTEM_TESTS in path.parents:
+            return True
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     if not _REEXEC:
         return
-    reexec_unshared([sys.executable, "-m", "pytest", *sys.argv[1:]], NAMESPACE_ENV)
+    os.environ[NAMESPACE_ENV] = "1"
+    # What the session's network namespace is compared with where /proc/1/ns is out of reach.
+    os.environ[OUTER_NETNS_ENV] = os.readlink("/proc/self/ns/net")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "pytest", *sys.argv[1:]]
+    namespaces = ["-m"] if _system_tests_requested(config) else ["-m", "-n"]
+    os.execvp("unshare", ["unshare", *namespaces, "--propagation", "private", "--", *argv])
 
 
 @pytest.hookimpl(wrapper=True)

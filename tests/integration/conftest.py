@@ -1,16 +1,18 @@
 """Fixtures for the integration tests: real udevd, journald, loop devices, the daemon.
 
-The helpers themselves live in the `testkit` package (`from testkit.loops import LoopDevices`,
-...); this file wires them into fixtures that always clean up after themselves, also on failure.
+The helpers themselves live in `support.py` (import them with `from support import ...`);
+this file wires them into fixtures that always clean up after themselves, also on failure.
 
 | fixture | scope | gives |
 |---|---|---|
-| `udevd` | session | PID of the systemd-udevd we started, or None if one was running |
-| `journald` | session | PID of the journald started (`testkit.journal`), or None if running |
+| `udevd` | session | `PrivateUdevd`: the session's own udevd (`udevd_fixture`); `.restart()` |
+| `journald` | session | PID of the journald started (`journal_fixture`), or None if running |
 | `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
 | `journal` | function | `JournalReader` limited to entries written since the test started |
 | `loop_devices` | function | `LoopDevices`: `attach`, `detach`, `yank`; detaches the rest after |
 | `sandbox_root` | function | `Path` of a minimal base OS tree; unmounts everything in it after |
+| `spool_dir` | function | an empty spool directory (`ensure_spool_dirs`), for the adapter tests |
+| `image` | function | `image(name, files, fmt="squashfs", **kw)`: `build_image` into `tmp_path` |
 | `daemon_factory` | function | `make(root=None, *, config=None, env=None, name=...) -> Daemon` |
 | `daemon` | function | a `Daemon` on `sandbox_root`, configured but not started |
 | `udev_monitor` | function | a running `UdevMonitor` on block devices |
@@ -20,26 +22,39 @@ When a test fails, the log of every daemon it started is attached to the report.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from udevd_fixture import PrivateUdevd, private_udevd
 
+from personalityd.adapters.spool import ensure_spool_dirs
 from testkit.daemon import Daemon
-from testkit.journal import JOURNALD, JournalReader, journald_available, running_journald
+from testkit.images import build_image
+from testkit.journal import JournalReader, running_journald
 from testkit.loops import LoopDevices
 from testkit.mounts import unmount_tree
-from testkit.namespace import in_private_mount_namespace
-from testkit.processes import keep_services, stop_pid
 from testkit.sandbox import make_sandbox_root
-from testkit.udev import UdevMonitor, ensure_udevd, udev_tag_rule
-from testkit.users import MemberUser, ensure_group, temporary_member
+from testkit.udev import UdevMonitor, udev_tag_rule
+from testkit.users import MemberUser
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
+
+
+def _in_private_mount_namespace() -> bool:
+    if os.environ.get(NAMESPACE_ENV) != "1":
+        return False
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return True  # PID 1's namespace is not visible to us: trust the marker
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,7 +70,7 @@ def _integration_preconditions() -> None:
             "run `make test` as root",
             pytrace=False,
         )
-    if not in_private_mount_namespace(NAMESPACE_ENV):
+    if not _in_private_mount_namespace():
         pytest.fail(
             "integration tests must run in the private mount namespace that tests/conftest.py "
             f"sets up (re-exec under `unshare -m`, {NAMESPACE_ENV}=1); run pytest on `tests`",
@@ -64,28 +79,22 @@ def _integration_preconditions() -> None:
 
 
 @pytest.fixture(scope="session")
-def udevd() -> Iterator[int | None]:
-    """systemd-udevd running; stopped at session end (by PID) if this session started it.
-
-    Set PERSONALITYD_TEST_KEEP_SERVICES=1 to leave it running for other runs on the machine.
-    """
-    pid = ensure_udevd()
-    yield pid
-    if pid is not None and not keep_services():
-        stop_pid(pid, comm="systemd-udevd")
+def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateUdevd]:
+    """The session's own systemd-udevd, on a private /run/udev, in the session's network
+    namespace (`udevd_fixture`); a udevd the machine runs is neither used nor touched."""
+    with private_udevd(tmp_path_factory.mktemp("udevd")) as ours:
+        yield ours
 
 
 @pytest.fixture(scope="session")
 def journald() -> Iterator[int | None]:
-    """journald listening on its socket (`testkit.journal.running_journald`); PID if ours."""
-    if not journald_available():
-        pytest.skip(f"{JOURNALD} is not installed")
+    """journald listening on its socket (`journal_fixture.running_journald`); PID if ours."""
     with running_journald() as pid:
         yield pid
 
 
 @pytest.fixture(scope="session")
-def udev_token(udevd: int | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def udev_token(udevd: PrivateUdevd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A runtime udev rule tags loop devices backed by this session's files with this token."""
     token = f"s{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with udev_tag_rule(token, tmp_path_factory.getbasetemp().resolve()):
@@ -99,7 +108,7 @@ def journal(journald: int | None) -> JournalReader:
 
 
 @pytest.fixture
-def loop_devices(udevd: int | None, udev_token: str) -> Iterator[LoopDevices]:
+def loop_devices(udevd: PrivateUdevd, udev_token: str) -> Iterator[LoopDevices]:
     """Attach images as loop devices; everything still attached is detached after the test."""
     loops = LoopDevices()
     try:
@@ -110,7 +119,7 @@ def loop_devices(udevd: int | None, udev_token: str) -> Iterator[LoopDevices]:
 
 @pytest.fixture
 def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
-    """`tmp_path/root`: a minimal Debian 12 base tree (see `testkit.sandbox.make_sandbox_root`).
+    """`tmp_path/root`: a minimal Debian 12 base tree (see `support.make_sandbox_root`).
 
     After the test every mount under it (volumes, overlays the daemon left, as it does on
     SIGTERM) is lazily unmounted, before the loop devices are detached.
@@ -120,6 +129,25 @@ def sandbox_root(tmp_path: Path, loop_devices: LoopDevices) -> Iterator[Path]:
         yield root
     finally:
         unmount_tree(root)
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    """`tmp_path/spool` with done/ and failed/, as the daemon makes it."""
+    directory = tmp_path / "spool"
+    ensure_spool_dirs(directory)
+    return directory
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Callable[..., Path]:
+    """`image(name, files, fmt="squashfs", **kw)`: a personality image in this test's tmp."""
+
+    def make(name: str, files: dict[str, object], fmt: str = "squashfs", **kw: object) -> Path:
+        # build_image's own types are narrower; it refuses what it cannot build.
+        return build_image(tmp_path, name, files, fmt, **kw)  # type: ignore[arg-type]
+
+    return make
 
 
 @pytest.fixture
@@ -174,7 +202,7 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 
 
 @pytest.fixture
-def udev_monitor(tmp_path: Path, udevd: int | None) -> Iterator[UdevMonitor]:
+def udev_monitor(tmp_path: Path, udevd: PrivateUdevd) -> Iterator[UdevMonitor]:
     """`udevadm monitor --udev --property` on block devices, running for the whole test."""
     with UdevMonitor(tmp_path / "udev-monitor.log") as monitor:
         yield monitor
@@ -198,11 +226,23 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="module")
 def personality_gid() -> int:
     """The `personality` group exists (created if missing and left: it is harmless)."""
-    return ensure_group("personality")
+    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
+    return grp.getgrnam("personality").gr_gid
 
 
 @pytest.fixture(scope="module")
 def member_user(personality_gid: int) -> Iterator[MemberUser]:
     """A temporary system user in the `personality` group; removed afterwards."""
-    with temporary_member("personality") as user:
-        yield user
+    name = f"pdtest{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [
+            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
+            *("-G", "personality", name),
+        ],
+        check=True,
+    )
+    try:
+        entry = pwd.getpwnam(name)
+        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], check=False)

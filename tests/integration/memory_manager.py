@@ -74,6 +74,15 @@ class MemoryManager:
     def set_conflicts(self, conflicts: Sequence[Conflict]) -> None:
         self.conflict_list = tuple(conflicts)
 
+    async def wait_for_callers(self, count: int, timeout: float = 120) -> None:
+        """Until `count` changing calls have reached the manager (one that waits for its
+        volume waits in here): an event to wait for instead of a pause."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.callers) < count:
+            assert loop.time() < deadline, f"calls that reached the manager: {self.callers}"
+            await asyncio.sleep(0.01)
+
     # -- ManagerAPI: changing ---------------------------------------------------------------
 
     async def attach(

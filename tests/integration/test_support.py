@@ -27,7 +27,7 @@ from testkit.sandbox import BASE_TOOL_BYTES
 from testkit.spool import spool_request
 from testkit.udev import TEST_PROPERTY, UdevMonitor, udev_properties
 
-FILES = {
+FILES: dict[str, bytes | str | tuple[object, ...]] = {
     "usr/bin/tool": "#!/bin/sh\necho tool\n",
     "usr/lib/data.bin": bytes(range(256)),
     "usr/bin/tool-link": ("symlink", "tool"),
@@ -161,7 +161,8 @@ def test_yank_idle_device_delivers_remove(
     assert dev not in loop_devices.attached
 
 
-def test_loop_cleanup_detaches_only_what_is_still_ours(tmp_path: Path, udevd: int | None) -> None:
+@pytest.mark.usefixtures("udevd")
+def test_loop_cleanup_detaches_only_what_is_still_ours(tmp_path: Path) -> None:
     loops = LoopDevices()
     image_a = build_image(tmp_path, "a", {"usr/bin/a": "a"})
     first = loops.attach(image_a)
@@ -228,7 +229,7 @@ def test_spool_request_protocol(tmp_path: Path) -> None:
     seen: list[str] = []
 
     def fake_daemon() -> None:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # ends after two requests; this only bounds a failure
         while time.monotonic() < deadline and len(seen) < 2:
             for req in sorted(spool.glob("*.json")):
                 body = json.loads(req.read_text())
@@ -263,10 +264,11 @@ FAKE_DAEMON = textwrap.dedent(
     assert cfg["root"] == root, (cfg["root"], root)
     for rel in (cfg["spool"]["dir"], cfg["state"]["dir"]):
         os.makedirs(os.path.join(root, rel.lstrip("/")), exist_ok=True)
-    print("event=daemon_ready match=" + repr(cfg["volumes"]["match"]), file=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     if os.environ.get("FAKE_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ready only once the handlers are in place: a SIGTERM right after this must find them.
+    print("event=daemon_ready match=" + repr(cfg["volumes"]["match"]), file=sys.stderr)
     while True:
         time.sleep(1)
     """
@@ -294,9 +296,7 @@ def test_daemon_helper_lifecycle(
 
     daemon.env["FAKE_IGNORE_TERM"] = "1"
     daemon.start()
-    started = time.monotonic()
     assert daemon.stop(timeout=1) == -9  # SIGTERM ignored: SIGKILL after the timeout
-    assert time.monotonic() - started < 5
     daemon.start()
     daemon.kill9()
     assert not daemon.running()
@@ -335,6 +335,7 @@ def test_fixtures_drive_the_real_daemon(
     assert (sandbox_root / "usr/bin/tool").read_text() == tool
     assert (sandbox_root / "usr/bin/base-tool").read_bytes() == BASE_TOOL_BYTES
     assert (sandbox_root / "opt/personality/web/usr/bin/tool").is_file()
+    assert daemon.pid is not None
     (summary,) = journal.entries(MESSAGE_ID_STACK_CHANGED, _PID=daemon.pid)
     assert summary["PERSONALITY_ATTACHED"] == "web"
     assert summary["PERSONALITY_GENERATION"] == str(result["generation"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from testkit.daemon import Daemon
 from testkit.images import build_image, build_writable_image
 from testkit.loops import LoopDevices
+from testkit.polling import wait_for
 from testkit.stack import expect_clean_work_dirs, expect_stack, files_of
 
 SWITCHES = int(os.environ.get("STRESS_SWITCHES", "100"))
@@ -40,9 +41,10 @@ with open(ack, "w") as acks:
 print(json.dumps({"attempts": n, "errors": errors}))
 """
 
+# Creates READY once it has read every path once.
 READER = r"""
 import json, os, sys
-paths, stop = sys.argv[1].split(":"), sys.argv[2]
+paths, stop, ready = sys.argv[1].split(":"), sys.argv[2], sys.argv[3]
 reads, errors, first = 0, {}, {}
 while not os.path.exists(stop):
     for path in paths:
@@ -55,8 +57,15 @@ while not os.path.exists(stop):
             if first.setdefault(path, data) != data:
                 errors["changed content"] = errors.get("changed content", 0) + 1
         reads += 1
+    if reads == len(paths):
+        open(ready, "w").close()
 print(json.dumps({"reads": reads, "errors": errors}))
 """
+
+
+def _acked(ack: Path) -> list[int]:
+    text = ack.read_text() if ack.exists() else ""
+    return [int(line) for line in text.split("\n")[:-1]]  # the last one may be half written
 
 
 def test_readers_and_writers_through_etc_during_switches(
@@ -76,6 +85,7 @@ def test_readers_and_writers_through_etc_during_switches(
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(root), str(stop), str(ack)], stdout=subprocess.PIPE
     )
+    ready = [tmp_path / f"reader-{i}-ready" for i in range(2)]
     readers = [
         subprocess.Popen(
             [
@@ -84,23 +94,28 @@ def test_readers_and_writers_through_etc_during_switches(
                 READER,
                 f"{root}/etc/base.conf:{root}/etc/w1.conf:{root}/usr/share/w2/f000",
                 str(stop),
+                str(marker),
             ],
             stdout=subprocess.PIPE,
         )
-        for _ in range(2)
+        for marker in ready
     ]
     try:
+        # The readers and the writer are at work before the first switch and after the last:
+        # every switch happens while they read and write, however slow the machine is.
+        wait_for(lambda: bool(_acked(ack)) and all(m.exists() for m in ready), 120, "I/O")
         for i in range(SWITCHES):
             stack = ["w2", "w1"] if i % 2 == 0 else ["w1", "w2"]
-            result = daemon.request({"action": "switch", "personalities": stack})
+            result = daemon.request({"action": "switch", "personalities": stack}, timeout=120)
             assert result["status"] == "ok", result
+        after = len(_acked(ack))
+        wait_for(lambda: len(_acked(ack)) > after, 120, "a write after the last switch")
     finally:
         stop.touch()
         written = json.loads(writer.communicate(timeout=60)[0])
         read = [json.loads(r.communicate(timeout=60)[0]) for r in readers]
     acked = [int(line) for line in ack.read_text().split()]
     print(f"writer: {written}; acknowledged {len(acked)}; readers: {read}")
-    assert acked, "the writer never got a write through"
     upper = daemon.runtime_dir / "writable" / "upper" / "_etc" / "stress"
     lost = []
     for n in acked:

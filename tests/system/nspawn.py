@@ -122,7 +122,7 @@ def apt_mirror() -> str:
                 fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
                 suites = fields.get("Suites", "").split()
                 if SUITE in suites and "main" in fields.get("Components", "").split():
-                    return fields.get("URIs", "").split()[0]
+                    return str(fields.get("URIs", "")).split()[0]
         else:
             for line in text.splitlines():
                 parts = line.split("#", 1)[0].split()

@@ -19,6 +19,7 @@ from personalityd.core.model import (
     OPAQUE_DIR,
     SYMLINK,
     WHITEOUT,
+    Conflict,
 )
 from personalityd.core.packed import EMPTY, find_conflicts_packed
 
@@ -45,13 +46,13 @@ def trees(draw: st.DrawFn, max_depth: int = 3) -> dict[str, str]:
 
 def _dict_result(
     layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
-) -> tuple[list[object], int]:
+) -> tuple[list[Conflict], int]:
     return find_conflicts("/usr", layers, base.get, lambda p, names: p.endswith("b"))
 
 
 def _packed_result(
     layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
-) -> tuple[list[object], int]:
+) -> tuple[list[Conflict], int]:
     def base_names(directory: bytes) -> frozenset[bytes] | None:
         d = os.fsdecode(directory)
         if d and base.get(d) not in (DIR, OPAQUE_DIR):
@@ -111,7 +112,7 @@ def test_base_names(tmp_path: Path) -> None:
     (tmp_path / "bin/sh").write_text("")
     (tmp_path / "file").write_text("")
     names = BaseNames(str(tmp_path))
-    assert names(b"bin") == {b"sh"}
-    assert names(b"") == {b"bin", b"file"}
+    assert names(b"bin") == frozenset({b"sh"})
+    assert names(b"") == frozenset({b"bin", b"file"})
     assert names(b"missing") is None
     assert names(b"file") is None

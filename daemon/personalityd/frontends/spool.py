@@ -53,7 +53,7 @@ class SpoolService:
             body = request_file.body
             request = parse_request(body)
             caller = await self._caller(path, request_file.owner)
-            changed = await self._execute(request, caller)
+            changed = await self._execute(request, caller, path)
             result = result_body(
                 request.id, None, changed, self.manager.attached, self.manager.generation
             )
@@ -88,9 +88,9 @@ class SpoolService:
         gids = await lookup_user_gids(owner)
         return Caller(owner, gids, f"spool file {path.name} (uid {owner})", front_end=SPOOL)
 
-    async def _execute(self, request: Request, caller: Caller) -> bool:
-        log.info("spool_request", caller=caller.description, action=request.action,
-                 names=request.names)  # fmt: skip
+    async def _execute(self, request: Request, caller: Caller, path: Path) -> bool:
+        log.info("spool_request", file=path.name, caller=caller.description,
+                 action=request.action, names=request.names)  # fmt: skip
         if request.action == "attach":
             return await self.manager.attach(
                 caller, request.names[0], timeout=request.timeout, force=request.force

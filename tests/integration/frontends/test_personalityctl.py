@@ -1,7 +1,8 @@
 """personalityctl run as a user runs it, against a private system bus and an in-memory manager.
 
-(Named apart from tests/unit/test_cli.py: the test directories are not packages, so two test
-modules may not share a base name.)
+The bus, the manager and the service are the fixtures of frontends/conftest.py. (Named
+apart from tests/unit/test_cli.py: the test directories are not packages, so two test modules
+may not share a base name.)
 """
 
 from __future__ import annotations
@@ -12,36 +13,21 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from bus_clients import Result
 from dbus_fast.aio import MessageBus
 from memory_manager import EXPLODING_NAME, SECRET_TEXT, FakeVolume, MemoryManager
 
 import personalityd
 from personalityd.client.build import read_base_os_release
 from personalityd.core.model import Conflict
-from personalityd.frontends.dbus.service import serve
-from testkit.dbus import private_system_bus
+from testkit.contract import BUS
 
-BUS = "org.personalityd.personality1"
 PACKAGE_DIR = str(Path(personalityd.__file__).resolve().parents[1])
 UNREACHABLE = "personalityctl: cannot reach personalityd on the system bus: "
-
-
-@dataclass(frozen=True)
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    def err_line(self) -> str:
-        """The one line on stderr a failure must give."""
-        assert self.err.endswith("\n") and self.err.count("\n") == 1, self.err
-        assert "Traceback" not in self.err
-        return self.err.rstrip("\n")
 
 
 def cli_env(extra: Mapping[str, str] | None = None, drop: tuple[str, ...] = ()) -> dict[str, str]:
@@ -69,37 +55,6 @@ def ctl_sync(*argv: str) -> Result:
         capture_output=True, text=True, env=cli_env(), timeout=300, check=False,
     )  # fmt: skip
     return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-# -- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def system_bus() -> Iterator[str]:
-    with private_system_bus() as address:
-        yield address
-
-
-@pytest.fixture
-def manager() -> MemoryManager:
-    return MemoryManager(
-        [
-            FakeVolume("web", version="2.1"),
-            FakeVolume("tools", version="1.0"),
-            FakeVolume("old", version="0.9", incompatibility="ID=fedora, base is debian"),
-        ]
-    )
-
-
-@pytest.fixture
-async def served(system_bus: str, manager: MemoryManager) -> AsyncIterator[MessageBus]:
-    bus = await serve(manager, system_bus)
-    try:
-        yield bus
-    finally:
-        await bus.release_name(BUS)
-        bus.disconnect()
-        await bus.wait_for_disconnect()
 
 
 # -- reading verbs ------------------------------------------------------------------------------
@@ -187,15 +142,15 @@ async def test_attach_detach(served: MessageBus, manager: MemoryManager) -> None
     assert (result.rc, result.out) == (0, "Detached web.\n")
     result = await ctl("detach", "web")
     assert (result.rc, result.out) == (0, "web is not attached.\n")
-    assert manager.attached == ()
+    assert not manager.attached
 
 
 async def test_attach_wait(served: MessageBus, manager: MemoryManager) -> None:
-    attach = asyncio.create_task(ctl("attach", "late", "--wait", "30"))
-    await asyncio.sleep(1)
+    attach = asyncio.create_task(ctl("attach", "late", "--wait", "600"))
+    await manager.wait_for_callers(1)  # the Attach waits in the manager; only the volume ends it
     assert not attach.done()
     manager.add_volume(FakeVolume("late"))
-    result = await asyncio.wait_for(attach, 30)
+    result = await asyncio.wait_for(attach, 120)
     assert (result.rc, result.out) == (0, "Attached late.\n"), result.err
 
     timed_out = await ctl("attach", "never", "--wait", "1")
