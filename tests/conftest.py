@@ -4,7 +4,7 @@ As root, the first thing pytest does here is re-exec itself, with the same inter
 command line, under `unshare -m -n --propagation private` with `PERSONALITYD_TEST_NS=1` set.
 Every mount a test or a daemon it starts makes then lives in that namespace and dies with it,
 even if cleanup fails; nothing leaks into the host's mount table. The network namespace holds
-the session's own udevd and its event multicast (`tests/integration/udevd_fixture.py`), apart
+the session's own udevd and its event multicast (`testkit/testkit/udevd.py`), apart
 from any udevd the machine runs. Loop devices and the journal stay global: the integration
 fixtures clean those up by name and PID.
 

@@ -5,7 +5,7 @@ this file wires them into fixtures that always clean up after themselves, also o
 
 | fixture | scope | gives |
 |---|---|---|
-| `udevd` | session | `PrivateUdevd`: the session's own udevd (`udevd_fixture`); `.restart()` |
+| `udevd` | session | `PrivateUdevd`: the session's own udevd (`testkit.udevd`); `.restart()` |
 | `journald` | session | PID of the journald started (`journal_fixture`), or None if running |
 | `udev_token` | session | token set as `PERSONALITYD_TEST` on this session's loop devices |
 | `journal` | function | `JournalReader` limited to entries written since the test started |
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from udevd_fixture import PrivateUdevd, private_udevd
 
 from personalityd.adapters.spool import ensure_spool_dirs
 from testkit.daemon import Daemon
@@ -42,6 +41,7 @@ from testkit.loops import LoopDevices
 from testkit.mounts import unmount_tree
 from testkit.sandbox import make_sandbox_root
 from testkit.udev import UdevMonitor, udev_tag_rule
+from testkit.udevd import PrivateUdevd, private_udevd
 from testkit.users import MemberUser
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
@@ -81,7 +81,7 @@ def _integration_preconditions() -> None:
 @pytest.fixture(scope="session")
 def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateUdevd]:
     """The session's own systemd-udevd, on a private /run/udev, in the session's network
-    namespace (`udevd_fixture`); a udevd the machine runs is neither used nor touched."""
+    namespace (`testkit.udevd`); a udevd the machine runs is neither used nor touched."""
     with private_udevd(tmp_path_factory.mktemp("udevd")) as ours:
         yield ours
 

@@ -4,7 +4,7 @@ Only services started by this test session are stopped. journald: the test mount
 /run/systemd/journal and /run/log/journal inside the test's private mount namespace and starts
 a journald of its own there, so the machine's journald (whoever runs it) is never touched and
 the daemon under test (same namespace) talks to ours. udevd: the session always runs its own,
-in its own network namespace on a private /run/udev (`udevd_fixture`); the test stops and
+in its own network namespace on a private /run/udev (`testkit.udevd`); the test stops and
 starts that one, and a udevd the machine runs never hears of it.
 """
 
@@ -18,8 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from udevd_fixture import PrivateUdevd
-
 from testkit.contract import MESSAGE_ID_STACK_CHANGED
 from testkit.daemon import Daemon
 from testkit.images import build_image
@@ -28,6 +26,7 @@ from testkit.loops import LoopDevices
 from testkit.polling import wait_for
 from testkit.processes import pid_alive, run
 from testkit.stack import expect_stack, files_of, state_of
+from testkit.udevd import PrivateUdevd
 
 JOURNAL_DIRS = ("/run/systemd/journal", "/run/log/journal")
 

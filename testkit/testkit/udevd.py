@@ -31,8 +31,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 UDEVD = "/lib/systemd/systemd-udevd"
 UDEV_RUN = "/run/udev"
 PROCESS_NAME = "pdtest-udevd"
@@ -136,17 +134,18 @@ class PrivateUdevd:
 def private_udevd(workdir: Path) -> Iterator[PrivateUdevd]:
     """A tmpfs over /run/udev, our udevd on it; both gone afterwards (also on failure)."""
     if not private_network_namespace():
-        pytest.fail(
+        raise RuntimeError(
             "the integration tests run their own udevd in a network namespace of their own: "
             "run pytest on `tests` as root (tests/conftest.py re-executes it under `unshare -m "
             "-n`); system tests (PERSONALITYD_SYSTEM_TEST=1) keep the host's network and "
-            "cannot run in the same session",
-            pytrace=False,
+            "cannot run in the same session"
         )
     os.makedirs(UDEV_RUN, exist_ok=True)
     point, optional = _mount_of(UDEV_RUN)
     if any(f.startswith("shared:") for f in optional):
-        pytest.fail(f"{point} propagates mounts to other namespaces: not covering {UDEV_RUN}")
+        raise RuntimeError(
+            f"{point} propagates mounts to other namespaces: not covering {UDEV_RUN}"
+        )
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "pdtest-udev", UDEV_RUN],
         check=True,
