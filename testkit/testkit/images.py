@@ -85,22 +85,28 @@ def _erofs_supports_label() -> bool:
     return re.search(r"^\s*-L", proc.stdout + proc.stderr, re.MULTILINE) is not None
 
 
-def pack_image(src: Path, image: Path, fmt: str, label: str | None = None) -> None:
+def pack_image(
+    src: Path, image: Path, fmt: str, label: str | None = None, timeout: float = 900
+) -> None:
     """Pack directory `src` into a new image file: files owned by root, as a volume ships.
 
     `squashfs` (`mksquashfs -all-root`), `erofs` (`mkfs.erofs --all-root`; bookworm's
     erofs-utils 1.5 has no `-L`, so a label fails there), `ext4` (`mkfs.ext4 -d`, sized from
-    the tree, at least 4 MiB; labels of at most 16 bytes).
+    the tree, at least 4 MiB; labels of at most 16 bytes). A 100,000-file tree takes minutes on a
+    loaded machine, hence the long `timeout`.
     """
     if fmt == "squashfs":
-        run("mksquashfs", src, image, "-noappend", "-quiet", "-no-progress", "-all-root")
+        run(
+            "mksquashfs", src, image, "-noappend", "-quiet", "-no-progress", "-all-root",
+            timeout=timeout,
+        )  # fmt: skip
     elif fmt == "erofs":
         cmd = ["mkfs.erofs", "--quiet", "--all-root"]
         if label is not None:
             if not _erofs_supports_label():
                 raise AssertionError("this mkfs.erofs has no -L: erofs images cannot be labelled")
             cmd += ["-L", label]
-        run(*cmd, image, src)
+        run(*cmd, image, src, timeout=timeout)
     elif fmt == "ext4":
         if label is not None and len(label.encode()) > 16:
             raise AssertionError(f"ext4 labels have at most 16 bytes: {label!r}")
@@ -110,7 +116,7 @@ def pack_image(src: Path, image: Path, fmt: str, label: str | None = None) -> No
         cmd = ["mkfs.ext4", "-q", "-d", str(src)]
         if label is not None:
             cmd += ["-L", label]
-        run(*cmd, image)
+        run(*cmd, image, timeout=timeout)
     else:
         raise ValueError(f"unknown image format {fmt!r}")
 
