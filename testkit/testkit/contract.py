@@ -6,18 +6,18 @@ fails a test instead of silently changing both sides.
 
 from __future__ import annotations
 
-# D-Bus (DESIGN section 7).
+# D-Bus (docs/dbus.md).
 BUS = "org.personalityd.personality1"
 PATH = "/org/personalityd/personality1"
 IFACE = "org.personalityd.personality1.Manager"
 
-# Journal MESSAGE_IDs (DESIGN section 5).
+# Journal MESSAGE_IDs (docs/journal.md).
 MESSAGE_ID_CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
 MESSAGE_ID_STACK_CHANGED = "745778a2970b4475acba70df8299437b"
 MESSAGE_ID_VOLUME_REFUSED = "18d0afe90a164b398024e69871a6bc44"
 MESSAGE_ID_ROLLED_BACK = "091e1791abd44213b5aa028ad69c8fce"
 
-# The daemon's default paths (DESIGN section 2), relative to its root.
+# The daemon's default paths (docs/configuration.md), relative to its root.
 DEFAULT_PATHS = {
     "mount_root": "/opt/personality",
     "spool": "/var/spool/personalityd",
@@ -25,7 +25,7 @@ DEFAULT_PATHS = {
     "runtime": "/run/personalityd",
 }
 
-# Spool result directories (DESIGN section 6).
+# Spool result directories (docs/spool.md).
 RESULT_DIRS = ("done", "failed")
 
 # The log event the daemon writes (on stderr) once coldplug and reconcile are done.

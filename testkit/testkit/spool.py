@@ -1,4 +1,4 @@
-"""Spool requests (DESIGN section 6): dropping them, waiting for results, counting answers.
+"""Spool requests (docs/spool.md): dropping them, waiting for results, counting answers.
 
 A request is written as a dotfile and renamed in as `<name>.json`; the daemon answers with
 `done/<name>.result.json` or `failed/<name>.result.json`. Clients wait for the answer with
@@ -29,7 +29,7 @@ def new_name(prefix: str = "req") -> str:
 
 
 def drop(spool: Path, name: str, body: Mapping[str, Any] | str | bytes) -> None:
-    """Write a request as a dotfile, then rename it in as `<name>.json` (DESIGN section 6).
+    """Write a request as a dotfile, then rename it in as `<name>.json` (docs/spool.md).
 
     `body` may be raw str/bytes to send malformed requests.
     """

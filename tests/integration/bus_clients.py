@@ -1,6 +1,6 @@
 """The D-Bus clients users have, as the tests run them: busctl and gdbus command lines, run
 without blocking the test's event loop (which may be serving the interface or watching
-signals). Error names are spelled out from the contract (DESIGN section 7), not imported."""
+signals). Error names are spelled out from the contract (docs/dbus.md), not imported."""
 
 from __future__ import annotations
 

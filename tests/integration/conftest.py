@@ -22,10 +22,7 @@ When a test fails, the log of every daemon it started is attached to the report.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
@@ -42,7 +39,7 @@ from testkit.mounts import unmount_tree
 from testkit.sandbox import make_sandbox_root
 from testkit.udev import UdevMonitor, udev_tag_rule
 from testkit.udevd import PrivateUdevd, private_udevd
-from testkit.users import MemberUser
+from testkit.users import MemberUser, ensure_group, temporary_member
 
 NAMESPACE_ENV = "PERSONALITYD_TEST_NS"
 DAEMONS_KEY = pytest.StashKey[list[Daemon]]()
@@ -161,7 +158,7 @@ def daemon_factory(
     """Make `Daemon`s (not started) on `sandbox_root` or another root; all stopped after.
 
     `make(root=None, *, config=None, env=None, name="personalityd", isolated=True)`; with
-    `isolated=False` the config keeps the DESIGN default match rules, so the daemon also sees
+    `isolated=False` the config keeps the default match rules, so the daemon also sees
     volumes of other runs on this machine.
     """
     made: list[Daemon] = []
@@ -226,23 +223,11 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="module")
 def personality_gid() -> int:
     """The `personality` group exists (created if missing and left: it is harmless)."""
-    subprocess.run(["groupadd", "-f", "--system", "personality"], check=True)
-    return grp.getgrnam("personality").gr_gid
+    return ensure_group("personality")
 
 
 @pytest.fixture(scope="module")
 def member_user(personality_gid: int) -> Iterator[MemberUser]:
     """A temporary system user in the `personality` group; removed afterwards."""
-    name = f"pdtest{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        [
-            *("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"),
-            *("-G", "personality", name),
-        ],
-        check=True,
-    )
-    try:
-        entry = pwd.getpwnam(name)
-        yield MemberUser(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False)
+    with temporary_member("personality") as member:
+        yield member

@@ -1,6 +1,6 @@
 """An in-memory ManagerAPI for testing the D-Bus layer and personalityctl without mounts.
 
-It keeps the semantics the front ends rely on (DESIGN sections 1, 4, 7): a desired list, a live
+It keeps the semantics the front ends rely on (docs/dbus.md): a desired list, a live
 stack (the desired personalities that are present and compatible, or forced), a generation
 that goes up by one per live-stack change, StackEvents to subscribers, the domain errors, and
 the daemon's one authorization rule (core/access.py).

@@ -11,7 +11,7 @@ from typing import Any
 from testkit.daemon import Daemon
 from testkit.mounts import mountinfo
 
-# Journal MESSAGE_IDs (DESIGN section 5).
+# Journal MESSAGE_IDs (docs/journal.md).
 CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
 SUMMARY = "745778a2970b4475acba70df8299437b"
 REFUSED = "18d0afe90a164b398024e69871a6bc44"

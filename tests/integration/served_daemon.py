@@ -19,7 +19,7 @@ from testkit.polling import wait_for
 ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 SERVING_EVENT = "event=dbus_serving"
 
-# Errors a changing call may get in a storm of valid requests (DESIGN section 7).
+# Errors a changing call may get in a storm of valid requests (docs/dbus.md).
 DOCUMENTED_ERRORS = {
     ERR + name
     for name in (

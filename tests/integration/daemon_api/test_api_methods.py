@@ -1,8 +1,8 @@
-"""The real daemon's D-Bus methods and properties (DESIGN section 7), through dbus-fast and busctl.
+"""The real daemon's D-Bus methods and properties (docs/dbus.md), through dbus-fast and busctl.
 
 The daemon runs as `python -m personalityd` on a sandbox root and a private system bus
 (`daemon_api/conftest.py`); what it answers is checked against the files under the sandbox root.
-The names are spelled out from DESIGN.md, not imported from the daemon.
+The names are spelled out from the documented API, not imported from the daemon.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The real daemon's D-Bus signals, seen by a second connection: for calls, spool requests and
-udev events alike (DESIGN section 7)."""
+udev events alike (docs/dbus.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The D-Bus interface (DESIGN section 7) on a private system bus, over an in-memory manager:
+"""The D-Bus interface (docs/dbus.md) on a private system bus, over an in-memory manager:
 its shape, methods, properties and signals, and that a long call does not hold up the others.
 
 What a client observes is checked with the clients users have: `busctl`, `gdbus`, and a second
-dbus-fast connection for signals. The names are spelled out from DESIGN.md, not imported, so
+dbus-fast connection for signals. The names are spelled out from the API, not imported, so
 that the code cannot drift from the contract unnoticed.
 """
 
