@@ -264,7 +264,7 @@ ensure_services
 
 say "udev rule: mark this demo's loop devices as personality volumes"
 # The default volumes.match would also take any other squashfs/erofs volume on this machine
-# (other demos, test runs). So the demo uses the admin mechanism from DESIGN section 3: a udev
+# (other demos, test runs). So the demo uses the documented admin mechanism: a udev
 # rule that sets PERSONALITYD_VOLUME=1, here only on loop devices backed by demo/work files.
 mkdir -p /run/udev/rules.d
 cat >"$RULE" <<EOF

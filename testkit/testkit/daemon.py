@@ -19,7 +19,7 @@ from testkit.udev import TEST_PROPERTY
 
 
 def base_config(root: Path, udev_token: str | None) -> dict[str, Any]:
-    """`root`, the DESIGN default paths, and (with a token) match rules for tagged devices."""
+    """`root`, the default paths, and (with a token) match rules for tagged devices."""
     config: dict[str, Any] = {
         "root": str(root),
         "volumes": {"mount_root": DEFAULT_PATHS["mount_root"]},
@@ -39,7 +39,7 @@ class Daemon:
     """personalityd run as a subprocess on a sandbox root, the way a user starts it.
 
     `python -m personalityd --config CFG --root ROOT`, stderr appended to `log_path`. The config
-    sets `root`, the DESIGN default paths (relative to root), and, when `udev_token` is given,
+    sets `root`, the default paths (relative to root), and, when `udev_token` is given,
     `volumes.match` / `writable.match` restricted to loop devices tagged by `udev_tag_rule`.
     `config` overrides are deep-merged on top (None deletes a key).
     """
