@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -61,23 +62,55 @@ def is_request_name(name: str) -> bool:
     )
 
 
+# A result is written as a temporary `.<name>.XXXXXXXX.tmp` first (adapters/state.py), and
+# every name must fit NAME_MAX: the stem of a request is at most this many bytes, or the
+# request is refused and filed under a shortened stem.
+NAME_MAX = 255
+TEMPORARY_OVERHEAD = len(".") + len(".XXXXXXXX.tmp")
+MAX_STEM_BYTES = NAME_MAX - TEMPORARY_OVERHEAD - len(RESULT_SUFFIX)
+_SHORTENED_KEEP = MAX_STEM_BYTES - len("~") - 16
+
+
 @dataclass(frozen=True)
 class SpoolFile:
-    """A request file's path, its stem (`req-1` for `req-1.json`) and file name."""
+    """A request file's path, its stem (`req-1` for `req-1.json`) and file name, and the
+    stem it is filed under (the same, or a shortened one when the name is too long)."""
 
     path: Path
     stem: str
     name: str
+    filed_stem: str
 
     @classmethod
     def of(cls, path: Path) -> SpoolFile:
         name = path.name
         stem = name[: -len(REQUEST_SUFFIX)] if name.endswith(REQUEST_SUFFIX) else name
-        return cls(path=path, stem=stem, name=name)
+        return cls(path=path, stem=stem, name=name, filed_stem=_filed_stem(stem))
+
+    @property
+    def shortened(self) -> bool:
+        return self.filed_stem != self.stem
+
+    @property
+    def filed_name(self) -> str:
+        return self.filed_stem + REQUEST_SUFFIX
 
     @property
     def result_name(self) -> str:
-        return self.stem + RESULT_SUFFIX
+        return self.filed_stem + RESULT_SUFFIX
+
+
+def _filed_stem(stem: str) -> str:
+    """`stem`, or when too long its first bytes, `~` and a digest of the whole (so two long
+    names sharing a beginning are filed apart)."""
+    raw = os.fsencode(stem)
+    if len(raw) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    kept = raw[:_SHORTENED_KEEP].decode("utf-8", errors="ignore")
+    while len(os.fsencode(kept)) > _SHORTENED_KEEP:  # a surrogate-escaped byte counts once
+        kept = kept[:-1]
+    return f"{kept}~{digest}"
 
 
 def ensure_spool_dirs(spool_dir: Path, group: int | None = None) -> None:
@@ -161,6 +194,13 @@ def read_request(path: Path) -> RequestFile:
     except OSError as e:
         raise InvalidRequest(f"request {name}: cannot be read: {e.strerror}") from e
     _check(name, st)
+    spool_file = SpoolFile.of(path)
+    if spool_file.shortened:
+        raise InvalidRequest(
+            f"request {spool_file.filed_name} (name shortened): refused, its name before "
+            f".json is {len(os.fsencode(spool_file.stem))} bytes long, more than the "
+            f"{MAX_STEM_BYTES} that leave room for the result's file name"
+        )
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as e:
@@ -248,7 +288,8 @@ def _remove(path: Path) -> None:
 def finish_request(spool_dir: Path, path: Path, ok: bool, result: dict[str, Any]) -> Path:
     """File the handled request `path` under `done/` (ok) or `failed/`; return where it went.
 
-    Writes `<stem>.result.json` there atomically first, then renames the request (whatever it
+    Writes `<stem>.result.json` there atomically first (a name too long is filed under its
+    shortened stem, the request too), then renames the request (whatever it
     is: rename never follows a symlink or opens a FIFO) beside it, replacing an older request
     of the same name. A request of the same name filed earlier in the other directory, and its
     result, are removed, so only the latest outcome can be found. A request that vanished
@@ -257,11 +298,11 @@ def finish_request(spool_dir: Path, path: Path, ok: bool, result: dict[str, Any]
     spool_file = SpoolFile.of(path)
     target_dir = spool_dir / (DONE_DIR if ok else FAILED_DIR)
     other_dir = spool_dir / (FAILED_DIR if ok else DONE_DIR)
-    _remove(other_dir / spool_file.name)
+    _remove(other_dir / spool_file.filed_name)
     _remove(other_dir / spool_file.result_name)
     target_dir.mkdir(mode=RESULT_DIR_MODE, exist_ok=True)
     write_json_atomic(target_dir / spool_file.result_name, result)
-    target = target_dir / spool_file.name
+    target = target_dir / spool_file.filed_name
     try:
         os.rename(path, target)
     except FileNotFoundError:
@@ -275,6 +316,19 @@ def finish_request(spool_dir: Path, path: Path, ok: bool, result: dict[str, Any]
             raise
         _remove(target)
         os.rename(path, target)
+    return target
+
+
+def set_aside(spool_dir: Path, path: Path) -> Path | None:
+    """Move a handled request whose result could not be written into `failed/`, so it is not
+    run again at the next start; None when that fails too (or it is gone)."""
+    spool_file = SpoolFile.of(path)
+    target = spool_dir / FAILED_DIR / spool_file.filed_name
+    try:
+        target.parent.mkdir(mode=RESULT_DIR_MODE, exist_ok=True)
+        os.rename(path, target)
+    except OSError:
+        return None
     return target
 
 

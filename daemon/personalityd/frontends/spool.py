@@ -4,7 +4,8 @@ Each request is handled in its own task, so one waiting for a volume (its `timeo
 hold up the others; tasks reach the manager's queue in the order the files were found. The
 caller is the request file's owner with that owner's groups; the manager decides whether they
 may change the stack. A request file stays in the spool until its result is written, so one
-interrupted by a crash is handled again at the next start.
+interrupted by a crash is handled again at the next start; one that was handled is never
+handled again, even when its result could not be written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from personalityd.adapters.spool import (
     finish_request,
     read_request,
     result_body,
+    set_aside,
     watch,
 )
 from personalityd.config import Config
@@ -77,7 +79,10 @@ class SpoolService:
                 None, finish_request, self.spool, path, ok, result
             )
         except OSError as exc:
-            log.error("spool_result_not_written", file=path.name, error=str(exc))
+            # Answered but not filed: set aside, so it is not run again after a restart.
+            kept = set_aside(self.spool, path)
+            log.error("spool_result_not_written", file=path.name, error=str(exc),
+                      set_aside=str(kept) if kept else None)  # fmt: skip
         finally:
             in_flight.discard(path)
 
