@@ -17,12 +17,14 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 from personalityd.adapters.journal import Sendv, encode_fields, send_items, sendv_available
+from personalityd.core.ratelimit import RateLimit
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
@@ -140,3 +142,28 @@ def setup_logging(level: str = "info", *, journal: bool | None = None) -> None:
             root.removeHandler(handler)
     root.addHandler(_StdlibBridge())
     root.setLevel(threshold)
+
+
+class CallerLog:
+    """Log lines that a caller causes (a refused call or request): root's are always
+    written; other users' are rate-limited per uid (core/ratelimit.py), so no user can flood
+    the journal. The first line written after some were dropped says how many (`dropped`)."""
+
+    def __init__(self, name: str, limit: RateLimit | None = None) -> None:
+        self._log = structlog.get_logger(name)
+        self._limit = limit or RateLimit()
+
+    def warning(self, uid: int | None, event: str, **fields: Any) -> None:
+        self._emit("warning", uid, event, fields)
+
+    def info(self, uid: int | None, event: str, **fields: Any) -> None:
+        self._emit("info", uid, event, fields)
+
+    def _emit(self, level: str, uid: int | None, event: str, fields: dict[str, Any]) -> None:
+        if uid != 0:
+            verdict = self._limit.check(uid, time.monotonic())
+            if not verdict.allowed:
+                return
+            if verdict.suppressed:
+                fields = {**fields, "dropped": verdict.suppressed}
+        getattr(self._log, level)(event, **fields)

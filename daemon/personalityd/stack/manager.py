@@ -29,6 +29,7 @@ from personalityd.core.desired import Edit, check_edit, edit_desired
 from personalityd.core.errors import Busy, InternalError, PersonalityError
 from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.planner import personality_state
+from personalityd.log import CallerLog
 from personalityd.stack.engine import Engine
 from personalityd.stack.indexes import VolumeIndexes
 from personalityd.stack.registry import VolumeRegistry
@@ -43,6 +44,7 @@ from personalityd.stack.transaction import (
 )
 
 log = structlog.get_logger()
+refusals = CallerLog(__name__)
 
 MAX_BATCH = 64
 
@@ -181,7 +183,9 @@ class Manager:
         try:
             authorize(caller, operation, groups, gids)
         except PersonalityError:
-            log.warning("access_denied", operation=operation, caller=caller.description)
+            refusals.warning(
+                caller.uid, "access_denied", operation=operation, caller=caller.description
+            )
             raise
         self._check_running()
 

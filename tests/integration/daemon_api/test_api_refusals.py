@@ -94,6 +94,28 @@ async def test_nobody_may_read_but_not_change(
     no_traceback(daemon)
 
 
+async def test_refusals_caused_by_other_users_cannot_flood_the_log(
+    serve: Serve, daemon: Daemon, system_bus: str, trio: Trio, client: MessageBus
+) -> None:
+    serve(daemon)
+    calls = 40
+    script = "; ".join(
+        " ".join(busctl_call(system_bus, "Attach", "sa{sv}", "web", "0")) for _ in range(calls)
+    )
+    flood = await arun(*NOBODY, "sh", "-c", script + "; true")
+    assert flood.err.count("Access denied") == calls, flood.err[-2000:]
+    # root's own refused calls are all written
+    for _ in range(15):
+        await call_error(client, "Attach", "sa{sv}", "no-such-volume", {})
+    log = daemon.log_text()
+    denied = [line for line in log.splitlines() if "event=access_denied" in line]
+    assert 1 <= len(denied) <= 10, denied
+    assert all("(uid 65534" in line for line in denied)
+    assert log.count("event=dbus_method_refused") == 15, log[-3000:]
+    assert await get_property(client, "Attached") == []
+    no_traceback(daemon)
+
+
 async def test_personality_group_member_may_change(
     serve: Serve,
     daemon: Daemon,

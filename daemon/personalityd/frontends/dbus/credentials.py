@@ -4,6 +4,7 @@ daemon itself (never of the caller)."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from typing import Any, Final
 
 import structlog
@@ -14,11 +15,28 @@ from personalityd.adapters.groups import lookup_user_gids
 from personalityd.core.access import Caller
 from personalityd.core.errors import AccessDenied
 from personalityd.core.names import DBUS_BUS_NAME, DBUS_INTERFACE, DBUS_OBJECT_PATH, ERROR_FAILED
+from personalityd.log import CallerLog
 
 log = structlog.get_logger("personalityd.dbus")
+refusals = CallerLog("personalityd.dbus")
 
 # Bus calls the service makes itself (credentials, name owner) must not hang a request.
 BUS_CALL_TIMEOUT: Final = 10.0
+# The uids of the latest senders seen, for logging about them (`known_uid`).
+_KNOWN_SENDERS: Final = 1024
+_sender_uids: OrderedDict[str, int] = OrderedDict()
+
+
+def known_uid(sender: str | None) -> int | None:
+    """The uid the bus gave for `sender` when its credentials were last asked for, if any."""
+    return _sender_uids.get(sender or "")
+
+
+def _remember(sender: str, uid: int) -> None:
+    _sender_uids[sender] = uid
+    _sender_uids.move_to_end(sender)
+    while len(_sender_uids) > _KNOWN_SENDERS:
+        _sender_uids.popitem(last=False)
 
 
 async def _bus_call(bus: MessageBus, member: str, signature: str, body: list[Any]) -> Message:
@@ -55,8 +73,9 @@ async def caller_from_bus(bus: MessageBus, msg: Message) -> Caller:
         else:
             uid = int((await _bus_call(bus, "GetConnectionUnixUser", "s", [sender])).body[0])
     except (DBusError, TimeoutError) as exc:
-        log.warning("dbus_credentials_unavailable", sender=sender, error=str(exc))
+        refusals.warning(None, "dbus_credentials_unavailable", sender=sender, error=str(exc))
         raise AccessDenied(f"cannot determine the credentials of {sender}") from None
+    _remember(sender, uid)
     gids_variant = creds.get("UnixGroupIDs")
     if gids_variant is not None:
         gids = frozenset(int(g) for g in gids_variant.value)

@@ -54,7 +54,12 @@ from personalityd.core.names import (
     OPTION_TIMEOUT,
     check_name,
 )
-from personalityd.frontends.dbus.credentials import caller_from_bus, describe_owner
+from personalityd.frontends.dbus.credentials import (
+    caller_from_bus,
+    describe_owner,
+    known_uid,
+    refusals,
+)
 from personalityd.frontends.dbus.types import (
     ConflictList,
     Names,
@@ -263,7 +268,10 @@ class ManagerInterface(ServiceInterface):
         try:
             result = await work
         except PersonalityError as exc:
-            log.info("dbus_method_refused", method=method, sender=call[1].sender, code=exc.code)
+            if not isinstance(exc, AccessDenied):  # the manager logged that one already
+                sender = call[1].sender
+                refusals.info(known_uid(sender), "dbus_method_refused", method=method,
+                              sender=sender, code=exc.code)  # fmt: skip
             raise DBusError(exc.dbus_name, str(exc)) from None
         except DBusError:
             raise
