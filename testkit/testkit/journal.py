@@ -69,11 +69,11 @@ def running_journald(timeout: float = 10.0) -> Iterator[int | None]:
         stop_process(proc, timeout=10)
 
 
-def read_journal(*matches: str, timeout: float = 5.0, expect: int = 1) -> list[dict[str, Any]]:
+def read_journal(*matches: str, timeout: float = 60.0, expect: int = 1) -> list[dict[str, Any]]:
     """Entries matching `FIELD=value` matches, as `journalctl -o json` gives them.
 
     Retries until at least `expect` entries are there or `timeout` passes: journald writes
-    asynchronously. Repeated fields come back as JSON lists, in the order they were sent.
+    asynchronously, and on a loaded machine it can take seconds. Repeated fields come back as JSON lists, in the order they were sent.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -95,7 +95,7 @@ def journal_entries(
     *,
     since: float | None = None,
     min_count: int = 1,
-    timeout: float = 5.0,
+    timeout: float = 60.0,
     **match: str | int,
 ) -> list[dict[str, Any]]:
     """Journal entries with MESSAGE_ID and all `match` fields (FIELD=value), oldest first.
@@ -128,7 +128,7 @@ class JournalReader:
     since: float = field(default_factory=lambda: time.time() - 0.001)
 
     def entries(
-        self, message_id: str, *, min_count: int = 1, timeout: float = 5.0, **match: str | int
+        self, message_id: str, *, min_count: int = 1, timeout: float = 60.0, **match: str | int
     ) -> list[dict[str, Any]]:
         return journal_entries(
             message_id, since=self.since, min_count=min_count, timeout=timeout, **match

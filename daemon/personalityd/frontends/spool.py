@@ -28,9 +28,11 @@ from personalityd.config import Config
 from personalityd.core.access import SPOOL, Caller
 from personalityd.core.errors import Busy, PersonalityError
 from personalityd.core.requests import Request, parse_request, request_id_of
+from personalityd.log import CallerLog
 from personalityd.stack.api import ManagerAPI
 
 log = structlog.get_logger()
+refusals = CallerLog(__name__)
 
 
 class SpoolService:
@@ -50,9 +52,10 @@ class SpoolService:
 
     async def _handle(self, path: Path, in_flight: set[Path]) -> None:
         body: bytes | None = None
+        owner: int | None = None
         try:
             request_file = read_request(path)
-            body = request_file.body
+            body, owner = request_file.body, request_file.owner
             request = parse_request(body)
             caller = await self._caller(path, request_file.owner)
             changed = await self._execute(request, caller, path)
@@ -72,7 +75,8 @@ class SpoolService:
                 request_id, error, False, self.manager.attached, self.manager.generation
             )
             ok = False
-            log.warning("spool_request_refused", file=path.name, code=error.code, reason=str(error))
+            refusals.warning(owner, "spool_request_refused", file=path.name, code=error.code,
+                             reason=str(error))  # fmt: skip
         try:
             # In a worker thread: the result's fsync must not hold up the event loop.
             await asyncio.get_running_loop().run_in_executor(
