@@ -73,7 +73,8 @@ def read_journal(*matches: str, timeout: float = 60.0, expect: int = 1) -> list[
     """Entries matching `FIELD=value` matches, as `journalctl -o json` gives them.
 
     Retries until at least `expect` entries are there or `timeout` passes: journald writes
-    asynchronously, and on a loaded machine it can take seconds. Repeated fields come back as JSON lists, in the order they were sent.
+    asynchronously, and on a loaded machine it can take seconds. Repeated fields come back
+    as JSON lists, in the order they were sent.
     """
     deadline = time.monotonic() + timeout
     while True:
