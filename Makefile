@@ -12,7 +12,10 @@ STAMP := $(VENV)/.personalityd-installed
 # systemd-python builds from source: libsystemd-dev, pkg-config, gcc, python3-dev.
 # systemd provides journald, journalctl and busctl for the tests; nothing needs it as PID 1.
 # libglib2.0-bin: gdbus, which the D-Bus tests use as an independent client.
+# xfsprogs, btrfs-progs: xfs and btrfs volumes whose log needs replay (tests/integration/
+# test_never_written.py).
 APT_PACKAGES := udev squashfs-tools erofs-utils dbus e2fsprogs dosfstools util-linux attr \
+	xfsprogs btrfs-progs \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd libglib2.0-bin
 
 .PHONY: help deps apt-deps demo test lint typecheck unit clean

@@ -191,6 +191,7 @@ attach() {  # attach VAR IMAGE [rw]: losetup, remember the device, store it in V
     local var=$1 image=$2 mode=${3:-ro} dev
     if [ "$mode" = rw ]; then
         dev=$(losetup --find --show "$image")
+        blockdev --setrw "$dev"  # a kernel read-only flag left on the loop device by its last user
     else
         dev=$(losetup --find --show --read-only "$image")
     fi

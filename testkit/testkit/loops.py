@@ -18,6 +18,15 @@ def loop_backing_file(dev: str) -> str | None:
         return None
 
 
+def clear_read_only(dev: str) -> None:
+    """Clear the kernel's read-only flag of `dev` (`blockdev --setrw`).
+
+    The daemon sets the flag on every volume it mounts, and the kernel keeps it on the loop
+    device across `losetup -d`: left set, it would make the next user's writable device (of
+    this run, or of another one on this machine) read-only. Call it while `dev` is ours."""
+    subprocess.run(["blockdev", "--setrw", dev], capture_output=True, check=False)
+
+
 class LoopDevices:
     """Loop devices attached by one test; `cleanup()` detaches the ones still ours.
 
@@ -28,17 +37,32 @@ class LoopDevices:
     def __init__(self) -> None:
         self.attached: dict[str, Path] = {}
 
-    def attach(self, image: Path, read_only: bool = True, *, settle: bool = True) -> str:
-        """`losetup --find --show [--read-only] IMAGE`.
+    def attach(
+        self,
+        image: Path,
+        read_only: bool = True,
+        *,
+        settle: bool = True,
+        byte_range: tuple[int, int] | None = None,
+    ) -> str:
+        """`losetup --find --show [--read-only] [--offset O --sizelimit S] IMAGE`.
 
         By default waits until udev has probed the device (`ID_FS_TYPE`); with `settle=False`
         returns right after losetup (to attach many devices and settle once, or to time udev).
+        `byte_range` (offset, size) attaches that part of the image only (as for a partition;
+        this machine's kernel has no partition table support). A writable device gets the
+        kernel's read-only flag cleared, in case an earlier user of the loop number left it
+        set (`blockdev --setro`, as the daemon does to a volume).
         """
         args = ["losetup", "--find", "--show"]
         if read_only:
             args.append("--read-only")
+        if byte_range is not None:
+            args += [f"--offset={byte_range[0]}", f"--sizelimit={byte_range[1]}"]
         dev = run(*args, image).strip()
         self.attached[dev] = image.resolve()
+        if not read_only:
+            run("blockdev", "--setrw", dev)
         if settle:
             udev_settle()
             wait_udev_property(dev, "ID_FS_TYPE")
@@ -52,6 +76,7 @@ class LoopDevices:
     def detach(self, dev: str, settle: bool = True) -> None:
         """`losetup -d DEV` (if still ours); on a busy device the kernel defers it (autoclear)."""
         if self.is_ours(dev):
+            clear_read_only(dev)
             proc = subprocess.run(
                 ["losetup", "-d", dev], capture_output=True, text=True, check=False
             )
@@ -77,6 +102,7 @@ class LoopDevices:
         if not self.is_ours(dev):
             raise AssertionError(f"{dev} is not a loop device this test attached")
         image = self.attached.pop(dev)
+        clear_read_only(dev)
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
         backing = loop_backing_file(dev)
         if backing is not None and Path(backing) != image:

@@ -11,7 +11,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from personalityd.adapters import mounts
+from personalityd.adapters import blockdev, mounts
 from personalityd.adapters.mountinfo import mounted_from_device, read_mountinfo
 from personalityd.core.errors import PersonalityError
 from personalityd.core.manifest import (
@@ -23,8 +23,16 @@ from personalityd.core.model import BlockDevice, Manifest
 
 MAX_MANIFEST_SIZE = 64 * 1024
 SUPPORTED_FS_TYPES = ("squashfs", "erofs", "ext4", "ext3", "ext2", "xfs", "btrfs", "vfat")
-# Filesystems with a journal that a read-only mount must not replay (it would write).
-NO_RECOVERY_FS_TYPES = ("ext4", "ext3", "xfs")
+# Per filesystem, the options that keep a read-only mount from replaying a journal or log
+# onto the device (the kernel's read-only flag makes it refuse to mount instead). The others
+# cannot write on a read-only mount: squashfs and erofs are read-only by design, ext2 and vfat
+# have no journal (the kernel refuses `norecovery` for ext2).
+NO_REPLAY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ext4": ("norecovery",),
+    "ext3": ("norecovery",),
+    "xfs": ("norecovery",),
+    "btrfs": ("rescue=nologreplay",),  # the bare `nologreplay` is gone from the new mount API
+}
 
 
 class NotAPersonality(Exception):
@@ -65,13 +73,12 @@ def find_setid_files(tree: str, limit: int = MAX_SETID_REPORTED) -> tuple[str, .
 
 
 def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, ...]:
-    """The configured options, forced read-only, plus what keeps journalled filesystems
-    from writing to the device."""
+    """The configured options, forced read-only, plus what keeps a filesystem with a journal
+    or log from replaying it onto the device."""
     forced = [o for o in options if o != "rw"]
     if "ro" not in forced:
         forced.append("ro")
-    if fs_type in NO_RECOVERY_FS_TYPES and "norecovery" not in forced:
-        forced.append("norecovery")
+    forced += [o for o in NO_REPLAY_OPTIONS.get(fs_type, ()) if o not in forced]
     return tuple(forced)
 
 
@@ -146,6 +153,7 @@ def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeRe
         manifest = read_manifest(where)
         return ProbeResult(manifest, find_setid_files(where) if scan else ())
     options = (*volume_mount_options(fs_type, mount_options), "noexec")
+    blockdev.make_read_only(device.devnode, device.devnum)
     with mounts.mount_block_device(
         device.devnode, fs_type, options, f"probe of {device.devnode}"
     ) as detached:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from personalityd.adapters import mounts
+from personalityd.adapters import blockdev, mounts
 from personalityd.adapters.mountinfo import (
     MountEntry,
     mounted_from_device,
@@ -186,6 +186,7 @@ class Engine:
                 mounts.unmount(path)
             os.makedirs(path, mode=0o700, exist_ok=True)
             attrs = mounts.MOUNT_ATTR_NODEV | mounts.MOUNT_ATTR_NOSUID
+            blockdev.check_writable(device.devnode)
             with mounts.mount_device_rw(
                 device.devnode, device.fs_type, attrs, "writable volume"
             ) as detached:
@@ -241,6 +242,7 @@ class Engine:
             attrs, _ = mounts.split_options(options)
             mounts.set_attributes(detached, attrs | mounts.MOUNT_ATTR_RDONLY, 0)
         else:
+            blockdev.make_read_only(device.devnode, device.devnum)
             detached = mounts.mount_block_device(
                 device.devnode, device.fs_type, options, f"volume '{volume.name}'"
             )
