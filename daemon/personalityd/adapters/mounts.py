@@ -55,6 +55,13 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
+# Every overlay is mounted with these. A lower layer's trusted.overlay.redirect and metacopy
+# xattrs are volume content, never instructions: `redirect_dir=nofollow` (not `off`, which
+# still follows lower redirects when the module has redirect_always_follow=Y, Debian's
+# default) and `metacopy=off`. No index and no xino: the upper dir is shared by two
+# generations during a swap, and must not be tied to one particular set of lower layers.
+OVERLAY_OPTIONS = ("index=off", "redirect_dir=nofollow", "metacopy=off", "xino=off")
+
 # Mount options that are per-mount attributes rather than filesystem parameters.
 MOUNT_ATTR_OPTIONS = {
     "ro": MOUNT_ATTR_RDONLY,
@@ -213,7 +220,7 @@ def mount_device_rw(device: str, fs_type: str, attrs: int, description: str) -> 
 
 
 def overlay_options(upper: str | None, work: str | None) -> list[str]:
-    options = ["index=off", "redirect_dir=off", "metacopy=off", "xino=off"]
+    options = list(OVERLAY_OPTIONS)
     if upper is not None and work is not None:
         options += [f"upperdir={upper}", f"workdir={work}"]
     return options
