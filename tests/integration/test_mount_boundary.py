@@ -2,6 +2,8 @@
 
 - overlay metadata in a volume is data: a lower layer's `trusted.overlay.redirect` and
   `metacopy` attributes are never followed;
+- the base stays untouchable: the daemon's references to it are read-only mounts, so
+  `rm -rf` of the runtime directory, or any write through them, changes nothing;
 
 Each attack is made from outside: images with hostile attributes attached as loop devices,
 files read through the sandbox root by uid 65534 without groups, mountinfo, the daemon's log.
@@ -10,18 +12,24 @@ files read through the sandbox root by uid 65534 without groups, mountinfo, the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sandbox_view import ok
+from sandbox_view import Images, ok, read
 
 from testkit.daemon import Daemon
 from testkit.images import FileSpec, format_os_release, pack_image, write_tree
 from testkit.loops import LoopDevices
+from testkit.mounts import mountinfo
 from testkit.nobody import run_as_nobody
+from testkit.processes import run
+from testkit.sandbox import BASE_TOOL_BYTES
 
 SECRET = b"secret of the base, for root only\n"
 REDIRECT = "trusted.overlay.redirect"
@@ -135,4 +143,131 @@ def _super_options(path: Path) -> list[str]:
             if left.split()[4] == str(path):
                 found = right.split()[2].split(",")
     return found
+
+
+# -- the base stays untouchable ----------------------------------------------------------------
+
+
+def tree_digest(top: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry below `top`: type, mode, owner, size, and content hash or link target."""
+    digest: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(top))
+            content: str = ""
+            if stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            digest[rel] = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_uid, st.st_gid, content)
+    return digest
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _assert_provably_sandbox(
+    runtime: Path, sandbox_root: Path, bases: set[tuple[int, int]]
+) -> None:
+    """Refuse to go on unless `rm -rf runtime` can reach nothing but the sandbox: we are in
+    the test's private mount namespace, runtime is inside the sandbox, and every mount in it
+    is either a bind of a sandbox hierarchy or a filesystem of its own (no host directory)."""
+    assert os.environ.get("PERSONALITYD_TEST_NS") == "1"
+    ours = os.readlink("/proc/self/ns/mnt")
+    outside = []
+    for pid in (1, os.getppid()):  # PID 1 may be out of reach; the session's parent is not
+        try:
+            outside.append(os.readlink(f"/proc/{pid}/ns/mnt"))
+        except OSError:
+            continue
+    assert outside and ours not in outside, "not in a private mount namespace"
+    assert runtime.resolve().is_relative_to(sandbox_root.resolve())
+    assert sandbox_root.resolve().is_relative_to(Path("/tmp").resolve())
+    host = {_identity(Path(p)) for p in ("/", "/etc", "/usr", "/var", "/tmp") if Path(p).exists()}
+    host_devices = {dev for dev, _ in host}
+    for point, _, _ in mountinfo():
+        if point == str(runtime) or point.startswith(str(runtime) + "/"):
+            here = _identity(Path(point))
+            assert here not in host, f"{point} is a host directory"
+            assert here in bases or here[0] not in host_devices, f"{point}: not provably ours"
+
+
+WRITES = ("create", "truncate", "unlink", "mkdir", "chmod", "utime")
+
+
+def write_through(ref: Path, what: str) -> None:
+    """One kind of write through a base reference (`_usr` or `_etc`) to a base file."""
+    existing = ref / ("bin/base-tool" if ref.name == "_usr" else "motd")
+    if what == "create":
+        (ref / "new-file").write_bytes(b"x")
+    elif what == "truncate":
+        with open(existing, "wb"):
+            pass
+    elif what == "unlink":
+        existing.unlink()
+    elif what == "mkdir":
+        (ref / "new-dir").mkdir()
+    elif what == "chmod":
+        ref.chmod(0o777)
+    else:
+        os.utime(existing, (0, 0))
+
+
+def test_rm_rf_of_the_runtime_dir_and_writes_through_base_references_change_nothing(
+    daemon: Daemon, loop_devices: LoopDevices, image: Images, sandbox_root: Path, tmp_path: Path
+) -> None:
+    """The cleanup that once emptied a machine's /etc: `rm -rf --one-file-system` of the
+    runtime directory (which does not stop at a bind mount of the same filesystem) on a live
+    stack. It fails with EROFS, and the base is unchanged, file by file."""
+    loop_devices.attach(image("web", {"usr/bin/web": "web\n", "etc/web.conf": "x"}))
+    hierarchies = [sandbox_root / "usr", sandbox_root / "etc"]
+    bases = {_identity(h) for h in hierarchies}
+    before = {str(h): tree_digest(h) for h in hierarchies}
+    daemon.start()
+    ok(daemon.request({"action": "attach", "personality": "web"}))
+    runtime = daemon.runtime_dir
+    refs = [runtime / "base/_usr", runtime / "base/_etc"]
+    assert {_identity(r) for r in refs} == bases
+    _assert_provably_sandbox(runtime, sandbox_root, bases)
+
+    proc = subprocess.run(
+        ["rm", "-rf", "--one-file-system", str(runtime)], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr, proc.stderr
+
+    for ref in refs:
+        for what in WRITES:
+            with pytest.raises(OSError) as exc:
+                write_through(ref, what)
+            assert exc.value.errno == errno.EROFS, f"{what} through {ref}: {exc.value}"
+
+    daemon.stop()
+    for h in hierarchies:  # the stack is left mounted; look at the base beneath it
+        run("umount", "--lazy", str(h))
+    assert {str(h): tree_digest(h) for h in hierarchies} == before
+    assert read(sandbox_root, "usr/bin/base-tool") == BASE_TOOL_BYTES
+
+
+def test_a_writable_base_reference_left_by_an_earlier_run_is_made_read_only(
+    daemon: Daemon, loop_devices: LoopDevices, image: Images, sandbox_root: Path
+) -> None:
+    loop_devices.attach(image("web", {"usr/bin/web": "web\n"}))
+    daemon.start()
+    ok(daemon.request({"action": "attach", "personality": "web"}))
+    daemon.stop()
+    ref = daemon.runtime_dir / "base/_usr"
+    run("mount", "-o", "remount,bind,rw", str(ref))  # as an older version left it
+    (ref / "probe-write").write_bytes(b"x")
+    os.unlink(ref / "probe-write")
+
+    daemon.start()
+
+    with pytest.raises(OSError) as exc:
+        (ref / "probe-write").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    assert read(sandbox_root, "usr/bin/web") == b"web\n"
 

@@ -29,6 +29,7 @@ FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
@@ -280,13 +281,18 @@ def mount(source: str | None, target: str, fs_type: str | None, flags: int, data
     _check(result, f"mount {fs_type or 'bind'} on {target}", target)
 
 
-def clone_tree(path: str, recursive: bool = False) -> Detached:
-    """A detached bind mount of `path` (open_tree with OPEN_TREE_CLONE), made private."""
+def clone_tree(path: str, recursive: bool = False, read_only: bool = False) -> Detached:
+    """A detached bind mount of `path` (open_tree with OPEN_TREE_CLONE), made private; with
+    `read_only`, every mount of the clone is read-only before anyone can reach it."""
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     fd = _check(_syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path), flags), "open_tree", path)
-    detached = Detached(fd, f"bind of {path}")
+    return _private(Detached(fd, f"bind of {path}"), recursive, read_only)
+
+
+def _private(detached: Detached, recursive: bool, read_only: bool) -> Detached:
     try:
-        set_attributes(detached, 0, 0, propagation=MS_PRIVATE, recursive=recursive)
+        attrs = MOUNT_ATTR_RDONLY if read_only else 0
+        set_attributes(detached, attrs, 0, propagation=MS_PRIVATE, recursive=recursive)
     except OSError:
         detached.close()
         raise
@@ -302,6 +308,16 @@ def set_attributes(
         SYS_MOUNT_SETATTR, detached.fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)
     )
     _check(result, f"mount_setattr on {detached.description}")
+
+
+def set_attributes_at(path: str, attr_set: int, recursive: bool = False) -> None:
+    """mount_setattr on the mount at `path` (not following a final symlink)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if recursive else 0)
+    result = _syscall(
+        SYS_MOUNT_SETATTR, AT_FDCWD, _b(path), flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    _check(result, "mount_setattr", path)
 
 
 def attach(detached: Detached, target: str, beneath: bool = False) -> None:

@@ -86,13 +86,17 @@ class Engine:
 
     def prepare_base_references(self) -> None:
         """Bind each hierarchy's base to `<runtime>/base/<h>` once, before anything is stacked
-        on it, so later stacks can use the pristine base as their bottom layer."""
+        on it, so later stacks can use the pristine base as their bottom layer.
+
+        The bind is read-only (also one an earlier run left), so nothing done through it, not
+        even `rm -rf` of the runtime directory, can change the base."""
         entries = read_mountinfo()
         for h in self.config.hierarchies:
             ref = self.layout.base_ref(h)
             target = self.layout.hierarchy(h)
             os.makedirs(target, exist_ok=True)
             if mounts_at(entries, ref):
+                mounts.set_attributes_at(ref, mounts.MOUNT_ATTR_RDONLY)
                 continue
             ours = [e for e in mounts_at(entries, target) if _is_ours(e)]
             if ours:
@@ -100,7 +104,7 @@ class Engine:
                 for _ in ours:
                     mounts.unmount(target)
             os.makedirs(ref, exist_ok=True)
-            with mounts.clone_tree(target) as bind:
+            with mounts.clone_tree(target, read_only=True) as bind:
                 mounts.attach(bind, ref)
 
     def adopt(self, volumes: Mapping[str, Volume]) -> None:
