@@ -4,6 +4,8 @@
   `metacopy` attributes are never followed;
 - the base stays untouchable: the daemon's references to it are read-only mounts, so
   `rm -rf` of the runtime directory, or any write through them, changes nothing;
+- the hierarchy keeps its own face: the stacked `/usr` has the base's mode, owner and group,
+  whatever the volume's `usr/` says;
 
 Each attack is made from outside: images with hostile attributes attached as loop devices,
 files read through the sandbox root by uid 65534 without groups, mountinfo, the daemon's log.
@@ -29,11 +31,12 @@ from testkit.loops import LoopDevices
 from testkit.mounts import mountinfo
 from testkit.nobody import run_as_nobody
 from testkit.processes import run
-from testkit.sandbox import BASE_TOOL_BYTES
+from testkit.sandbox import BASE_TOOL_BYTES, OS_RELEASE
 
 SECRET = b"secret of the base, for root only\n"
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
+LABEL = "security.selinux"
 
 def xattr_image(
     tmp_path: Path,
@@ -270,4 +273,56 @@ def test_a_writable_base_reference_left_by_an_earlier_run_is_made_read_only(
         (ref / "probe-write").write_bytes(b"x")
     assert exc.value.errno == errno.EROFS
     assert read(sandbox_root, "usr/bin/web") == b"web\n"
+
+
+# -- the hierarchy keeps its own face ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("writable", ["none", "tmpfs"])
+def test_a_volume_with_0700_directories_keeps_the_base_mode_of_usr_and_etc(
+    writable: str,
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    sandbox_root: Path,
+    tmp_path: Path,
+) -> None:
+    """A volume built with umask 077 (usr/ and etc/ at 0700). The stacked /usr and /etc keep
+    the base's mode, owner, group and label; uid 65534 still runs and reads base files."""
+    usr, etc = sandbox_root / "usr", sandbox_root / "etc"
+    os.chown(usr, 0, 100)
+    os.chmod(usr, 0o751)  # not what any default would give
+    os.setxattr(usr, LABEL, b"system_u:object_r:usr_t:s0")
+    os.utime(usr, (1_000_000_000, 1_000_000_000))
+    files: dict[str, FileSpec] = {"usr/share/tight/file": "t", "etc/tight.conf": "t"}
+    modes = {"usr": 0o700, "usr/share/tight": 0o700, "etc": 0o700}
+    loop_devices.attach(xattr_image(tmp_path, "tight", files, {}, modes=modes))
+    faces = {h: _face(h) for h in (usr, etc)}
+    daemon.update_config({"writable": {"fallback": writable}})
+    daemon.start()
+
+    ok(daemon.request({"action": "attach", "personality": "tight"}))
+
+    volume = sandbox_root / "opt/personality/tight"
+    assert stat.S_IMODE((volume / "usr").stat().st_mode) == 0o700, "test is void"
+    assert {h: _face(h) for h in (usr, etc)} == faces
+    if writable == "none":  # the metadata layer has the base's times too
+        assert usr.stat().st_mtime == 1_000_000_000
+    tool = as_nobody(sandbox_root, "usr/bin/base-tool")
+    assert (tool.returncode, tool.stdout) == (0, "base-tool from the base\n"), tool.stderr
+    release = as_nobody(sandbox_root, "cat", "usr/lib/os-release", "etc/motd")
+    assert release.returncode == 0 and release.stdout.startswith(OS_RELEASE), release.stderr
+    # Below the top, overlayfs semantics: the volume's own 0700 directory stays 0700.
+    assert stat.S_IMODE((usr / "share/tight").stat().st_mode) == 0o700
+
+    ok(daemon.request({"action": "detach", "personality": "tight"}))
+    assert {h: _face(h) for h in (usr, etc)} == faces
+
+
+def _face(path: Path) -> tuple[int, int, int, bytes | None]:
+    st = path.stat()
+    try:
+        label: bytes | None = os.getxattr(path, LABEL)
+    except OSError:
+        label = None
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, label
 

@@ -56,6 +56,9 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
+# The kernel's limit on an overlay's lower layers (OVL_MAX_STACK).
+OVERLAY_MAX_LOWER = 500
+
 # Every overlay is mounted with these. A lower layer's trusted.overlay.redirect and metacopy
 # xattrs are volume content, never instructions: `redirect_dir=nofollow` (not `off`, which
 # still follows lower redirects when the module has redirect_always_follow=Y, Debian's

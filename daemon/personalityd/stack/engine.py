@@ -10,9 +10,11 @@ mount and in which order is decided by stack/transaction.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +38,7 @@ from personalityd.stack.layout import Layout, MountedVolume, OverlaySpec, Upper
 log = structlog.get_logger()
 
 OVERLAY_SOURCE = "personalityd"
+SELINUX_XATTR = "security.selinux"
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,11 @@ class Engine:
                 wanted[h] = None
                 continue
             layers = tuple(self.layout.layer_dir(n, h) for n in names)
-            wanted[h] = OverlaySpec((*layers, self.layout.base_ref(h)), upper.upper_dir(h))
+            base, upper_dir = self.layout.base_ref(h), upper.upper_dir(h)
+            # The overlay's root directory is the upper's, or else the top layer's.
+            if upper_dir is None and _face(layers[0]) != _face(base):
+                layers = (self.layout.meta(h), *layers)
+            wanted[h] = OverlaySpec((*layers, base), upper_dir)
         return wanted
 
     def is_current(self, plan: StackPlan, upper: Upper) -> bool:
@@ -277,12 +284,20 @@ class Engine:
 
         Returns per hierarchy a detached mount (new mount API) or a staging directory with
         the overlay mounted on it (legacy). On failure, whatever was built is released."""
+        for h, spec in wanted.items():
+            if spec is not None and len(spec.layers) > mounts.OVERLAY_MAX_LOWER:
+                raise MountFailed(
+                    f"{h} would have {len(spec.layers)} layers with the metadata layer that "
+                    f"keeps the base's mode of {h} (the top personality's {h} differs); "
+                    f"overlayfs allows at most {mounts.OVERLAY_MAX_LOWER}"
+                )
         built: dict[str, mounts.Detached | str] = {}
         try:
             for h, spec in wanted.items():
                 if spec is None or spec == self.specs.get(h):
                     continue
                 work = self._fresh_work_dir(spec, h, generation)
+                self._keep_face(h, spec)
                 for layer in spec.layers:
                     if not os.path.isdir(layer):
                         raise OSError(2, f"layer {layer} is missing")
@@ -311,6 +326,21 @@ class Engine:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work, mode=0o700)
         return work
+
+    def _keep_face(self, h: str, spec: OverlaySpec) -> None:
+        """Give the stack's top directory the base's mode, owner and group (and SELinux label):
+        the upper's root directory, or the metadata layer (empty; the base's times too)."""
+        base = self.layout.base_ref(h)
+        st, label = os.stat(base), _label(base)
+        if spec.upper is not None:
+            _set_face(spec.upper, st, label)
+        meta = self.layout.meta(h)
+        if spec.layers[0] == meta:
+            os.makedirs(meta, mode=0o700, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(meta).st_mode) or os.listdir(meta):
+                raise OSError(errno.ENOTEMPTY, "the metadata layer is not an empty directory", meta)
+            _set_face(meta, st, label)
+            os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
     def release(self, built: Mapping[str, mounts.Detached | str]) -> None:
         for item in built.values():
@@ -377,6 +407,32 @@ class Engine:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def _label(path: str) -> bytes | None:
+    try:
+        return os.getxattr(path, SELINUX_XATTR, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _face(path: str) -> tuple[int, int, int, bytes | None] | None:
+    """What the top directory of a stack shows of `path`: mode, owner, group, label."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _label(path)
+
+
+def _set_face(path: str, st: os.stat_result, label: bytes | None) -> None:
+    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    os.chmod(path, stat.S_IMODE(st.st_mode), follow_symlinks=False)
+    if label is not None:
+        try:
+            os.setxattr(path, SELINUX_XATTR, label, follow_symlinks=False)
+        except OSError as exc:
+            log.warning("label_not_copied", path=path, error=str(exc))
 
 
 def _is_ours(entry: MountEntry) -> bool:
