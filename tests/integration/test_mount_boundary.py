@@ -6,6 +6,8 @@
   `rm -rf` of the runtime directory, or any write through them, changes nothing;
 - the hierarchy keeps its own face: the stacked `/usr` has the base's mode, owner and group,
   whatever the volume's `usr/` says;
+- mounts below a hierarchy stay reachable at their paths through every change and after the
+  last detach.
 
 Each attack is made from outside: images with hostile attributes attached as loop devices,
 files read through the sandbox root by uid 65534 without groups, mountinfo, the daemon's log.
@@ -28,7 +30,7 @@ from sandbox_view import Images, ok, read
 from testkit.daemon import Daemon
 from testkit.images import FileSpec, format_os_release, pack_image, write_tree
 from testkit.loops import LoopDevices
-from testkit.mounts import mountinfo
+from testkit.mounts import is_mount_point, mountinfo
 from testkit.nobody import run_as_nobody
 from testkit.processes import run
 from testkit.sandbox import BASE_TOOL_BYTES, OS_RELEASE
@@ -37,6 +39,14 @@ SECRET = b"secret of the base, for root only\n"
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
 LABEL = "security.selinux"
+
+# The overlay API and swap paths the submount tests run (config `stack.*`).
+PATHS = {
+    "lowerdir+/beneath": {"overlay_api": "lowerdir+", "swap": "beneath"},
+    "legacy/beneath": {"overlay_api": "legacy", "swap": "beneath"},
+    "lowerdir+/replace": {"overlay_api": "lowerdir+", "swap": "replace"},
+}
+
 
 def xattr_image(
     tmp_path: Path,
@@ -326,3 +336,115 @@ def _face(path: Path) -> tuple[int, int, int, bytes | None]:
         label = None
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, label
 
+
+# -- mounts below a hierarchy stay -------------------------------------------------------------
+
+
+class Submounts:
+    """Mounts below the sandbox's hierarchies as a container runtime and an admin make them:
+    a bind mount on etc/resolv.conf, tmpfs on usr/local and on usr/share/x; and later ones
+    made on the stacked view. `check()` reads each back through the sandbox root."""
+
+    def __init__(self, root: Path, tmp_path: Path) -> None:
+        self.root = root
+        self.content: dict[str, bytes] = {}  # mount point (root-relative) -> a file's content
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_bytes(b"nameserver 192.0.2.53\n")
+        (root / "etc/resolv.conf").write_bytes(b"# the base's own resolv.conf\n")
+        run("mount", "--bind", str(resolv), str(root / "etc/resolv.conf"))
+        self.content["etc/resolv.conf"] = resolv.read_bytes()
+        self.tmpfs("usr/local", b"local tool\n")
+        self.tmpfs("usr/share/x", b"deep below /usr/share\n")
+
+    def tmpfs(self, rel: str, content: bytes) -> None:
+        point = self.root / rel
+        point.mkdir(parents=True, exist_ok=True)
+        run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "personalityd-test", str(point))
+        (point / "file").write_bytes(content)
+        self.content[rel] = content
+
+    def check(self, when: str) -> None:
+        for rel, content in self.content.items():
+            point = self.root / rel
+            assert is_mount_point(point), f"{when}: nothing mounted at {rel}"
+            got = point.read_bytes() if rel.endswith(".conf") else (point / "file").read_bytes()
+            assert got == content, f"{when}: {rel} shows {got!r}"
+
+    def count(self, rel: str) -> int:
+        return sum(1 for point, _, _ in mountinfo() if point == str(self.root / rel))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_mounts_below_a_hierarchy_stay_through_every_change_and_after_the_last_detach(
+    path: str,
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    tmp_path: Path,
+) -> None:
+    subs = Submounts(sandbox_root, tmp_path)
+    before = {rel: subs.count(rel) for rel in subs.content}
+    loop_devices.attach(image("one", {"usr/bin/one": "1", "etc/one.conf": "1"}))
+    loop_devices.attach(image("two", {"usr/bin/two": "2", "etc/two.conf": "2"}))
+    loop_devices.attach(image("three", {"usr/bin/three": "3"}))
+    daemon.update_config({"stack": PATHS[path]})
+    daemon.start()
+
+    ok(daemon.request({"action": "attach", "personality": "one"}))
+    subs.check("after attach")
+    assert read(sandbox_root, "usr/bin/one") == b"1"
+    subs.tmpfs("usr/share/doc", b"mounted on the stacked view\n")
+    (sandbox_root / "usr/local/written-while-stacked").write_bytes(b"w\n")
+
+    ok(daemon.request({"action": "switch", "personalities": ["two"]}))
+    subs.check("after switch")
+    assert (sandbox_root / "usr/local/written-while-stacked").read_bytes() == b"w\n"
+    ok(daemon.request({"action": "attach", "personality": "three"}))
+    subs.check("after attaching another")
+    assert read(sandbox_root, "usr/bin/three") == b"3"
+
+    daemon.restart()
+    subs.check("after a restart")
+    ok(daemon.request({"action": "switch", "personalities": ["three"]}))  # last of /etc
+    subs.check("after /etc's last detach")
+    assert not (sandbox_root / "etc/two.conf").exists()
+    ok(daemon.request({"action": "detach", "personality": "three"}))  # last of /usr
+    subs.check("after the last detach")
+    assert not any(m[1] == "overlay" and m[0].startswith(str(sandbox_root)) for m in mountinfo())
+    assert (sandbox_root / "usr/local/written-while-stacked").read_bytes() == b"w\n"
+    # Nothing piles up: each path has as many mounts as before the first attach.
+    assert {rel: subs.count(rel) for rel in before} == before
+    assert subs.count("usr/share/doc") == 1
+
+    ok(daemon.request({"action": "attach", "personality": "one"}))
+    subs.check("after attaching again")
+
+
+def test_a_mount_whose_path_a_personality_removes_comes_back_with_the_path(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    tmp_path: Path,
+) -> None:
+    """A personality that makes usr/share/x a file: the mount on usr/share/x has no place in
+    that stack (a warning says so); it is carried again as soon as a stack has the path."""
+    subs = Submounts(sandbox_root, tmp_path)
+    loop_devices.attach(image("plain", {"usr/bin/plain": "p"}))
+    loop_devices.attach(image("filer", {"usr/share/x": b"a file where x was a directory\n"}))
+    daemon.start()
+
+    ok(daemon.request({"action": "attach", "personality": "plain"}))
+    subs.check("after attach")
+    ok(daemon.request({"action": "switch", "personalities": ["filer"]}))
+    assert read(sandbox_root, "usr/share/x") == b"a file where x was a directory\n"
+    assert "event=submount_set_aside" in daemon.log_text()
+    assert f"path={sandbox_root}/usr/share/x" in daemon.log_text()
+    assert (sandbox_root / "usr/local/file").read_bytes() == subs.content["usr/local"]
+
+    ok(daemon.request({"action": "switch", "personalities": ["plain"]}))
+    subs.check("after the path is back")
+    ok(daemon.request({"action": "switch", "personalities": ["filer"]}))
+    ok(daemon.request({"action": "detach", "personality": "filer"}))
+    subs.check("after the last detach")

@@ -23,6 +23,7 @@ SYS_MOVE_MOUNT = 429
 SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
+SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
 
 FSOPEN_CLOEXEC = 0x1
@@ -39,7 +40,14 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOVE_MOUNT_BENEATH = 0x200
+
+O_PATH = 0o10000000
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -75,6 +83,14 @@ MOUNT_ATTR_OPTIONS = {
     "noatime": MOUNT_ATTR_NOATIME,
     "nodiratime": MOUNT_ATTR_NODIRATIME,
 }
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
 
 
 class _MountAttr(ctypes.Structure):
@@ -292,6 +308,14 @@ def clone_tree(path: str, recursive: bool = False, read_only: bool = False) -> D
     return _private(Detached(fd, f"bind of {path}"), recursive, read_only)
 
 
+def clone_mount(fd: int, description: str) -> Detached:
+    """A detached recursive clone of the mount whose root the O_PATH descriptor `fd` is
+    (with everything mounted below it), made private; its mount attributes are kept."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH
+    result = _check(_syscall(SYS_OPEN_TREE, fd, b"", flags), "open_tree", description)
+    return _private(Detached(result, f"bind of {description}"), True, False)
+
+
 def _private(detached: Detached, recursive: bool, read_only: bool) -> Detached:
     try:
         attrs = MOUNT_ATTR_RDONLY if read_only else 0
@@ -300,6 +324,27 @@ def _private(detached: Detached, recursive: bool, read_only: bool) -> Detached:
         detached.close()
         raise
     return detached
+
+
+def open_path(path: str, dirfd: int = AT_FDCWD, *, beneath: bool = False, xdev: bool = True) -> int:
+    """An O_PATH descriptor of `path` (openat2), resolved without following any symlink, so
+    a symlink anywhere on the way is ELOOP; with `beneath`, `path` (relative) must stay below
+    `dirfd`; without `xdev`, crossing a mount point on the way is EXDEV."""
+    resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    resolve |= (RESOLVE_BENEATH if beneath else 0) | (0 if xdev else RESOLVE_NO_XDEV)
+    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, resolve)
+    result = _syscall(SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    return _check(result, "open", path)
+
+
+def mount_id(fd: int) -> int:
+    """The ID of the mount an open descriptor is on (as /proc/self/mountinfo numbers it)."""
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "mnt_id":
+                return int(value)
+    raise OSError(errno.ENOTSUP, "no mnt_id in /proc/self/fdinfo: kernel too old")
 
 
 def set_attributes(
@@ -321,6 +366,14 @@ def set_attributes_at(path: str, attr_set: int, recursive: bool = False) -> None
         SYS_MOUNT_SETATTR, AT_FDCWD, _b(path), flags, ctypes.byref(attr), ctypes.sizeof(attr)
     )
     _check(result, "mount_setattr", path)
+
+
+def attach_to(detached: Detached, target_fd: int, where: str) -> None:
+    """Attach a detached mount on the file or directory that the O_PATH descriptor
+    `target_fd` is; that may be inside another detached mount (Linux 6.15+)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    result = _syscall(SYS_MOVE_MOUNT, detached.fd, b"", target_fd, b"", flags)
+    _check(result, f"move_mount of {detached.description}", where)
 
 
 def attach(detached: Detached, target: str, beneath: bool = False) -> None:
@@ -383,6 +436,22 @@ def kernel_supports_beneath(scratch_dir: str) -> bool:
         return True
     finally:
         unmount(scratch_dir)
+
+
+def kernel_supports_detached_targets() -> bool:
+    """Probe whether a mount can be attached inside a detached mount (Linux 6.15+), with two
+    throwaway detached tmpfs mounts that are never visible anywhere."""
+    with (
+        mount_tmpfs(["size=4k"], "detached probe target") as target,
+        mount_tmpfs(["size=4k"], "detached probe mount") as inner,
+    ):
+        try:
+            attach_to(inner, target.fd, "a detached tmpfs")
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                return False
+            raise
+    return True
 
 
 def device_busy(devnode: str) -> bool:
