@@ -73,3 +73,27 @@ def top_mount_at(entries: Iterable[MountEntry], mount_point: str) -> MountEntry 
 def mounted_from_device(entries: Iterable[MountEntry], devnum: tuple[int, int]) -> list[MountEntry]:
     """Mounts of the whole filesystem on this block device."""
     return [e for e in entries if e.devnum == devnum and e.root == "/"]
+
+
+def submounts_below(entries: Iterable[MountEntry], top_id: int, path: str) -> list[MountEntry]:
+    """The mounts that a lookup below `path` reaches first, where mount `top_id` is what
+    `path` shows: each child of `top_id` whose mount point is strictly below `path`, unless
+    another such child covers one of the directories above it; sorted by mount point. Mounts
+    nested in these are not listed: they belong to their parent."""
+    prefix = path.rstrip("/") + "/"
+    children: dict[str, MountEntry] = {}
+    for entry in entries:
+        if entry.parent_id == top_id and entry.mount_point.startswith(prefix):
+            children.setdefault(entry.mount_point, entry)
+    points = sorted(children)
+    reached: list[MountEntry] = []
+    for point in points:
+        if not any(point.startswith(other + "/") for other in points if other != point):
+            reached.append(children[point])
+    return reached
+
+
+def same_mount_source(a: MountEntry, b: MountEntry) -> bool:
+    """Whether two mounts show the same directory of the same filesystem (a bind of one
+    another, or a clone)."""
+    return (a.devnum, a.root, a.fs_type, a.source) == (b.devnum, b.root, b.fs_type, b.source)

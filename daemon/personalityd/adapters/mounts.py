@@ -23,12 +23,14 @@ SYS_MOVE_MOUNT = 429
 SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
+SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
 
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
@@ -38,7 +40,14 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOVE_MOUNT_BENEATH = 0x200
+
+O_PATH = 0o10000000
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -55,6 +64,16 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
+# The kernel's limit on an overlay's lower layers (OVL_MAX_STACK).
+OVERLAY_MAX_LOWER = 500
+
+# Every overlay is mounted with these. A lower layer's trusted.overlay.redirect and metacopy
+# xattrs are volume content, never instructions: `redirect_dir=nofollow` (not `off`, which
+# still follows lower redirects when the module has redirect_always_follow=Y, Debian's
+# default) and `metacopy=off`. No index and no xino: the upper dir is shared by two
+# generations during a swap, and must not be tied to one particular set of lower layers.
+OVERLAY_OPTIONS = ("index=off", "redirect_dir=nofollow", "metacopy=off", "xino=off")
+
 # Mount options that are per-mount attributes rather than filesystem parameters.
 MOUNT_ATTR_OPTIONS = {
     "ro": MOUNT_ATTR_RDONLY,
@@ -64,6 +83,14 @@ MOUNT_ATTR_OPTIONS = {
     "noatime": MOUNT_ATTR_NOATIME,
     "nodiratime": MOUNT_ATTR_NODIRATIME,
 }
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
 
 
 class _MountAttr(ctypes.Structure):
@@ -213,7 +240,7 @@ def mount_device_rw(device: str, fs_type: str, attrs: int, description: str) -> 
 
 
 def overlay_options(upper: str | None, work: str | None) -> list[str]:
-    options = ["index=off", "redirect_dir=off", "metacopy=off", "xino=off"]
+    options = list(OVERLAY_OPTIONS)
     if upper is not None and work is not None:
         options += [f"upperdir={upper}", f"workdir={work}"]
     return options
@@ -273,17 +300,51 @@ def mount(source: str | None, target: str, fs_type: str | None, flags: int, data
     _check(result, f"mount {fs_type or 'bind'} on {target}", target)
 
 
-def clone_tree(path: str, recursive: bool = False) -> Detached:
-    """A detached bind mount of `path` (open_tree with OPEN_TREE_CLONE), made private."""
+def clone_tree(path: str, recursive: bool = False, read_only: bool = False) -> Detached:
+    """A detached bind mount of `path` (open_tree with OPEN_TREE_CLONE), made private; with
+    `read_only`, every mount of the clone is read-only before anyone can reach it."""
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     fd = _check(_syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path), flags), "open_tree", path)
-    detached = Detached(fd, f"bind of {path}")
+    return _private(Detached(fd, f"bind of {path}"), recursive, read_only)
+
+
+def clone_mount(fd: int, description: str) -> Detached:
+    """A detached recursive clone of the mount whose root the O_PATH descriptor `fd` is
+    (with everything mounted below it), made private; its mount attributes are kept."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH
+    result = _check(_syscall(SYS_OPEN_TREE, fd, b"", flags), "open_tree", description)
+    return _private(Detached(result, f"bind of {description}"), True, False)
+
+
+def _private(detached: Detached, recursive: bool, read_only: bool) -> Detached:
     try:
-        set_attributes(detached, 0, 0, propagation=MS_PRIVATE, recursive=recursive)
+        attrs = MOUNT_ATTR_RDONLY if read_only else 0
+        set_attributes(detached, attrs, 0, propagation=MS_PRIVATE, recursive=recursive)
     except OSError:
         detached.close()
         raise
     return detached
+
+
+def open_path(path: str, dirfd: int = AT_FDCWD, *, beneath: bool = False, xdev: bool = True) -> int:
+    """An O_PATH descriptor of `path` (openat2), resolved without following any symlink, so
+    a symlink anywhere on the way is ELOOP; with `beneath`, `path` (relative) must stay below
+    `dirfd`; without `xdev`, crossing a mount point on the way is EXDEV."""
+    resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    resolve |= (RESOLVE_BENEATH if beneath else 0) | (0 if xdev else RESOLVE_NO_XDEV)
+    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, resolve)
+    result = _syscall(SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    return _check(result, "open", path)
+
+
+def mount_id(fd: int) -> int:
+    """The ID of the mount an open descriptor is on (as /proc/self/mountinfo numbers it)."""
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "mnt_id":
+                return int(value)
+    raise OSError(errno.ENOTSUP, "no mnt_id in /proc/self/fdinfo: kernel too old")
 
 
 def set_attributes(
@@ -295,6 +356,24 @@ def set_attributes(
         SYS_MOUNT_SETATTR, detached.fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)
     )
     _check(result, f"mount_setattr on {detached.description}")
+
+
+def set_attributes_at(path: str, attr_set: int, recursive: bool = False) -> None:
+    """mount_setattr on the mount at `path` (not following a final symlink)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if recursive else 0)
+    result = _syscall(
+        SYS_MOUNT_SETATTR, AT_FDCWD, _b(path), flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    _check(result, "mount_setattr", path)
+
+
+def attach_to(detached: Detached, target_fd: int, where: str) -> None:
+    """Attach a detached mount on the file or directory that the O_PATH descriptor
+    `target_fd` is; that may be inside another detached mount (Linux 6.15+)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    result = _syscall(SYS_MOVE_MOUNT, detached.fd, b"", target_fd, b"", flags)
+    _check(result, f"move_mount of {detached.description}", where)
 
 
 def attach(detached: Detached, target: str, beneath: bool = False) -> None:
@@ -357,6 +436,22 @@ def kernel_supports_beneath(scratch_dir: str) -> bool:
         return True
     finally:
         unmount(scratch_dir)
+
+
+def kernel_supports_detached_targets() -> bool:
+    """Probe whether a mount can be attached inside a detached mount (Linux 6.15+), with two
+    throwaway detached tmpfs mounts that are never visible anywhere."""
+    with (
+        mount_tmpfs(["size=4k"], "detached probe target") as target,
+        mount_tmpfs(["size=4k"], "detached probe mount") as inner,
+    ):
+        try:
+            attach_to(inner, target.fd, "a detached tmpfs")
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                return False
+            raise
+    return True
 
 
 def device_busy(devnode: str) -> bool:

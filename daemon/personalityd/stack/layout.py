@@ -65,6 +65,11 @@ class Layout:
     def layer_dir(self, name: str, h: str) -> str:
         return f"{self.mount_root}/{name}{h}"
 
+    def meta(self, h: str) -> str:
+        """The metadata layer: an empty directory with the base's mode, owner and group, on
+        top of a read-only stack whose top personality's directory differs from the base."""
+        return f"{self.runtime}/meta/{hierarchy_key(h)}"
+
     def staging(self, h: str) -> str:
         return f"{self.runtime}/staging/{hierarchy_key(h)}"
 
