@@ -327,6 +327,7 @@ class Change:
             attached=" ".join(plan.live),
             conflicts=len(self.report.conflicts),
             overrides=self.report.overrides,
+            masks=len(self.report.masks),
             swap_ms=round(self.swap_ms, 3),
         )
         before = self.before.live
@@ -354,8 +355,7 @@ class Change:
             write_conflict_report(runtime, self.generation, self.plan.live, self.report)
         except OSError as exc:
             log.error("conflict_report_not_written", error=str(exc))
-        conflicts, overrides = self.report.conflicts, self.report.overrides
-        stack.journal.report_stack(self.generation, self.plan.live, conflicts, overrides)
+        stack.journal.report_stack(self.generation, self.plan.live, self.report)
 
     def _answer(self) -> None:
         for future, value in self.answers:
