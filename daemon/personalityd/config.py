@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from personalityd.core.errors import ConfigError
 from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES, Rule
+from personalityd.core.protected import DEFAULT_PROTECTED_PATHS
 
 OverlayApi = Literal["auto", "lowerdir+", "legacy"]
 SwapMode = Literal["auto", "beneath", "replace"]
@@ -34,6 +35,7 @@ class Config:
     mount_root: str = "/opt/personality"
     mount_options: tuple[str, ...] = ("ro", "nodev", "nosuid")
     volume_match: tuple[Rule, ...] = field(default=DEFAULT_VOLUME_RULES, hash=False)
+    protected_paths: tuple[str, ...] = DEFAULT_PROTECTED_PATHS
     hierarchies: tuple[str, ...] = ("/usr", "/etc")
     overlay_api: OverlayApi = "auto"
     swap: SwapMode = "auto"
@@ -108,6 +110,20 @@ def _hierarchies(value: object) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def _protected_paths(value: object) -> tuple[str, ...]:
+    expected = "a list of absolute paths other than /"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    paths: list[str] = []
+    for item in value:
+        path = _absolute_path(item, expected)
+        if path == "/":
+            raise _Bad(expected, item)
+        if path not in paths:
+            paths.append(path)
+    return tuple(paths)
+
+
 def _mount_options(value: object) -> tuple[str, ...]:
     expected = "a list of mount options (one per item) without 'rw': volumes are read-only"
     if not isinstance(value, list):
@@ -174,6 +190,7 @@ KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "volumes.mount_root": ("mount_root", _directory),
     "volumes.mount_options": ("mount_options", _mount_options),
     "volumes.match": ("volume_match", _rules),
+    "volumes.protected_paths": ("protected_paths", _protected_paths),
     "stack.hierarchies": ("hierarchies", _hierarchies),
     "stack.overlay_api": ("overlay_api", _choice("auto", "lowerdir+", "legacy")),
     "stack.swap": ("swap", _choice("auto", "beneath", "replace")),

@@ -25,6 +25,18 @@ def test_defaults() -> None:
     assert config.mount_root == "/opt/personality"
     assert config.mount_options == ("ro", "nodev", "nosuid")
     assert config.volume_match == DEFAULT_VOLUME_RULES
+    assert config.protected_paths == (
+        "/etc/personalityd",
+        "/usr/lib/personalityd",
+        "/etc/os-release",
+        "/usr/lib/os-release",
+        "/etc/passwd",
+        "/etc/shadow",
+        "/etc/group",
+        "/etc/gshadow",
+        "/etc/sudoers",
+        "/etc/sudoers.d",
+    )
     assert config.hierarchies == ("/usr", "/etc")
     assert config.overlay_api == "auto"
     assert config.swap == "auto"
@@ -47,6 +59,7 @@ root = "/srv/sandbox/"
 mount_root = "/var/lib/personalities"
 mount_options = ["ro", "nodev"]
 match = [{ID_FS_LABEL = "p-*", ID_FS_TYPE = "erofs"}]
+protected_paths = ["/etc//shadow", "/usr/lib/./os-release/", "/etc/shadow"]
 [stack]
 hierarchies = ["/usr", "/opt//tools/"]
 overlay_api = "legacy"
@@ -73,6 +86,7 @@ block_signal = true
     assert config.mount_root == "/var/lib/personalities"
     assert config.mount_options == ("ro", "nodev")
     assert [dict(r) for r in config.volume_match] == [{"ID_FS_LABEL": "p-*", "ID_FS_TYPE": "erofs"}]
+    assert config.protected_paths == ("/etc/shadow", "/usr/lib/os-release")  # normalized, once
     assert config.hierarchies == ("/usr", "/opt/tools")
     assert (config.overlay_api, config.swap, config.max_layers) == ("legacy", "replace", 20)
     assert [dict(r) for r in config.writable_match] == [{"ID_PART_ENTRY_NAME": "data"}]
@@ -139,6 +153,12 @@ BAD: list[tuple[str, object, str]] = [
     ("volumes.match", [{"ID_FS_TYPE": 1}], "a list of tables"),
     ("volumes.match", [{}], "none empty"),
     ("volumes.match", ["squashfs"], "a list of tables"),
+    ("volumes.protected_paths", "/etc/passwd", "a list of absolute paths"),
+    ("volumes.protected_paths", ["etc/passwd"], "a list of absolute paths"),
+    ("volumes.protected_paths", ["/"], "other than /"),
+    ("volumes.protected_paths", ["//"], "other than /"),
+    ("volumes.protected_paths", ["/etc/../shadow"], "without '..'"),
+    ("volumes.protected_paths", [1], "a list of absolute paths"),
     ("stack.hierarchies", "usr", "a list of absolute paths"),
     ("stack.hierarchies", ["usr"], "a list of absolute paths"),
     ("stack.hierarchies", ["/"], "other than /"),
@@ -187,6 +207,11 @@ def test_message_example() -> None:
     assert (
         str(info.value) == f"{ADMIN}: stack.hierarchies must be a list of absolute paths, got 'usr'"
     )
+
+
+def test_protected_paths_may_be_emptied() -> None:
+    config, _ = build_config([(ADMIN, {"volumes": {"protected_paths": []}})], None)
+    assert config.protected_paths == ()
 
 
 def test_a_bad_value_overridden_later_is_fine() -> None:
@@ -238,6 +263,7 @@ BAD_STRATEGIES: dict[str, st.SearchStrategy[object]] = {
     "volumes.mount_root": PATHS_BAD | st.just("/"),
     "volumes.mount_options": LIST_BAD | st.lists(st.just("rw"), min_size=1, max_size=2),
     "volumes.match": LIST_BAD | st.lists(st.just({}), min_size=1, max_size=2),
+    "volumes.protected_paths": LIST_BAD | PATHS_BAD.map(lambda p: [p]) | st.just(["/"]),
     "stack.hierarchies": LIST_BAD | PATHS_BAD.map(lambda p: [p]),
     "stack.overlay_api": CHOICE_BAD.filter(lambda v: v not in ("auto", "lowerdir+", "legacy")),
     "stack.swap": CHOICE_BAD.filter(lambda v: v not in ("auto", "beneath", "replace")),
@@ -363,7 +389,8 @@ def test_shipped_config_is_all_defaults_and_every_key() -> None:
         "debug": {},
     }
     # Uncommented, it is the defaults, key for key.
-    setting = re.compile(r"#(?=[A-Za-z_\]]|\s+\{)")  # "#key = ...", "#    { ... }," and "#]"
+    # "#key = ...", "#    { ... },", "#    \"/a/path\"," and "#]"
+    setting = re.compile(r"#(?=[A-Za-z_\]]|\s+\{|\s{4}\")")
     uncommented = "\n".join(line[1:] if setting.match(line) else line for line in text.splitlines())
     data = tomllib.loads(uncommented)
     config, warnings = build_config([(str(shipped), data)], None)

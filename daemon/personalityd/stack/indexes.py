@@ -45,6 +45,10 @@ class VolumeIndexes:
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
 
+    def cached(self, volume: Volume) -> VolumeIndex | None:
+        """The index of `volume` if it was made (at its mount), else None."""
+        return self._by_identity.get(volume.device.identity)
+
     def forget(self, identity: str) -> None:
         self._by_identity.pop(identity, None)
 

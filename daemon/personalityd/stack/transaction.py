@@ -17,6 +17,7 @@ the engine, so this is race-free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from personalityd.adapters.mounts import Detached
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
 from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
-from personalityd.core.errors import MountFailed, PersonalityError
+from personalityd.core.errors import Incompatible, MountFailed, PersonalityError
 from personalityd.core.model import (
     ConflictReport,
     DesiredEntry,
@@ -38,6 +39,7 @@ from personalityd.core.model import (
     Volume,
 )
 from personalityd.core.planner import check_layer_limit, plan_stack
+from personalityd.core.protected import index_lookup, protected_violation
 from personalityd.stack.engine import Engine
 from personalityd.stack.indexes import VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
@@ -96,9 +98,42 @@ class Stack:
         return NO_UPPER
 
     def plan(self, volumes: dict[str, Volume], indexed: bool = True) -> StackPlan:
-        """The planned stack; `indexed=False` gives the live names before indexes exist."""
+        """The planned stack; `indexed=False` gives the live names before indexes exist.
+
+        With the indexes, each live volume is first held against `volumes.protected_paths`
+        on the index of the very mount that will be stacked: one that touches a protected
+        path is refused (raises VolumeFailed with Incompatible; see `refuse_protected`)."""
+        if indexed:
+            self.refuse_protected(volumes)
         provided = self.indexes.provides(volumes) if indexed else (lambda n, h: True)
         return plan_stack(self.state.desired, volumes, provided, self.config.hierarchies)
+
+    def refuse_protected(self, volumes: dict[str, Volume]) -> None:
+        """Refuse a live volume whose index touches a protected path: it gets its refusal
+        (listed as incompatible, never stacked, whatever `force` says) in `volumes` and in
+        the registry, the refusal is journalled, and VolumeFailed(Incompatible) is raised so
+        that a caller who asked for it gets the error and a change made without it."""
+        protected, hierarchies = self.config.protected_paths, self.config.hierarchies
+        if not protected:
+            return
+        live = plan_stack(self.state.desired, volumes, lambda n, h: True, hierarchies).live
+        for name in live:
+            volume = volumes[name]
+            index = self.indexes.cached(volume)
+            if index is None:
+                continue
+            reason = protected_violation(protected, hierarchies, *index_lookup(index))
+            if reason is None:
+                continue
+            refused = dataclasses.replace(volume, refusal=reason)
+            volumes[name] = refused
+            if self.registry.volumes.get(name) is volume:
+                self.registry.volumes[name] = refused
+            device = volume.device.devnode
+            log.warning("volume_refused", device=device, name=name, reason=reason)
+            self.journal.volume_refused(device, name, reason)
+            message = f"'{name}' may not be stacked: {reason}"
+            raise VolumeFailed(Incompatible(message, volume=name, cause=reason))
 
 
 class VolumeFailed(Exception):
@@ -376,7 +411,10 @@ async def adopt(stack: Stack) -> bool:
         undo.run()
         log.error("adopt_index_failed", error=str(failure.error))
     upper = stack.current_upper()
-    plan = stack.plan(volumes)
+    try:
+        plan = stack.plan(volumes)
+    except VolumeFailed:  # refused now: the rebuild at start leaves it out
+        return False
     if not stack.engine.is_current(plan, upper):
         return False
     loop = asyncio.get_running_loop()
