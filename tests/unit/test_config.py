@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalityd.config import KEYS, Config, build_config, drop_ins, load_config
+from personalityd.config import (
+    KEYS,
+    Config,
+    build_config,
+    drop_ins,
+    load_config,
+    read_config_sources,
+)
 from personalityd.core.errors import ConfigError
 from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES
 
@@ -374,6 +381,42 @@ def test_relative_root_override_is_made_absolute(
     monkeypatch.chdir(tmp_path)
     config, _ = load_config(None, "sandbox", vendor=str(tmp_path / "v"), admin=str(tmp_path / "a"))
     assert config.root == tmp_path / "sandbox"
+
+
+def test_root_option_moves_the_files_under_it(tmp_path: Path) -> None:
+    root = tmp_path / "sandbox"
+    vendor = "[stack]\nmax_layers = 7\nswap = 'beneath'\n"
+    write(root / "usr/lib/personalityd/personalityd.toml", vendor)
+    write(root / "etc/personalityd/personalityd.toml", "[stack]\nmax_layers = 8\n")
+    write(root / "etc/personalityd/personalityd.toml.d/50-x.toml", "[spool]\ndir = '/s'\n")
+    config, warnings = load_config(None, str(root))
+    assert warnings == []
+    assert (config.max_layers, config.swap, config.spool_dir) == (8, "beneath", "/s")
+    assert config.root == root
+    sources = read_config_sources(None, str(root))
+    assert [path for path, _ in sources] == [
+        str(root / "usr/lib/personalityd/personalityd.toml"),
+        str(root / "etc/personalityd/personalityd.toml"),
+        str(root / "etc/personalityd/personalityd.toml.d/50-x.toml"),
+    ]
+
+
+def test_root_option_with_config_option_keeps_the_drop_ins_under_root(tmp_path: Path) -> None:
+    root = tmp_path / "sandbox"
+    write(root / "etc/personalityd/personalityd.toml", "[stack]\nmax_layers = 8\n")
+    write(root / "etc/personalityd/personalityd.toml.d/50-x.toml", "[stack]\nswap = 'replace'\n")
+    mine = write(tmp_path / "mine.toml", "[stack]\nmax_layers = 3\n")
+    config, _ = load_config(mine, str(root))
+    assert (config.max_layers, config.swap) == (3, "replace")
+
+
+def test_root_key_does_not_move_the_files(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "etc/personalityd/personalityd.toml.d/50-x.toml", "[stack]\nmax_layers = 9\n")
+    admin = write(tmp_path / "a.toml", f"root = '{elsewhere}'\n")
+    config, _ = load_config(None, None, vendor=str(tmp_path / "v"), admin=admin)
+    assert config.root == elsewhere
+    assert config.max_layers == 500
 
 
 def test_shipped_config_is_all_defaults_and_every_key() -> None:
