@@ -41,7 +41,7 @@ from personalityd.core.model import (
 from personalityd.core.planner import check_layer_limit, plan_stack
 from personalityd.core.protected import index_lookup, protected_violation
 from personalityd.stack.engine import Engine
-from personalityd.stack.indexes import VolumeIndexes
+from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
 from personalityd.stack.registry import VolumeRegistry
 
@@ -85,6 +85,9 @@ class Stack:
     hooks: ServiceHooks
     state: StackState
     notify: Callable[[StackEvent], None]
+    # Live volumes' identity -> (the index judged, why it touches a protected path or None),
+    # so that an index is judged once, and one no longer live is not kept alive here.
+    _protected: dict[str, tuple[VolumeIndex, str | None]] = field(default_factory=dict)
 
     def current_upper(self) -> Upper:
         writable = self.registry.writable
@@ -117,12 +120,18 @@ class Stack:
         if not protected:
             return
         live = plan_stack(self.state.desired, volumes, lambda n, h: True, hierarchies).live
+        judged_before, self._protected = self._protected, {}  # only live ones are kept
         for name in live:
             volume = volumes[name]
             index = self.indexes.cached(volume)
             if index is None:
                 continue
-            reason = protected_violation(protected, hierarchies, *index_lookup(index))
+            judged = judged_before.get(volume.device.identity)
+            if judged is not None and judged[0] is index:
+                reason = judged[1]
+            else:
+                reason = protected_violation(protected, hierarchies, *index_lookup(index))
+            self._protected[volume.device.identity] = (index, reason)
             if reason is None:
                 continue
             refused = dataclasses.replace(volume, refusal=reason)
@@ -138,7 +147,8 @@ class Stack:
 
 class VolumeFailed(Exception):
     """A volume of the live stack could not be mounted or indexed (`error.volume` says which);
-    the manager marks it failed and plans again without it."""
+    the manager marks it failed and plans again without it. With an Incompatible error the
+    volume was refused (a protected path): it is not marked failed, only left out."""
 
     def __init__(self, error: PersonalityError) -> None:
         super().__init__(str(error))
