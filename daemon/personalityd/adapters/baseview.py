@@ -98,7 +98,12 @@ def in_base(function: Callable[[], T]) -> T:
 
 def _in_child(function: Callable[[], T]) -> T:
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise BaseUnreachable(f"cannot start the process that reads the base: {exc}") from None
     if pid == 0:  # the child: never returns
         os.close(read_end)
         _child(function, write_end)
@@ -161,8 +166,12 @@ def _leave_the_stacks() -> None:
         point = max(covered, key=lambda p: (p.count("/"), p))
         stack = mounts_at(entries, point)
         first = next(i for i, e in enumerate(stack) if is_ours(e))
-        for _ in stack[first:]:
-            mounts.unmount(point)
+        try:
+            for _ in stack[first:]:
+                mounts.unmount(point)
+        except OSError as exc:
+            message = f"cannot unmount the stack on {point} to read below it: {exc}"
+            raise BaseUnreachable(message) from None
     raise BaseUnreachable("overlays of personalityd are still mounted after unmounting them")
 
 
