@@ -3,14 +3,17 @@ reference that states the rule entry by entry."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import pack
 
+from personalityd.adapters.protected import protected_in_tree
 from personalityd.core.model import (
     CHAR_DEVICE,
     DIR,
@@ -208,3 +211,45 @@ def test_agrees_with_the_rule_entry_by_entry(volume: Volume, protected: list[str
     named = re.search(r"protected path (.+?)(?:;| \()", got)
     assert named is not None
     assert named.group(1) == expected[0]  # the first protected path touched is the one named
+
+
+# --- the same rule on a mounted tree (adapters/protected.py), as the probe sees it ---
+
+
+def test_on_a_tree(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "usr/lib/python3").mkdir(parents=True)
+    assert protected_in_tree(str(tmp_path), DEFAULT_PROTECTED_PATHS, HIERARCHIES) is None
+    (tmp_path / "etc/shadow").write_text("x")
+    assert protected_in_tree(str(tmp_path), DEFAULT_PROTECTED_PATHS, HIERARCHIES) == (
+        f"it provides the protected path /etc/shadow; {HINT}"
+    )
+    assert protected_in_tree(str(tmp_path), [], HIERARCHIES) is None
+
+
+def test_on_a_tree_the_way_to_a_path(tmp_path: Path) -> None:
+    (tmp_path / "usr").mkdir()
+    (tmp_path / "usr/lib").symlink_to("/tmp")  # never followed
+    assert protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) == (
+        "its symlink /usr/lib replaces the directory of the protected path "
+        f"/usr/lib/os-release; {HINT}"
+    )
+    (tmp_path / "usr/lib").unlink()
+    (tmp_path / "usr/lib").mkdir()
+    os.setxattr(tmp_path / "usr/lib", "user.overlay.opaque", b"y")
+    assert protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) == (
+        f"its opaque directory /usr/lib hides the protected path /usr/lib/os-release; {HINT}"
+    )
+    os.setxattr(tmp_path / "usr/lib", "user.overlay.opaque", b"x")  # xattr whiteouts: merges
+    assert protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) is None
+    os.mkfifo(tmp_path / "usr/lib/os-release")
+    assert "protected path /usr/lib/os-release" in (
+        protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) or ""
+    )
+
+
+def test_on_a_tree_a_hierarchy_that_is_a_symlink_provides_nothing(tmp_path: Path) -> None:
+    (tmp_path / "real/passwd").parent.mkdir()
+    (tmp_path / "real/passwd").write_text("x")
+    (tmp_path / "etc").symlink_to("real")
+    assert protected_in_tree(str(tmp_path), ["/etc/passwd"], HIERARCHIES) is None
