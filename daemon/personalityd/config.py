@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from personalityd.core.errors import ConfigError
 from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES, Rule
+from personalityd.core.protected import DEFAULT_PROTECTED_PATHS
 
 OverlayApi = Literal["auto", "lowerdir+", "legacy"]
 SwapMode = Literal["auto", "beneath", "replace"]
@@ -34,6 +35,7 @@ class Config:
     mount_root: str = "/opt/personality"
     mount_options: tuple[str, ...] = ("ro", "nodev", "nosuid")
     volume_match: tuple[Rule, ...] = field(default=DEFAULT_VOLUME_RULES, hash=False)
+    protected_paths: tuple[str, ...] = DEFAULT_PROTECTED_PATHS
     hierarchies: tuple[str, ...] = ("/usr", "/etc")
     overlay_api: OverlayApi = "auto"
     swap: SwapMode = "auto"
@@ -108,6 +110,20 @@ def _hierarchies(value: object) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def _protected_paths(value: object) -> tuple[str, ...]:
+    expected = "a list of absolute paths other than /"
+    if not isinstance(value, list):
+        raise _Bad(expected, value)
+    paths: list[str] = []
+    for item in value:
+        path = _absolute_path(item, expected)
+        if path == "/":
+            raise _Bad(expected, item)
+        if path not in paths:
+            paths.append(path)
+    return tuple(paths)
+
+
 def _mount_options(value: object) -> tuple[str, ...]:
     expected = "a list of mount options (one per item) without 'rw': volumes are read-only"
     if not isinstance(value, list):
@@ -174,6 +190,7 @@ KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "volumes.mount_root": ("mount_root", _directory),
     "volumes.mount_options": ("mount_options", _mount_options),
     "volumes.match": ("volume_match", _rules),
+    "volumes.protected_paths": ("protected_paths", _protected_paths),
     "stack.hierarchies": ("hierarchies", _hierarchies),
     "stack.overlay_api": ("overlay_api", _choice("auto", "lowerdir+", "legacy")),
     "stack.swap": ("swap", _choice("auto", "beneath", "replace")),
@@ -275,20 +292,39 @@ def _show(value: object) -> str:
 VENDOR_CONFIG = "/usr/lib/personalityd/personalityd.toml"
 ADMIN_CONFIG = "/etc/personalityd/personalityd.toml"
 
+Sources = list[tuple[str, dict[str, Any]]]  # (file, parsed TOML), in increasing precedence
+
 
 def load_config(
     config_file: str | None,
     root_override: str | None,
-    vendor: str = VENDOR_CONFIG,
-    admin: str = ADMIN_CONFIG,
+    vendor: str | None = None,
+    admin: str | None = None,
 ) -> tuple[Config, list[str]]:
     """Read and validate the configuration; returns it with warnings (unknown keys).
 
-    `config_file` (`--config`) replaces the admin file and must exist; the vendor and admin
-    files may be missing. Drop-ins are `<admin>.d/*.toml` in lexical order, also with
-    `--config`. These files are on the real `/`, never under `root`. Raises ConfigError.
-    """
-    sources: list[tuple[str, dict[str, Any]]] = []
+    The files are those of `read_config_sources`. Raises ConfigError."""
+    sources = read_config_sources(config_file, root_override, vendor, admin)
+    return build_config(sources, absolute_root(root_override))
+
+
+def read_config_sources(
+    config_file: str | None,
+    root_override: str | None,
+    vendor: str | None = None,
+    admin: str | None = None,
+) -> Sources:
+    """The configuration files, parsed, in the order they apply.
+
+    The vendor file, then `config_file` (`--config`, which must exist) or else the admin
+    file, then the drop-ins `<admin>.d/*.toml` in lexical order (also with `--config`). With
+    `--root DIR` (`root_override`) the vendor and admin files are those under DIR, like every
+    other path; the `root` key of a file cannot move them (it is read from them). `vendor` and
+    `admin` replace the default locations (tests). Raises ConfigError."""
+    prefix = absolute_root(root_override) or "/"
+    vendor = vendor or _under(prefix, VENDOR_CONFIG)
+    admin = admin or _under(prefix, ADMIN_CONFIG)
+    sources: Sources = []
     for path, required in ((vendor, False), (config_file or admin, config_file is not None)):
         data = _read(path, required)
         if data is not None:
@@ -297,9 +333,16 @@ def load_config(
         data = _read(path, required=False)
         if data is not None:
             sources.append((path, data))
-    if root_override is not None:
-        root_override = os.path.abspath(root_override)
-    return build_config(sources, root_override)
+    return sources
+
+
+def absolute_root(root_override: str | None) -> str | None:
+    """`--root` made absolute (from the current directory), or None."""
+    return None if root_override is None else os.path.abspath(root_override)
+
+
+def _under(root: str, path: str) -> str:
+    return os.path.join(root, path.lstrip("/"))
 
 
 def drop_ins(admin: str = ADMIN_CONFIG) -> list[str]:

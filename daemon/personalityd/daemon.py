@@ -16,12 +16,13 @@ import structlog
 
 from personalityd import __version__
 from personalityd.adapters import notify
+from personalityd.adapters.baseview import load_base_settings
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
 from personalityd.adapters.systemd import ServiceHooks, connect_service_hooks
 from personalityd.adapters.udev import UdevMonitor
-from personalityd.config import Config, load_config
+from personalityd.config import Config
 from personalityd.core.errors import ConfigError, PersonalityError
 from personalityd.core.model import OsRelease
 from personalityd.core.osrelease import base_os_release, parse_os_release, systemd_architecture
@@ -36,16 +37,13 @@ log = structlog.get_logger()
 DBUS_RETRY_SECONDS = 5.0
 
 
-def read_base_os_release(config: Config) -> OsRelease:
-    for candidate in ("/etc/os-release", "/usr/lib/os-release"):
-        path = config.path(candidate)
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        return base_os_release(parse_os_release(text), systemd_architecture(platform.machine()))
-    log.warning("base_os_release_missing", root=str(config.root))
-    return OsRelease(id="", architecture=systemd_architecture(platform.machine()))
+def base_identity(config: Config, text: str | None) -> OsRelease:
+    """The base's OsRelease from the text of its os-release (read by adapters/baseview.py)."""
+    architecture = systemd_architecture(platform.machine())
+    if text is None:
+        log.warning("base_os_release_missing", root=str(config.root))
+        return OsRelease(id="", architecture=architecture)
+    return base_os_release(parse_os_release(text), architecture)
 
 
 def ensure_directories(config: Config) -> None:
@@ -66,8 +64,9 @@ def ensure_directories(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, base: OsRelease) -> None:
         self.config = config
+        self.base = base
         self.stopping = asyncio.Event()
         self.ready = False
 
@@ -80,7 +79,7 @@ class Daemon:
         features = detect_features(config, str(runtime / "probe"))
         journal = Journal()
         engine = Engine(config, features)
-        registry = VolumeRegistry(config, read_base_os_release(config), journal.volume_refused)
+        registry = VolumeRegistry(config, self.base, journal.volume_refused)
         hooks = await self._service_hooks()
         manager = Manager(
             config,
@@ -208,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     try:
-        config, warnings = load_config(args.config, args.root)
+        # From the base, never through a stack (a personality must not configure us).
+        settings = load_base_settings(args.config, args.root)
     except ConfigError as exc:
         print(f"personalityd: {exc}", file=sys.stderr)
         return 1
+    config, warnings = settings.config, settings.warnings
     for warning in warnings:
         log.warning("config_warning", message=warning)
     if os.geteuid() != 0:
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     # lets the event loop answer readers (D-Bus, spool) within a millisecond or so meanwhile.
     sys.setswitchinterval(0.001)
     try:
-        return asyncio.run(Daemon(config).run())
+        return asyncio.run(Daemon(config, base_identity(config, settings.os_release)).run())
     except PersonalityError as exc:
         print(f"personalityd: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,12 @@ from testkit.processes import run
 # File specs for `write_tree`/`build_image`: bytes or str is a regular file (mode 0755 when it
 # starts with "#!", else 0644); tuples:
 #   ("symlink", target)  ("dir",)  ("file", content, mode)  ("fifo",)  ("chardev", major, minor)
+#   ("whiteout",): an overlay whiteout (char device 0:0)
+#   ("opaque",): a directory marked opaque for overlayfs (trusted.overlay.opaque=y)
 FileSpec = bytes | str | tuple[Any, ...]
+
+WHITEOUT: FileSpec = ("whiteout",)
+OPAQUE: FileSpec = ("opaque",)
 
 
 def _write_special(path: Path, rel: str, spec: tuple[Any, ...]) -> None:
@@ -36,6 +41,11 @@ def _write_special(path: Path, rel: str, spec: tuple[Any, ...]) -> None:
         os.mkfifo(path)
     elif kind == "chardev":
         os.mknod(path, 0o600 | 0o020000, os.makedev(spec[1], spec[2]))
+    elif kind == "whiteout":
+        os.mknod(path, 0o600 | 0o020000, os.makedev(0, 0))
+    elif kind == "opaque":
+        path.mkdir(exist_ok=True)
+        os.setxattr(path, "trusted.overlay.opaque", b"y")
     else:
         raise ValueError(f"{rel}: unknown file spec {spec!r}")
 

@@ -16,6 +16,7 @@ CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
 SUMMARY = "745778a2970b4475acba70df8299437b"
 REFUSED = "18d0afe90a164b398024e69871a6bc44"
 FAILED = "091e1791abd44213b5aa028ad69c8fce"
+MASK = "727c1463be574032988019655f1f0294"
 
 # `image(name, files, fmt="squashfs", **kw)`, the fixture in conftest.py.
 Images = Callable[..., Path]

@@ -19,7 +19,7 @@ from personalityd import log as log_module
 from personalityd.adapters.journal import Journal, encode_fields, journal_field_name
 from personalityd.core import messages
 from personalityd.core.messages import conflict_message
-from personalityd.core.model import Conflict
+from personalityd.core.model import MASK_DELETED, MASK_HIDDEN, Conflict, ConflictReport, Mask
 from testkit.journal import read_journal
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,7 @@ def test_conflict_entry_read_back() -> None:
     assert entry["PERSONALITY_PATH"] == "/usr/bin/tool"
     assert entry["PERSONALITY_WINNER"] == "web"
     assert entry["PERSONALITY_SHADOWED"] == ["datascience", "base-tools", "extra"]  # top first
+    assert entry["PERSONALITY_STACK"] == "web datascience base-tools extra"
     assert entry["PERSONALITY_IDENTICAL"] == "0"
     assert entry["PERSONALITY_HIERARCHY"] == "/usr"
     assert entry["PERSONALITY_GENERATION"] == str(generation)
@@ -65,11 +66,60 @@ def test_identical_conflict_with_one_shadowed() -> None:
 
 
 @pytest.mark.usefixtures("journald")
+def test_mask_entries_read_back() -> None:
+    generation = unique_generation()
+    journal = Journal()
+    assert journal.mask(Mask("/usr/bin/gone", "/usr", "web", MASK_DELETED), generation)
+    assert journal.mask(Mask("/etc/skel", "/etc", "base-tools", MASK_HIDDEN), generation)
+    entries = read_journal(
+        f"MESSAGE_ID={messages.MESSAGE_ID_MASK}", f"PERSONALITY_GENERATION={generation}", expect=2
+    )
+    by_path = {e["PERSONALITY_PATH"]: e for e in entries}
+    deleted, hidden = by_path["/usr/bin/gone"], by_path["/etc/skel"]
+    assert deleted["MESSAGE_ID"] == "727c1463be574032988019655f1f0294"
+    assert deleted["PRIORITY"] == "5"
+    assert deleted["SYSLOG_IDENTIFIER"] == "personalityd"
+    assert deleted["PERSONALITY_NAME"] == "web"
+    assert deleted["PERSONALITY_MASK"] == "deleted"
+    assert deleted["PERSONALITY_HIERARCHY"] == "/usr"
+    assert deleted["MESSAGE"] == "Mask on /usr/bin/gone: 'web' deletes the base's entry (whiteout)"
+    assert hidden["PERSONALITY_NAME"] == "base-tools"
+    assert hidden["PERSONALITY_MASK"] == "hidden"
+    assert hidden["PERSONALITY_HIERARCHY"] == "/etc"
+    assert hidden["MESSAGE"] == (
+        "Mask on /etc/skel: 'base-tools' hides the base's directory (opaque directory)"
+    )
+
+
+@pytest.mark.usefixtures("journald")
+def test_report_stack_limits_mask_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(messages, "MAX_CONFLICT_ENTRIES", 2)
+    generation = unique_generation()
+    masks = tuple(Mask(f"/usr/lib/m{i}", "/usr", "web", MASK_DELETED) for i in range(4))
+    report = ConflictReport((conflict("/usr/bin/t", ("a",)),), 1, masks)
+    Journal().report_stack(generation, ["a", "web"], report)
+    singles = read_journal(
+        f"MESSAGE_ID={messages.MESSAGE_ID_MASK}", f"PERSONALITY_GENERATION={generation}", expect=2
+    )
+    assert sorted(e["PERSONALITY_PATH"] for e in singles) == ["/usr/lib/m0", "/usr/lib/m1"]
+    (summary,) = read_journal(
+        f"MESSAGE_ID={messages.MESSAGE_ID_STACK_CHANGED}", f"PERSONALITY_GENERATION={generation}"
+    )
+    assert summary["PERSONALITY_MASKS"] == "4"
+    assert summary["PERSONALITY_MASKS_LEFT_OUT"] == "2"
+    assert "PERSONALITY_CONFLICTS_LEFT_OUT" not in summary
+    assert summary["MESSAGE"] == (
+        f"Stack generation {generation}: a web "
+        "(1 conflict, 1 override, 4 masks; 2 masks not logged singly)"
+    )
+
+
+@pytest.mark.usefixtures("journald")
 def test_report_stack_limits_conflict_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(messages, "MAX_CONFLICT_ENTRIES", 2)
     generation = unique_generation()
     conflicts = [conflict(f"/usr/bin/t{i}", ("base-tools",)) for i in range(5)]
-    Journal().report_stack(generation, ["base-tools", "web"], conflicts, 3)
+    Journal().report_stack(generation, ["base-tools", "web"], ConflictReport(tuple(conflicts), 3))
     singles = read_journal(
         f"MESSAGE_ID={messages.MESSAGE_ID_CONFLICT}",
         f"PERSONALITY_GENERATION={generation}",
@@ -84,9 +134,11 @@ def test_report_stack_limits_conflict_entries(monkeypatch: pytest.MonkeyPatch) -
     assert summary["PERSONALITY_CONFLICTS"] == "5"
     assert summary["PERSONALITY_OVERRIDES"] == "3"
     assert summary["PERSONALITY_CONFLICTS_LEFT_OUT"] == "3"
+    assert summary["PERSONALITY_MASKS"] == "0"
+    assert "PERSONALITY_MASKS_LEFT_OUT" not in summary
     assert summary["MESSAGE"] == (
         f"Stack generation {generation}: base-tools web "
-        "(5 conflicts, 3 overrides; 3 not logged singly)"
+        "(5 conflicts, 3 overrides, 0 masks; 3 not logged singly)"
     )
 
 
@@ -98,7 +150,7 @@ def test_stack_changed_summary() -> None:
         f"MESSAGE_ID={messages.MESSAGE_ID_STACK_CHANGED}", f"PERSONALITY_GENERATION={generation}"
     )
     assert entry["MESSAGE"] == (
-        f"Stack generation {generation}: base-tools web (1 conflict, 0 overrides)"
+        f"Stack generation {generation}: base-tools web (1 conflict, 0 overrides, 0 masks)"
     )
     assert entry["PERSONALITY_CONFLICTS"] == "1"
     assert entry["PERSONALITY_OVERRIDES"] == "0"

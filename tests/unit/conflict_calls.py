@@ -7,7 +7,17 @@ from collections.abc import Callable, Sequence
 
 from oracles import find_conflicts
 
-from personalityd.core.model import DIR, FILE, OPAQUE_DIR, SYMLINK, WHITEOUT, Conflict
+from personalityd.core.model import (
+    DIR,
+    FILE,
+    MASK_DELETED,
+    MASK_HIDDEN,
+    OPAQUE_DIR,
+    SYMLINK,
+    WHITEOUT,
+    Conflict,
+    Mask,
+)
 
 d, o, f, ln, w = DIR, OPAQUE_DIR, FILE, SYMLINK, WHITEOUT
 
@@ -35,9 +45,18 @@ class Recorder:
 def run(
     layers: Layers, base: dict[str, str] | None = None, same: bool = False
 ) -> tuple[list[Conflict], int, Recorder]:
-    recorder = Recorder(base or {}, same)
-    conflicts, overrides = find_conflicts("/usr", layers, recorder.base_kind, recorder.identical)
+    conflicts, overrides, _, recorder = run_all(layers, base, same)
     return conflicts, overrides, recorder
+
+
+def run_all(
+    layers: Layers, base: dict[str, str] | None = None, same: bool = False
+) -> tuple[list[Conflict], int, list[Mask], Recorder]:
+    recorder = Recorder(base or {}, same)
+    conflicts, overrides, masks = find_conflicts(
+        "/usr", layers, recorder.base_kind, recorder.identical
+    )
+    return conflicts, overrides, masks, recorder
 
 
 def c(path: str, winner: str, *shadowed: str, identical: bool = False) -> Conflict:
@@ -48,3 +67,11 @@ def c(path: str, winner: str, *shadowed: str, identical: bool = False) -> Confli
         shadowed=shadowed,
         identical=identical,
     )
+
+
+def deleted(path: str, name: str) -> Mask:
+    return Mask("/usr/" + path, "/usr", name, MASK_DELETED)
+
+
+def hidden(path: str, name: str) -> Mask:
+    return Mask("/usr/" + path, "/usr", name, MASK_HIDDEN)

@@ -22,7 +22,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 from personalityd.adapters import indexer
 from personalityd.adapters.indexer import FILE, SYMLINK, WHITEOUT
-from personalityd.core.model import DIR, OPAQUE_DIR, Conflict, TreeIndex
+from personalityd.core.model import (
+    DIR,
+    MASK_DELETED,
+    MASK_HIDDEN,
+    OPAQUE_DIR,
+    Conflict,
+    Mask,
+    TreeIndex,
+)
 from personalityd.core.packed import PackedTree, PackedTreeBuilder
 
 
@@ -31,12 +39,16 @@ def find_conflicts(
     layers: Sequence[tuple[str, TreeIndex]],
     base_kind: Callable[[str], str | None],
     identical: Callable[[str, Sequence[str]], bool],
-) -> tuple[list[Conflict], int]:
-    """The conflicts in one hierarchy (sorted by path), and how many base entries are overridden.
+) -> tuple[list[Conflict], int, list[Mask]]:
+    """The conflicts in one hierarchy (sorted by path), how many base entries are overridden,
+    and the masks (base entries deleted by a whiteout, base directories hidden by an opaque
+    directory; sorted by path).
 
     `layers` are (personality name, index) top first. `base_kind(relpath)` says what the base
-    has at a path (None: nothing); it is called only for paths where a personality's winning
-    entry replaces rather than merges and the base is not cut off above the path.
+    has at a path (None: nothing); it is called only for paths the base is not cut off from
+    where the topmost entry that does not merge is the top layer's, or a whiteout or an opaque
+    directory. That entry decides: a whiteout deletes the base's entry, an opaque directory
+    over a base directory hides it, anything else of the top layer overrides it.
     `identical(relpath, names_top_first)` is called only for conflicts whose entries are all
     regular files or all symlinks. Path by path, with no shortcut: slow, and plainly the rule.
     """
@@ -45,6 +57,7 @@ def find_conflicts(
     trees = [tree for _, tree in layers]
     prefix = hierarchy.rstrip("/") + "/"
     conflicts: list[Conflict] = []
+    masks: list[Mask] = []
     overrides = 0
     for path in sorted(set().union(*trees)):
         limit = _limit_below(trees, path.rpartition("/")[0])
@@ -57,9 +70,22 @@ def find_conflicts(
             comparable = all(k == FILE for k in kinds) or all(k == SYMLINK for k in kinds)
             same = comparable and identical(path, shown)
             conflicts.append(Conflict(prefix + path, hierarchy, shown[0], shown[1:], same))
-        if kinds[0] != DIR and limit == n and base_kind(path) is not None:
+        first = next((j for j, kind in enumerate(kinds) if kind != DIR), None)
+        if limit != n or first is None:
+            continue
+        kind = kinds[first]
+        if first > 0 and kind not in (WHITEOUT, OPAQUE_DIR):
+            continue
+        base = base_kind(path)
+        if base is None:
+            continue
+        if kind == WHITEOUT:
+            masks.append(Mask(prefix + path, hierarchy, names[reaching[first]], MASK_DELETED))
+        elif kind == OPAQUE_DIR and base in (DIR, OPAQUE_DIR):
+            masks.append(Mask(prefix + path, hierarchy, names[reaching[first]], MASK_HIDDEN))
+        elif first == 0:
             overrides += 1
-    return conflicts, overrides
+    return conflicts, overrides, masks
 
 
 def _limit_below(trees: Sequence[TreeIndex], directory: str) -> int:

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalityd.config import KEYS, Config, build_config, drop_ins, load_config
+from personalityd.config import (
+    KEYS,
+    Config,
+    build_config,
+    drop_ins,
+    load_config,
+    read_config_sources,
+)
 from personalityd.core.errors import ConfigError
 from personalityd.core.matching import DEFAULT_VOLUME_RULES, DEFAULT_WRITABLE_RULES
 
@@ -25,6 +32,18 @@ def test_defaults() -> None:
     assert config.mount_root == "/opt/personality"
     assert config.mount_options == ("ro", "nodev", "nosuid")
     assert config.volume_match == DEFAULT_VOLUME_RULES
+    assert config.protected_paths == (
+        "/etc/personalityd",
+        "/usr/lib/personalityd",
+        "/etc/os-release",
+        "/usr/lib/os-release",
+        "/etc/passwd",
+        "/etc/shadow",
+        "/etc/group",
+        "/etc/gshadow",
+        "/etc/sudoers",
+        "/etc/sudoers.d",
+    )
     assert config.hierarchies == ("/usr", "/etc")
     assert config.overlay_api == "auto"
     assert config.swap == "auto"
@@ -47,6 +66,7 @@ root = "/srv/sandbox/"
 mount_root = "/var/lib/personalities"
 mount_options = ["ro", "nodev"]
 match = [{ID_FS_LABEL = "p-*", ID_FS_TYPE = "erofs"}]
+protected_paths = ["/etc//shadow", "/usr/lib/./os-release/", "/etc/shadow"]
 [stack]
 hierarchies = ["/usr", "/opt//tools/"]
 overlay_api = "legacy"
@@ -73,6 +93,7 @@ block_signal = true
     assert config.mount_root == "/var/lib/personalities"
     assert config.mount_options == ("ro", "nodev")
     assert [dict(r) for r in config.volume_match] == [{"ID_FS_LABEL": "p-*", "ID_FS_TYPE": "erofs"}]
+    assert config.protected_paths == ("/etc/shadow", "/usr/lib/os-release")  # normalized, once
     assert config.hierarchies == ("/usr", "/opt/tools")
     assert (config.overlay_api, config.swap, config.max_layers) == ("legacy", "replace", 20)
     assert [dict(r) for r in config.writable_match] == [{"ID_PART_ENTRY_NAME": "data"}]
@@ -139,6 +160,12 @@ BAD: list[tuple[str, object, str]] = [
     ("volumes.match", [{"ID_FS_TYPE": 1}], "a list of tables"),
     ("volumes.match", [{}], "none empty"),
     ("volumes.match", ["squashfs"], "a list of tables"),
+    ("volumes.protected_paths", "/etc/passwd", "a list of absolute paths"),
+    ("volumes.protected_paths", ["etc/passwd"], "a list of absolute paths"),
+    ("volumes.protected_paths", ["/"], "other than /"),
+    ("volumes.protected_paths", ["//"], "other than /"),
+    ("volumes.protected_paths", ["/etc/../shadow"], "without '..'"),
+    ("volumes.protected_paths", [1], "a list of absolute paths"),
     ("stack.hierarchies", "usr", "a list of absolute paths"),
     ("stack.hierarchies", ["usr"], "a list of absolute paths"),
     ("stack.hierarchies", ["/"], "other than /"),
@@ -187,6 +214,11 @@ def test_message_example() -> None:
     assert (
         str(info.value) == f"{ADMIN}: stack.hierarchies must be a list of absolute paths, got 'usr'"
     )
+
+
+def test_protected_paths_may_be_emptied() -> None:
+    config, _ = build_config([(ADMIN, {"volumes": {"protected_paths": []}})], None)
+    assert config.protected_paths == ()
 
 
 def test_a_bad_value_overridden_later_is_fine() -> None:
@@ -238,6 +270,7 @@ BAD_STRATEGIES: dict[str, st.SearchStrategy[object]] = {
     "volumes.mount_root": PATHS_BAD | st.just("/"),
     "volumes.mount_options": LIST_BAD | st.lists(st.just("rw"), min_size=1, max_size=2),
     "volumes.match": LIST_BAD | st.lists(st.just({}), min_size=1, max_size=2),
+    "volumes.protected_paths": LIST_BAD | PATHS_BAD.map(lambda p: [p]) | st.just(["/"]),
     "stack.hierarchies": LIST_BAD | PATHS_BAD.map(lambda p: [p]),
     "stack.overlay_api": CHOICE_BAD.filter(lambda v: v not in ("auto", "lowerdir+", "legacy")),
     "stack.swap": CHOICE_BAD.filter(lambda v: v not in ("auto", "beneath", "replace")),
@@ -350,6 +383,42 @@ def test_relative_root_override_is_made_absolute(
     assert config.root == tmp_path / "sandbox"
 
 
+def test_root_option_moves_the_files_under_it(tmp_path: Path) -> None:
+    root = tmp_path / "sandbox"
+    vendor = "[stack]\nmax_layers = 7\nswap = 'beneath'\n"
+    write(root / "usr/lib/personalityd/personalityd.toml", vendor)
+    write(root / "etc/personalityd/personalityd.toml", "[stack]\nmax_layers = 8\n")
+    write(root / "etc/personalityd/personalityd.toml.d/50-x.toml", "[spool]\ndir = '/s'\n")
+    config, warnings = load_config(None, str(root))
+    assert warnings == []
+    assert (config.max_layers, config.swap, config.spool_dir) == (8, "beneath", "/s")
+    assert config.root == root
+    sources = read_config_sources(None, str(root))
+    assert [path for path, _ in sources] == [
+        str(root / "usr/lib/personalityd/personalityd.toml"),
+        str(root / "etc/personalityd/personalityd.toml"),
+        str(root / "etc/personalityd/personalityd.toml.d/50-x.toml"),
+    ]
+
+
+def test_root_option_with_config_option_keeps_the_drop_ins_under_root(tmp_path: Path) -> None:
+    root = tmp_path / "sandbox"
+    write(root / "etc/personalityd/personalityd.toml", "[stack]\nmax_layers = 8\n")
+    write(root / "etc/personalityd/personalityd.toml.d/50-x.toml", "[stack]\nswap = 'replace'\n")
+    mine = write(tmp_path / "mine.toml", "[stack]\nmax_layers = 3\n")
+    config, _ = load_config(mine, str(root))
+    assert (config.max_layers, config.swap) == (3, "replace")
+
+
+def test_root_key_does_not_move_the_files(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "etc/personalityd/personalityd.toml.d/50-x.toml", "[stack]\nmax_layers = 9\n")
+    admin = write(tmp_path / "a.toml", f"root = '{elsewhere}'\n")
+    config, _ = load_config(None, None, vendor=str(tmp_path / "v"), admin=admin)
+    assert config.root == elsewhere
+    assert config.max_layers == 500
+
+
 def test_shipped_config_is_all_defaults_and_every_key() -> None:
     shipped = REPO / "config" / "personalityd.toml"
     text = shipped.read_text()
@@ -363,7 +432,8 @@ def test_shipped_config_is_all_defaults_and_every_key() -> None:
         "debug": {},
     }
     # Uncommented, it is the defaults, key for key.
-    setting = re.compile(r"#(?=[A-Za-z_\]]|\s+\{)")  # "#key = ...", "#    { ... }," and "#]"
+    # "#key = ...", "#    { ... },", "#    \"/a/path\"," and "#]"
+    setting = re.compile(r"#(?=[A-Za-z_\]]|\s+\{|\s{4}\")")
     uncommented = "\n".join(line[1:] if setting.match(line) else line for line in text.splitlines())
     data = tomllib.loads(uncommented)
     config, warnings = build_config([(str(shipped), data)], None)

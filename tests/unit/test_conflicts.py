@@ -4,11 +4,11 @@ base entries, how it uses its callbacks, and the message of a conflict."""
 from __future__ import annotations
 
 import pytest
-from conflict_calls import Layers, Recorder, c, d, f, ln, o, run, w
+from conflict_calls import Layers, Recorder, c, d, deleted, f, hidden, ln, o, run, run_all, w
 from oracles import find_conflicts
 
 from personalityd.core.messages import conflict_message
-from personalityd.core.model import BLOCK_DEVICE, CHAR_DEVICE, FIFO, SOCKET, Conflict
+from personalityd.core.model import BLOCK_DEVICE, CHAR_DEVICE, FIFO, SOCKET, Conflict, Mask
 
 CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
     # (id, layers top first, base, identical() answer, expected conflicts, expected overrides)
@@ -188,17 +188,25 @@ CASES: list[tuple[str, Layers, dict[str, str], bool, list[Conflict], int]] = [
         1,
     ),
     (
-        "a whiteout deleting a base file is an override",
+        "a whiteout deleting a base file is a mask, not an override",
         [("a", {"bin": d, "bin/gone": w})],
         {"bin": d, "bin/gone": f},
         False,
         [],
-        1,
+        0,
     ),
     (
-        "an opaque dir replacing a base dir is one override, its contents are not",
+        "an opaque dir hiding a base dir is a mask, not an override",
         [("a", {"x": o, "x/y": f})],
         {"x": d, "x/y": f},
+        False,
+        [],
+        0,
+    ),
+    (
+        "an opaque dir replacing a base file is an override",
+        [("a", {"x": o, "x/y": f})],
+        {"x": f},
         False,
         [],
         1,
@@ -273,6 +281,120 @@ def test_find_conflicts(
     assert got_overrides == overrides
 
 
+MASK_CASES: list[tuple[str, Layers, dict[str, str], list[Conflict], list[Mask], int]] = [
+    # (id, layers top first, base, expected conflicts, expected masks, expected overrides)
+    (
+        "a whiteout over a base file deletes it",
+        [("a", {"bin": d, "bin/gone": w})],
+        {"bin": d, "bin/gone": f},
+        [],
+        [deleted("bin/gone", "a")],
+        0,
+    ),
+    (
+        "a whiteout over a base directory deletes it, and only it is reported",
+        [("a", {"x": w})],
+        {"x": d, "x/y": f},
+        [],
+        [deleted("x", "a")],
+        0,
+    ),
+    ("a whiteout over nothing of the base is no mask", [("a", {"x": w})], {"y": f}, [], [], 0),
+    (
+        "an opaque directory over a base directory hides it; its own entries are not reported",
+        [("a", {"x": o, "x/y": w, "x/z": f})],
+        {"x": d, "x/y": f, "x/z": f},
+        [],
+        [hidden("x", "a")],
+        0,
+    ),
+    ("an opaque directory over nothing is no mask", [("a", {"x": o})], {"y": d}, [], [], 0),
+    (
+        "an opaque directory over a base file overrides it",
+        [("a", {"x": o})],
+        {"x": f},
+        [],
+        [],
+        1,
+    ),
+    (
+        "a whiteout below a higher personality's file is not reached",
+        [("a", {"x": f}), ("b", {"x": d, "x/y": w})],
+        {"x": d, "x/y": f},
+        [c("x", "a", "b")],
+        [],
+        1,
+    ),
+    (
+        "a whiteout over another personality's file and the base's: a conflict and a mask",
+        [("a", {"x": w}), ("b", {"x": f})],
+        {"x": f},
+        [c("x", "a", "b")],
+        [deleted("x", "a")],
+        0,
+    ),
+    (
+        "a lower whiteout under a merging directory still deletes the base's entry",
+        [("a", {"x": d, "x/z": f}), ("b", {"x": w})],
+        {"x": d, "x/y": f},
+        [c("x", "a", "b")],
+        [deleted("x", "b")],
+        0,
+    ),
+    (
+        "a lower opaque directory under a merging directory hides the base's",
+        [("a", {"x": d}), ("b", {"x": o})],
+        {"x": d},
+        [c("x", "a", "b")],
+        [hidden("x", "b")],
+        0,
+    ),
+    (
+        "a lower file under a merging directory is a conflict, not a mask nor an override",
+        [("a", {"x": d}), ("b", {"x": f})],
+        {"x": d},
+        [c("x", "a", "b")],
+        [],
+        0,
+    ),
+    (
+        "masks deep below merging directories, sorted by path",
+        [
+            ("a", {"bin": d, "bin/t": w, "share": d, "share/doc": o}),
+            ("b", {"bin": d, "bin/s": w, "lib": d, "lib/x": w}),
+        ],
+        {"bin": d, "bin/s": f, "bin/t": f, "lib": d, "share": d, "share/doc": d},
+        [],
+        [deleted("bin/s", "b"), deleted("bin/t", "a"), hidden("share/doc", "a")],
+        0,
+    ),
+    (
+        "below a base file there is nothing to mask",
+        [("a", {"x/y": w})],
+        {"x": f},
+        [],
+        [],
+        0,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("layers", "base", "conflicts", "masks", "overrides"),
+    [case[1:] for case in MASK_CASES],
+    ids=[case[0] for case in MASK_CASES],
+)
+def test_masks(
+    layers: Layers,
+    base: dict[str, str],
+    conflicts: list[Conflict],
+    masks: list[Mask],
+    overrides: int,
+) -> None:
+    got, got_overrides, got_masks, _ = run_all(layers, base)
+    assert (got, got_masks, got_overrides) == (conflicts, masks, overrides)
+
+
 def test_identical_is_asked_only_for_all_files_or_all_symlinks() -> None:
     layers: Layers = [
         ("a", {"f": f, "l": ln, "m": f, "w": w}),
@@ -298,7 +420,7 @@ def test_hierarchy_in_paths_and_sorted() -> None:
         ("b", {"b": f, "a-b": f, "a": d, "a/b": f}),
     ]
     recorder = Recorder({})
-    got, _ = find_conflicts("/etc", layers, recorder.base_kind, recorder.identical)
+    got, _, _ = find_conflicts("/etc", layers, recorder.base_kind, recorder.identical)
     assert [x.path for x in got] == ["/etc/a-b", "/etc/a/b", "/etc/b"]
     assert {x.hierarchy for x in got} == {"/etc"}
 

@@ -10,48 +10,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import find_conflicts
 
-from personalityd.core.model import CHAR_DEVICE, DIR, FIFO, FILE, OPAQUE_DIR, SYMLINK, Conflict
+from personalityd.core.model import (
+    CHAR_DEVICE,
+    DIR,
+    FIFO,
+    FILE,
+    MASK_DELETED,
+    MASK_HIDDEN,
+    OPAQUE_DIR,
+    SYMLINK,
+    WHITEOUT,
+    Conflict,
+    Mask,
+)
 
 # --- agreement with a slow reference that simulates overlayfs lookups path by path ---
 
 
 def reference(
     layers: Layers, base: dict[str, str], same: Callable[[str], bool]
-) -> tuple[list[Conflict], int, set[str]]:
+) -> tuple[list[Conflict], int, list[Mask], set[str]]:
     """Resolve every path as overlayfs does, component by component, top layer first."""
     names = [name for name, _ in layers]
     trees = [tree for _, tree in layers]
     paths = {p for tree in trees for p in tree}
 
-    def lookup_dir(path: str) -> tuple[list[int], bool]:
-        """The layers merged into directory `path`, and whether the base is merged too."""
-        merged = list(range(len(trees)))
-        base_merged = True
-        if not path:
-            return merged, base_merged
-        for depth in range(1, path.count("/") + 2):
-            component_path = "/".join(path.split("/")[:depth])
-            below: list[int] = []
-            for k in merged:
-                kind = trees[k].get(component_path)
-                if kind is None:
-                    continue
-                if kind == DIR:
-                    below.append(k)
-                    continue
-                if kind == OPAQUE_DIR:
-                    below.append(k)
-                base_merged = False  # an opaque dir or a non-dir stops the lookup here
-                break
-            merged = below
-        return merged, base_merged
-
     conflicts: list[Conflict] = []
+    masks: list[Mask] = []
     overrides = 0
     asked: set[str] = set()
     for path in sorted(paths):
         parent = path.rpartition("/")[0]
-        merged, base_merged = lookup_dir(parent)
+        merged, base_merged = lookup_dir(trees, parent)
         providers = [k for k in merged if path in trees[k]]
         if not providers:
             continue
@@ -64,11 +54,69 @@ def reference(
             conflicts.append(
                 Conflict("/usr/" + path, "/usr", shown[0], tuple(shown[1:]), identical)
             )
-        if kinds[0] != DIR and base_merged:
+        if not base_merged:
+            continue
+        change = base_change(kinds, base.get(path))
+        if change is not None:
             asked.add(path)
-            if path in base:
+            j, outcome = change
+            if outcome == "override":
                 overrides += 1
-    return sorted(conflicts, key=lambda x: x.path), overrides, asked
+            elif outcome:
+                masks.append(Mask("/usr/" + path, "/usr", names[providers[j]], outcome))
+    return sorted(conflicts, key=lambda x: x.path), overrides, masks, asked
+
+
+def lookup_dir(trees: list[dict[str, str]], path: str) -> tuple[list[int], bool]:
+    """The layers merged into directory `path`, and whether the base is merged too."""
+    merged = list(range(len(trees)))
+    base_merged = True
+    if not path:
+        return merged, base_merged
+    for depth in range(1, path.count("/") + 2):
+        component_path = "/".join(path.split("/")[:depth])
+        below: list[int] = []
+        for k in merged:
+            kind = trees[k].get(component_path)
+            if kind is None:
+                continue
+            if kind == DIR:
+                below.append(k)
+                continue
+            if kind == OPAQUE_DIR:
+                below.append(k)
+            base_merged = False  # an opaque dir or a non-dir stops the lookup here
+            break
+        merged = below
+    return merged, base_merged
+
+
+def base_change(kinds: list[str], base: str | None) -> tuple[int, str] | None:
+    """The lookup of a path the base reaches, with the kinds of its providers top first:
+    merging directories let it go on to the next layer, and the first entry that does not
+    merge decides what becomes of the base's entry. None when the base's entry is not looked
+    at; else (which provider, "override", a mask, or "" for nothing)."""
+    for j, kind in enumerate(kinds):
+        if kind == DIR:
+            continue
+        if j > 0 and kind not in (WHITEOUT, OPAQUE_DIR):
+            return None  # a lower personality's entry replaces the base's: not ours to count
+        mask = base_mask(kind, base)
+        if mask is not None:
+            return j, mask
+        return j, "override" if j == 0 and base is not None else ""
+    return None
+
+
+def base_mask(kind: str, base: str | None) -> str | None:
+    """What an entry that stops the lookup does to the base's entry: delete it, hide it."""
+    if base is None:
+        return None
+    if kind == WHITEOUT:
+        return MASK_DELETED
+    if kind == OPAQUE_DIR and base in (DIR, OPAQUE_DIR):
+        return MASK_HIDDEN
+    return None
 
 
 KINDS = st.sampled_from([d, d, d, o, f, f, ln, w, CHAR_DEVICE, FIFO])
@@ -109,10 +157,13 @@ def test_agrees_with_reference(
         return (len(path) + salt) % 2 == 0
 
     recorder = Recorder(base, same)
-    got, overrides = find_conflicts("/usr", layers, recorder.base_kind, recorder.identical)
-    want, want_overrides, asked = reference(layers, base, same)
+    got, overrides, masks = find_conflicts(
+        "/usr", layers, recorder.base_kind, recorder.identical
+    )
+    want, want_overrides, want_masks, asked = reference(layers, base, same)
     assert got == want
     assert overrides == want_overrides
+    assert masks == want_masks
     assert sorted(recorder.base_calls) == sorted(asked)  # each candidate asked exactly once
     asked_identical = [path for path, _ in recorder.identical_calls]
     assert len(asked_identical) == len(set(asked_identical))

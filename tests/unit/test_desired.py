@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from personalityd.core.access import SPOOL, Caller, authorize, may_change
@@ -79,6 +81,32 @@ def test_incompatible_carries_its_cause() -> None:
     with pytest.raises(Incompatible) as raised:
         edit_desired((), Edit("attach", ("old",)), VOLUMES, {})
     assert raised.value.cause == "ID=fedora"
+
+
+PROTECTED = "it provides the protected path /etc/passwd"
+
+
+@pytest.mark.parametrize(
+    ("before", "edit"),
+    [
+        ("", Edit("attach", ("evil",))),
+        ("", Edit("attach", ("evil",), force=True)),
+        ("evil!", Edit("attach", ("evil",), force=True)),
+        ("a", Edit("switch", ("a", "evil"), force=True)),
+    ],
+)
+def test_a_refused_volume_is_refused_even_with_force(before: str, edit: Edit) -> None:
+    evil = replace(volume("evil"), refusal=PROTECTED)
+    with pytest.raises(Incompatible) as raised:
+        edit_desired(entries(before), edit, {**VOLUMES, "evil": evil}, {})
+    assert str(raised.value) == f"'evil' may not be stacked: {PROTECTED}"
+    assert (raised.value.volume, raised.value.cause) == ("evil", PROTECTED)
+
+
+def test_detaching_a_refused_volume_works() -> None:
+    evil = replace(volume("evil"), refusal=PROTECTED)
+    edited = edit_desired(entries("a evil!"), Edit("detach", ("evil",)), {"evil": evil}, {})
+    assert edited.desired == entries("a")
 
 
 def test_check_edit_needs_no_volumes() -> None:

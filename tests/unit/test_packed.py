@@ -20,6 +20,7 @@ from personalityd.core.model import (
     SYMLINK,
     WHITEOUT,
     Conflict,
+    Mask,
 )
 from personalityd.core.packed import EMPTY, find_conflicts_packed
 
@@ -46,13 +47,13 @@ def trees(draw: st.DrawFn, max_depth: int = 3) -> dict[str, str]:
 
 def _dict_result(
     layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
-) -> tuple[list[Conflict], int]:
+) -> tuple[list[Conflict], int, list[Mask]]:
     return find_conflicts("/usr", layers, base.get, lambda p, names: p.endswith("b"))
 
 
 def _packed_result(
     layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
-) -> tuple[list[Conflict], int]:
+) -> tuple[list[Conflict], int, list[Mask]]:
     def base_names(directory: bytes) -> frozenset[bytes] | None:
         d = os.fsdecode(directory)
         if d and base.get(d) not in (DIR, OPAQUE_DIR):
@@ -70,7 +71,7 @@ def _packed_result(
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(trees(), min_size=1, max_size=4), trees())
-def test_same_conflicts_and_overrides_as_the_dict_version(
+def test_same_conflicts_overrides_and_masks_as_the_dict_version(
     layer_trees: list[dict[str, str]], base: dict[str, str]
 ) -> None:
     layers = [(f"p{i}", tree) for i, tree in enumerate(layer_trees)]

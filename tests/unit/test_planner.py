@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from personalityd.core.model import BlockDevice, DesiredEntry, Manifest, State, Volume
@@ -93,6 +95,16 @@ def test_plan_stack_excludes_failed_volumes() -> None:
 
 def test_live_names() -> None:
     assert live_names(entries("web", "gone", "old"), VOLUMES) == ("web",)
+
+
+REFUSAL = "it provides the protected path /etc/shadow"
+
+
+def test_a_refused_volume_is_never_live_not_even_forced() -> None:
+    volumes = {**VOLUMES, "evil": replace(volume("evil", minor=9), refusal=REFUSAL)}
+    assert live_names(entries("web", "evil", force=("evil",)), volumes) == ("web",)
+    states = personality_state(entries("evil", force=("evil",)), volumes, (), (), {})
+    assert states["evil"] == (State.INCOMPATIBLE, REFUSAL)
 
 
 REASON = "VERSION_ID '11' does not match the base VERSION_ID '12'"

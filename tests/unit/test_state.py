@@ -22,7 +22,7 @@ from personalityd.adapters.state import (
     write_conflict_report,
     write_json_atomic,
 )
-from personalityd.core.model import Conflict, ConflictReport, DesiredEntry
+from personalityd.core.model import Conflict, ConflictReport, DesiredEntry, Mask
 
 DAEMON_DIR = Path(__file__).resolve().parents[2] / "daemon"
 
@@ -187,6 +187,10 @@ def test_conflict_report(tmp_path: Path) -> None:
             Conflict("/etc/motd", "/etc", "web", ("base-tools",), True),
         ),
         overrides=3,
+        masks=(
+            Mask("/usr/share/doc", "/usr", "web", "hidden"),
+            Mask("/etc/motd", "/etc", "base-tools", "deleted"),
+        ),
     )
     write_conflict_report(tmp_path, 7, ["base-tools", "datascience", "web"], report)
     assert json.loads((tmp_path / "conflicts.json").read_text()) == {
@@ -209,4 +213,13 @@ def test_conflict_report(tmp_path: Path) -> None:
                 "identical": True,
             },
         ],
+        "masks": [
+            {"path": "/usr/share/doc", "hierarchy": "/usr", "name": "web", "mask": "hidden"},
+            {"path": "/etc/motd", "hierarchy": "/etc", "name": "base-tools", "mask": "deleted"},
+        ],
     }
+
+
+def test_conflict_report_without_masks_lists_none(tmp_path: Path) -> None:
+    write_conflict_report(tmp_path, 1, [], ConflictReport((), 0))
+    assert json.loads((tmp_path / "conflicts.json").read_text())["masks"] == []

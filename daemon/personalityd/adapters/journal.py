@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from personalityd.core import messages
-from personalityd.core.messages import SYSLOG_IDENTIFIER, conflict_message
-from personalityd.core.model import Conflict
+from personalityd.core.messages import SYSLOG_IDENTIFIER, conflict_message, mask_message
+from personalityd.core.model import Conflict, ConflictReport, Mask
 
 Sendv = Callable[..., object]
 
@@ -170,8 +170,24 @@ class Journal:
                 "PERSONALITY_PATH": c.path,
                 "PERSONALITY_WINNER": c.winner,
                 "PERSONALITY_SHADOWED": c.shadowed,
+                # journald does not keep the order of a repeated field: this one does.
+                "PERSONALITY_STACK": " ".join((c.winner, *c.shadowed)),
                 "PERSONALITY_IDENTICAL": c.identical,
                 "PERSONALITY_HIERARCHY": c.hierarchy,
+                "PERSONALITY_GENERATION": generation,
+            },
+        )
+
+    def mask(self, m: Mask, generation: int) -> bool:
+        return self.send(
+            mask_message(m),
+            messages.MESSAGE_ID_MASK,
+            PRIORITY_NOTICE,
+            {
+                "PERSONALITY_PATH": m.path,
+                "PERSONALITY_NAME": m.name,
+                "PERSONALITY_MASK": m.mask,
+                "PERSONALITY_HIERARCHY": m.hierarchy,
                 "PERSONALITY_GENERATION": generation,
             },
         )
@@ -183,20 +199,34 @@ class Journal:
         conflicts: int,
         overrides: int,
         left_out: int = 0,
+        masks: int = 0,
+        masks_left_out: int = 0,
     ) -> bool:
-        """The summary entry; `attached` bottom first, `left_out` conflicts not sent singly."""
+        """The summary entry; `attached` bottom first, `left_out` conflicts and
+        `masks_left_out` masks not sent singly."""
         stack = " ".join(attached) if attached else "no personalities"
-        counts = f"{_plural(conflicts, 'conflict')}, {_plural(overrides, 'override')}"
+        counts = ", ".join(
+            (
+                _plural(conflicts, "conflict"),
+                _plural(overrides, "override"),
+                _plural(masks, "mask"),
+            )
+        )
         if left_out > 0:
             counts += f"; {left_out} not logged singly"
+        if masks_left_out > 0:
+            counts += f"; {masks_left_out} masks not logged singly"
         fields: dict[str, FieldValue] = {
             "PERSONALITY_GENERATION": generation,
             "PERSONALITY_ATTACHED": " ".join(attached),
             "PERSONALITY_CONFLICTS": conflicts,
             "PERSONALITY_OVERRIDES": overrides,
+            "PERSONALITY_MASKS": masks,
         }
         if left_out > 0:
             fields["PERSONALITY_CONFLICTS_LEFT_OUT"] = left_out
+        if masks_left_out > 0:
+            fields["PERSONALITY_MASKS_LEFT_OUT"] = masks_left_out
         return self.send(
             f"Stack generation {generation}: {stack} ({counts})",
             messages.MESSAGE_ID_STACK_CHANGED,
@@ -226,16 +256,22 @@ class Journal:
         )
 
     def report_stack(
-        self,
-        generation: int,
-        attached: Sequence[str],
-        conflicts: Sequence[Conflict],
-        overrides: int,
+        self, generation: int, attached: Sequence[str], report: ConflictReport
     ) -> None:
-        """One entry per conflict (the first MAX_CONFLICT_ENTRIES), then the summary."""
+        """One entry per conflict and one per mask (the first MAX_CONFLICT_ENTRIES of each),
+        then the summary."""
         limit = messages.MAX_CONFLICT_ENTRIES
+        conflicts, masks = report.conflicts, report.masks
         for c in conflicts[:limit]:
             self.conflict(c, generation)
+        for m in masks[:limit]:
+            self.mask(m, generation)
         self.stack_changed(
-            generation, attached, len(conflicts), overrides, max(0, len(conflicts) - limit)
+            generation,
+            attached,
+            len(conflicts),
+            report.overrides,
+            max(0, len(conflicts) - limit),
+            masks=len(masks),
+            masks_left_out=max(0, len(masks) - limit),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from personalityd.adapters import blockdev, mounts
@@ -46,6 +47,8 @@ class ProbeResult:
     # overlayfs honours only the overlay mount's own nosuid, so through the stack they would
     # run set-id whatever the volume mount says; such a volume is refused.
     setid_files: tuple[str, ...] = ()
+    # Why the volume may never be stacked, from the `refuse` check of probe_device; or None.
+    refusal: str | None = None
 
 
 MAX_SETID_REPORTED = 3
@@ -139,8 +142,14 @@ def read_manifest(tree: str) -> Manifest:
         raise NotAPersonality(str(exc)) from exc
 
 
-def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeResult:
-    """Read the manifest of `device`. Raises NotAPersonality or OSError (mount failed)."""
+def probe_device(
+    device: BlockDevice,
+    mount_options: tuple[str, ...],
+    refuse: Callable[[str], str | None] | None = None,
+) -> ProbeResult:
+    """Read the manifest of `device`. Raises NotAPersonality or OSError (mount failed).
+
+    `refuse(tree)`, when given, looks at the mounted tree: its answer is `refusal`."""
     fs_type = device.fs_type
     if not fs_type:
         raise NotAPersonality("udev reports no filesystem type (ID_FS_TYPE)")
@@ -151,7 +160,8 @@ def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeRe
     if existing:
         where = existing[0].mount_point
         manifest = read_manifest(where)
-        return ProbeResult(manifest, find_setid_files(where) if scan else ())
+        refusal = refuse(where) if refuse else None
+        return ProbeResult(manifest, find_setid_files(where) if scan else (), refusal)
     options = (*volume_mount_options(fs_type, mount_options), "noexec")
     blockdev.make_read_only(device.devnode, device.devnum)
     with mounts.mount_block_device(
@@ -159,4 +169,5 @@ def probe_device(device: BlockDevice, mount_options: tuple[str, ...]) -> ProbeRe
     ) as detached:
         tree = f"/proc/self/fd/{detached.fd}"
         manifest = read_manifest(tree)
-        return ProbeResult(manifest, find_setid_files(tree) if scan else ())
+        refusal = refuse(tree) if refuse else None
+        return ProbeResult(manifest, find_setid_files(tree) if scan else (), refusal)

@@ -151,6 +151,10 @@ def conflict_report_json(
             }
             for c in report.conflicts
         ],
+        "masks": [
+            {"path": m.path, "hierarchy": m.hierarchy, "name": m.name, "mask": m.mask}
+            for m in report.masks
+        ],
     }
 
 

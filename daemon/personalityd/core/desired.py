@@ -84,6 +84,12 @@ def _check_usable(
         raise NoSuchPersonality(no_such_message([name], volumes), volume=name)
     if name in failed:
         raise MountFailed(f"volume '{name}' failed earlier: {failed[name]}", volume=name)
+    if volume.refusal is not None:
+        raise Incompatible(
+            f"'{name}' may not be stacked: {volume.refusal}",
+            volume=name,
+            cause=volume.refusal,
+        )
     forced_before = any(e.name == name and e.force for e in desired)
     if volume.incompatibility is not None and not force and not forced_before:
         raise Incompatible(

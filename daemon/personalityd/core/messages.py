@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from personalityd.core.model import Conflict
+from personalityd.core.model import MASK_DELETED, Conflict, Mask
 
 SYSLOG_IDENTIFIER = "personalityd"
 
@@ -10,8 +10,10 @@ MESSAGE_ID_CONFLICT = "3e47b2d0af514d77b3126415a1549afb"
 MESSAGE_ID_STACK_CHANGED = "745778a2970b4475acba70df8299437b"
 MESSAGE_ID_VOLUME_REFUSED = "18d0afe90a164b398024e69871a6bc44"
 MESSAGE_ID_CHANGE_FAILED = "091e1791abd44213b5aa028ad69c8fce"
+MESSAGE_ID_MASK = "727c1463be574032988019655f1f0294"
 
-# At most this many conflict entries per stack change; the summary says how many were left out.
+# At most this many conflict entries per stack change, and as many mask entries; the summary
+# says how many of each were left out.
 MAX_CONFLICT_ENTRIES = 1000
 
 
@@ -20,3 +22,10 @@ def conflict_message(c: Conflict) -> str:
     shadowed = ", ".join(f"'{name}'" for name in c.shadowed)
     message = f"Conflict on {c.path}: '{c.winner}' (attached last) shadows {shadowed}"
     return message + " (identical content)" if c.identical else message
+
+
+def mask_message(m: Mask) -> str:
+    """The journal MESSAGE for one mask."""
+    if m.mask == MASK_DELETED:
+        return f"Mask on {m.path}: '{m.name}' deletes the base's entry (whiteout)"
+    return f"Mask on {m.path}: '{m.name}' hides the base's directory (opaque directory)"

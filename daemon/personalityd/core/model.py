@@ -95,6 +95,9 @@ class Volume:
     device: BlockDevice
     manifest: Manifest
     incompatibility: str | None = None  # reason, or None when compatible with the base
+    # Why the volume may never be stacked, not even with `force` (a protected path it
+    # provides, deletes or hides); listed as incompatible with this reason. None when fine.
+    refusal: str | None = None
 
     @property
     def compatible(self) -> bool:
@@ -116,10 +119,25 @@ class Conflict:
     identical: bool
 
 
+MASK_DELETED = "deleted"  # a whiteout over an entry of the base
+MASK_HIDDEN = "hidden"  # an opaque directory over a directory of the base
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Base content that a personality deletes (whiteout) or hides (opaque directory)."""
+
+    path: str  # as seen in the stacked system, e.g. "/usr/share/doc"
+    hierarchy: str  # "/usr"
+    name: str  # the personality whose whiteout or opaque directory it is
+    mask: str  # MASK_DELETED or MASK_HIDDEN
+
+
 @dataclass(frozen=True)
 class ConflictReport:
     conflicts: tuple[Conflict, ...]
     overrides: int  # paths where a personality replaces an entry of the base
+    masks: tuple[Mask, ...] = ()  # base entries deleted or hidden, sorted by path
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ itself an entry (DIR or OPAQUE_DIR) of its parent, except the hierarchy's own to
 for the same trees (checked with hypothesis), but works per directory: only
 directories present in two or more layers are looked into name by name, and the base is asked
 once per directory (`base_names`), not once per path.
+
+Where the base is reached, the topmost entry that does not merge decides what happens to the
+base's entry at that path: a whiteout deletes it and an opaque directory over a base
+directory hides its content (both are masks, reported one by one); any other entry of the
+top layer there replaces it (an override, only counted).
 """
 
 from __future__ import annotations
@@ -23,7 +28,17 @@ from array import array
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
-from personalityd.core.model import DIR, FILE, OPAQUE_DIR, SYMLINK, Conflict
+from personalityd.core.model import (
+    DIR,
+    FILE,
+    MASK_DELETED,
+    MASK_HIDDEN,
+    OPAQUE_DIR,
+    SYMLINK,
+    WHITEOUT,
+    Conflict,
+    Mask,
+)
 
 _DIR = DIR.encode()[0]
 _NOT_AN_ENTRY = ord("-")  # dir_kinds value of the top directory
@@ -109,22 +124,25 @@ def find_conflicts_packed(
     layers: Sequence[tuple[str, PackedTree]],
     base_names: Callable[[bytes], Collection[bytes] | None],
     identical: Callable[[str, Sequence[str]], bool],
-) -> tuple[list[Conflict], int]:
-    """The conflicts in one hierarchy (sorted by path) and the count of base overrides.
+) -> tuple[list[Conflict], int, list[Mask]]:
+    """The conflicts in one hierarchy (sorted by path), the count of base overrides, and the
+    masks: base entries a whiteout deletes or base directories an opaque directory hides
+    (sorted by path).
 
     `layers` are (personality name, tree) top first. `base_names(dir)` gives the names the
     base has in directory `dir` (relative, bytes; b"" is the hierarchy itself), or None when
     the base has no such directory. `identical(relpath, names_top_first)` is asked only for
     conflicts whose entries are all regular files or all symlinks.
     """
-    finder = _ConflictFinder(layers, base_names)
+    finder = _ConflictFinder(hierarchy, layers, base_names)
     overrides = finder.single_provider_overrides()
-    conflicts, questions, more = finder.shared_paths(hierarchy)
+    conflicts, questions, more = finder.shared_paths()
     for i, relpath, names_top_first in questions:
         if identical(relpath, names_top_first):
             conflicts[i] = dataclasses.replace(conflicts[i], identical=True)
     conflicts.sort(key=lambda c: c.path)
-    return conflicts, overrides + more
+    finder.masks.sort(key=lambda m: m.path)
+    return conflicts, overrides + more, finder.masks
 
 
 class _ConflictFinder:
@@ -132,9 +150,13 @@ class _ConflictFinder:
 
     def __init__(
         self,
+        hierarchy: str,
         layers: Sequence[tuple[str, PackedTree]],
         base_names: Callable[[bytes], Collection[bytes] | None],
     ) -> None:
+        self.hierarchy = hierarchy
+        self.prefix = hierarchy.rstrip("/") + "/"
+        self.masks: list[Mask] = []
         self.n = len(layers)
         self.names = [name for name, _ in layers]
         self.trees = [tree for _, tree in layers]
@@ -214,7 +236,8 @@ class _ConflictFinder:
         return limit
 
     def single_provider_overrides(self) -> int:
-        """Paths with one provider: a replacing entry the base still reaches overrides it."""
+        """Paths with one provider: a replacing entry the base still reaches overrides it,
+        a whiteout or an opaque directory there masks it (collected in `masks`)."""
         overrides = 0
         for k, tree in enumerate(self.trees):
             for i, d in enumerate(tree.dirs):
@@ -231,16 +254,36 @@ class _ConflictFinder:
         entries = self.listing(k, d)
         count = 0
         for name in entries.keys() & base if isinstance(base, set | frozenset) else entries:
-            if name in base and entries[name] != DIR and _join(d, name) not in self.multi:
+            kind = entries[name]
+            if name not in base or kind == DIR:
+                continue
+            path = _join(d, name)
+            if path in self.multi:
+                continue
+            if not self._masked(k, kind, path):
                 count += 1
         return count
 
+    def _masked(self, k: int, kind: str, path: bytes) -> bool:
+        """Record a mask when layer `k`'s entry of `kind` at `path` (which the base has, and
+        reaches) deletes or hides the base's entry; False when it does neither."""
+        if kind == WHITEOUT:
+            mask = MASK_DELETED
+        elif kind == OPAQUE_DIR and self.in_base(path) is not None:
+            mask = MASK_HIDDEN
+        else:
+            return False
+        where = self.prefix + os.fsdecode(path)
+        self.masks.append(Mask(where, self.hierarchy, self.names[k], mask))
+        return True
+
     def shared_paths(
-        self, hierarchy: str
+        self,
     ) -> tuple[list[Conflict], list[tuple[int, str, tuple[str, ...]]], int]:
         """The conflicts (not yet sorted), the identity questions to ask (conflict index,
-        relpath, names top first), and the overrides among paths several layers provide."""
-        prefix = hierarchy.rstrip("/") + "/"
+        relpath, names top first), and the overrides among paths several layers provide
+        (their masks go to `masks`)."""
+        hierarchy, prefix = self.hierarchy, self.prefix
         conflicts: list[Conflict] = []
         questions: list[tuple[int, str, tuple[str, ...]]] = []
         overrides = 0
@@ -257,8 +300,21 @@ class _ConflictFinder:
                 if all(kind == FILE for kind in kinds) or all(kind == SYMLINK for kind in kinds):
                     questions.append((len(conflicts), relpath, shown))
                 conflicts.append(Conflict(prefix + relpath, hierarchy, shown[0], shown[1:], False))
-            if kinds[0] != DIR and limit == self.n:
-                base = self.in_base(parent)
-                if base and leaf in base:
-                    overrides += 1
+            if limit == self.n:
+                overrides += self._base_change(path, parent, leaf, reaching, kinds)
         return conflicts, questions, overrides
+
+    def _base_change(
+        self, path: bytes, parent: bytes, leaf: bytes, reaching: list[int], kinds: list[str]
+    ) -> int:
+        """What the layers reaching `path` (which the base reaches too) do to the base's entry
+        there: 1 for an override, 0 for nothing or a mask (recorded)."""
+        first = next((j for j, kind in enumerate(kinds) if kind != DIR), None)
+        if first is None or (first > 0 and kinds[first] not in (WHITEOUT, OPAQUE_DIR)):
+            return 0  # all merge, or a lower personality's entry replaces the base's
+        base = self.in_base(parent)
+        if not base or leaf not in base:
+            return 0
+        if self._masked(reaching[first], kinds[first], path):
+            return 0
+        return 1 if first == 0 else 0

@@ -19,14 +19,15 @@ def live_names(
 ) -> tuple[str, ...]:
     """Desired names (bottom first) whose volume is present and compatible, or forced.
 
-    Names in `exclude` (volumes that failed to mount or index) are left out, as are repeats.
+    Names in `exclude` (volumes that failed to mount or index) are left out, as are repeats
+    and refused volumes (a protected path), forced or not.
     """
     live: list[str] = []
     for entry in desired:
         volume = volumes.get(entry.name)
         if volume is None or entry.name in exclude or entry.name in live:
             continue
-        if volume.compatible or entry.force:
+        if volume.refusal is None and (volume.compatible or entry.force):
             live.append(entry.name)
     return tuple(live)
 
@@ -73,6 +74,7 @@ def personality_state(
     Known: desired, present (`volumes`), draining or failed. In order of precedence: live ->
     attached; failed (present volume whose mount or index failed, with its reason) -> failed;
     desired but absent -> pending; draining (still held by the kernel, not live) -> draining;
+    refused (a protected path: force or not) -> incompatible, with the refusal as reason;
     present but incompatible (desired without force, or not desired) -> incompatible;
     desired, present and usable but not live yet -> pending; present -> available.
     """
@@ -90,6 +92,8 @@ def personality_state(
             states[name] = (State.PENDING, REASON_ABSENT)
         elif name in draining or volume is None:
             states[name] = (State.DRAINING, REASON_DRAINING)
+        elif volume.refusal is not None:
+            states[name] = (State.INCOMPATIBLE, volume.refusal)
         elif volume.incompatibility is not None and (entry is None or not entry.force):
             states[name] = (State.INCOMPATIBLE, volume.incompatibility)
         elif entry is not None:

@@ -17,7 +17,7 @@ from personalityd.adapters.indexer import (
     index_volume_packed,
     release_free_memory,
 )
-from personalityd.core.model import Conflict, ConflictReport, StackPlan, Volume
+from personalityd.core.model import Conflict, ConflictReport, Mask, StackPlan, Volume
 from personalityd.core.packed import EMPTY, PackedTree, find_conflicts_packed
 from personalityd.stack.layout import Layout
 
@@ -45,6 +45,10 @@ class VolumeIndexes:
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
 
+    def cached(self, volume: Volume) -> VolumeIndex | None:
+        """The index of `volume` if it was made (at its mount), else None."""
+        return self._by_identity.get(volume.device.identity)
+
     def forget(self, identity: str) -> None:
         self._by_identity.pop(identity, None)
 
@@ -58,8 +62,9 @@ class VolumeIndexes:
         return provided
 
     def conflict_report(self, plan: StackPlan, volumes: Mapping[str, Volume]) -> ConflictReport:
-        """Conflicts and overrides of the planned stack (blocking: run in a worker thread)."""
+        """Conflicts, overrides and masks of the planned stack (blocking: a worker thread)."""
         conflicts: list[Conflict] = []
+        masks: list[Mask] = []
         overrides = 0
         for h in self.hierarchies:
             names = plan.layers.get(h, ())
@@ -68,12 +73,14 @@ class VolumeIndexes:
             identity = {n: volumes[n].device.identity for n in names}
             layers = [(n, self._by_identity[identity[n]].get(h, EMPTY)) for n in names]
             base = BaseNames(self.layout.base_ref(h))
-            found, count = find_conflicts_packed(h, layers, base, self._identical_in(h))
+            found, count, masked = find_conflicts_packed(h, layers, base, self._identical_in(h))
             conflicts += found
             overrides += count
+            masks += masked
         conflicts.sort(key=lambda c: c.path)
+        masks.sort(key=lambda m: m.path)
         release_free_memory()
-        return ConflictReport(tuple(conflicts), overrides)
+        return ConflictReport(tuple(conflicts), overrides, tuple(masks))
 
     def _identical_in(self, h: str) -> Callable[[str, Sequence[str]], bool]:
         def identical(relpath: str, names: Sequence[str]) -> bool:

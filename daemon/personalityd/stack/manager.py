@@ -26,7 +26,7 @@ from personalityd.adapters.udev import DeviceEvent, enumerate_block_devices
 from personalityd.config import Config
 from personalityd.core.access import SPOOL, Caller, authorize
 from personalityd.core.desired import Edit, check_edit, edit_desired
-from personalityd.core.errors import Busy, InternalError, PersonalityError
+from personalityd.core.errors import Busy, Incompatible, InternalError, PersonalityError
 from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.planner import personality_state
 from personalityd.log import CallerLog
@@ -346,8 +346,8 @@ class Manager:
                 return await Change(self.stack, requested, answers).run()
             except VolumeFailed as failure:
                 error = failure.error
-                if error.volume is not None:
-                    self.registry.mark_failed(error.volume, str(error))
+                if error.volume is not None and not isinstance(error, Incompatible):
+                    self.registry.mark_failed(error.volume, str(error))  # (refused: already)
                 if error.volume is None or error.volume in names:
                     self.stack.journal.change_failed(requested, str(error))
                     raise error from None

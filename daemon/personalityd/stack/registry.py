@@ -7,11 +7,13 @@ number and DISKSEQ); refusals are logged and journalled once per identity.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
 from personalityd.adapters.probe import NotAPersonality, probe_device
+from personalityd.adapters.protected import protected_in_tree
 from personalityd.config import Config
 from personalityd.core.desired import no_such_message, quoted
 from personalityd.core.errors import NoSuchPersonality, Timeout
@@ -37,6 +39,11 @@ class VolumeRegistry:
         self._by_devnode: dict[str, BlockDevice] = {}  # every device we took a decision on
         self._refused: dict[str, str] = {}  # identity -> reason, to report each once
         self._changed = asyncio.Condition()
+        self._protected = functools.partial(
+            protected_in_tree,
+            protected=config.protected_paths,
+            hierarchies=config.hierarchies,
+        )
 
     def known(self, device: BlockDevice) -> bool:
         seen = self._by_devnode.get(device.devnode)
@@ -103,7 +110,7 @@ class VolumeRegistry:
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(
-                None, probe_device, device, tuple(self.config.mount_options)
+                None, probe_device, device, tuple(self.config.mount_options), self._protected
             )
         except NotAPersonality as exc:
             if matched_only_by_fs_type(self.config.volume_match, device.properties):
@@ -127,7 +134,9 @@ class VolumeRegistry:
             )
             return None
         reason = check_compatibility(manifest, self.base)
-        return Volume(manifest.name, device, manifest, reason)
+        if result.refusal is not None:  # listed as incompatible, never stacked
+            self._refuse(device, manifest.name, result.refusal)
+        return Volume(manifest.name, device, manifest, reason, result.refusal)
 
     def _refuse(self, device: BlockDevice, name: str | None, reason: str) -> None:
         if self._refused.get(device.identity) == reason:

@@ -17,6 +17,7 @@ the engine, so this is race-free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from personalityd.adapters.mounts import Detached
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
 from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
-from personalityd.core.errors import MountFailed, PersonalityError
+from personalityd.core.errors import Incompatible, MountFailed, PersonalityError
 from personalityd.core.model import (
     ConflictReport,
     DesiredEntry,
@@ -38,8 +39,9 @@ from personalityd.core.model import (
     Volume,
 )
 from personalityd.core.planner import check_layer_limit, plan_stack
+from personalityd.core.protected import index_lookup, protected_violation
 from personalityd.stack.engine import Engine
-from personalityd.stack.indexes import VolumeIndexes
+from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
 from personalityd.stack.registry import VolumeRegistry
 
@@ -83,6 +85,9 @@ class Stack:
     hooks: ServiceHooks
     state: StackState
     notify: Callable[[StackEvent], None]
+    # Live volumes' identity -> (the index judged, why it touches a protected path or None),
+    # so that an index is judged once, and one no longer live is not kept alive here.
+    _protected: dict[str, tuple[VolumeIndex, str | None]] = field(default_factory=dict)
 
     def current_upper(self) -> Upper:
         writable = self.registry.writable
@@ -96,14 +101,54 @@ class Stack:
         return NO_UPPER
 
     def plan(self, volumes: dict[str, Volume], indexed: bool = True) -> StackPlan:
-        """The planned stack; `indexed=False` gives the live names before indexes exist."""
+        """The planned stack; `indexed=False` gives the live names before indexes exist.
+
+        With the indexes, each live volume is first held against `volumes.protected_paths`
+        on the index of the very mount that will be stacked: one that touches a protected
+        path is refused (raises VolumeFailed with Incompatible; see `refuse_protected`)."""
+        if indexed:
+            self.refuse_protected(volumes)
         provided = self.indexes.provides(volumes) if indexed else (lambda n, h: True)
         return plan_stack(self.state.desired, volumes, provided, self.config.hierarchies)
+
+    def refuse_protected(self, volumes: dict[str, Volume]) -> None:
+        """Refuse a live volume whose index touches a protected path: it gets its refusal
+        (listed as incompatible, never stacked, whatever `force` says) in `volumes` and in
+        the registry, the refusal is journalled, and VolumeFailed(Incompatible) is raised so
+        that a caller who asked for it gets the error and a change made without it."""
+        protected, hierarchies = self.config.protected_paths, self.config.hierarchies
+        if not protected:
+            return
+        live = plan_stack(self.state.desired, volumes, lambda n, h: True, hierarchies).live
+        judged_before, self._protected = self._protected, {}  # only live ones are kept
+        for name in live:
+            volume = volumes[name]
+            index = self.indexes.cached(volume)
+            if index is None:
+                continue
+            judged = judged_before.get(volume.device.identity)
+            if judged is not None and judged[0] is index:
+                reason = judged[1]
+            else:
+                reason = protected_violation(protected, hierarchies, *index_lookup(index))
+            self._protected[volume.device.identity] = (index, reason)
+            if reason is None:
+                continue
+            refused = dataclasses.replace(volume, refusal=reason)
+            volumes[name] = refused
+            if self.registry.volumes.get(name) is volume:
+                self.registry.volumes[name] = refused
+            device = volume.device.devnode
+            log.warning("volume_refused", device=device, name=name, reason=reason)
+            self.journal.volume_refused(device, name, reason)
+            message = f"'{name}' may not be stacked: {reason}"
+            raise VolumeFailed(Incompatible(message, volume=name, cause=reason))
 
 
 class VolumeFailed(Exception):
     """A volume of the live stack could not be mounted or indexed (`error.volume` says which);
-    the manager marks it failed and plans again without it."""
+    the manager marks it failed and plans again without it. With an Incompatible error the
+    volume was refused (a protected path): it is not marked failed, only left out."""
 
     def __init__(self, error: PersonalityError) -> None:
         super().__init__(str(error))
@@ -327,6 +372,7 @@ class Change:
             attached=" ".join(plan.live),
             conflicts=len(self.report.conflicts),
             overrides=self.report.overrides,
+            masks=len(self.report.masks),
             swap_ms=round(self.swap_ms, 3),
         )
         before = self.before.live
@@ -354,8 +400,7 @@ class Change:
             write_conflict_report(runtime, self.generation, self.plan.live, self.report)
         except OSError as exc:
             log.error("conflict_report_not_written", error=str(exc))
-        conflicts, overrides = self.report.conflicts, self.report.overrides
-        stack.journal.report_stack(self.generation, self.plan.live, conflicts, overrides)
+        stack.journal.report_stack(self.generation, self.plan.live, self.report)
 
     def _answer(self) -> None:
         for future, value in self.answers:
@@ -376,7 +421,10 @@ async def adopt(stack: Stack) -> bool:
         undo.run()
         log.error("adopt_index_failed", error=str(failure.error))
     upper = stack.current_upper()
-    plan = stack.plan(volumes)
+    try:
+        plan = stack.plan(volumes)
+    except VolumeFailed:  # refused now: the rebuild at start leaves it out
+        return False
     if not stack.engine.is_current(plan, upper):
         return False
     loop = asyncio.get_running_loop()
