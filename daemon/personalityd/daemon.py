@@ -18,6 +18,7 @@ from personalityd import __version__
 from personalityd.adapters import notify
 from personalityd.adapters.baseview import load_base_settings
 from personalityd.adapters.journal import Journal
+from personalityd.adapters.selfexec import run_from_base
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
 from personalityd.adapters.systemd import ServiceHooks, connect_service_hooks
@@ -29,6 +30,7 @@ from personalityd.core.osrelease import base_os_release, parse_os_release, syste
 from personalityd.frontends.spool import SpoolService
 from personalityd.log import setup_logging
 from personalityd.stack.engine import Engine, detect_features
+from personalityd.stack.layout import Layout
 from personalityd.stack.manager import Manager
 from personalityd.stack.registry import VolumeRegistry
 
@@ -218,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("personalityd: must run as root (it mounts filesystems)", file=sys.stderr)
         return 1
+    # From the base too: never the interpreter, libraries or code of a stack (returns when
+    # nothing of ours is mapped from one; else this process is replaced).
+    layout = Layout(config)
+    run_from_base({str(config.path(h)): layout.base_ref(h) for h in config.hierarchies})
     # Indexing and conflict detection run in worker threads; a short GIL switch interval
     # lets the event loop answer readers (D-Bus, spool) within a millisecond or so meanwhile.
     sys.setswitchinterval(0.001)

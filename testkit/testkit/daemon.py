@@ -62,6 +62,9 @@ class Daemon:
         self.config: dict[str, Any] = deep_merge(base_config(root, udev_token), config or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        # The Python that runs `-m personalityd` (another one must find the project's
+        # dependencies through PYTHONPATH in `env`).
+        self.interpreter = sys.executable
 
     # paths, as configured, seen from the test (outside the daemon's root prefix)
     def path(self, rel: str) -> Path:
@@ -121,7 +124,7 @@ class Daemon:
             self._log_offset += len(marker)
             self.proc = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.interpreter,
                     "-m",
                     "personalityd",
                     "--config",
