@@ -94,8 +94,8 @@ def _directory(value: object) -> str:
     return path
 
 
-def _hierarchies(value: object) -> tuple[str, ...]:
-    expected = "a list of absolute paths"
+def _absolute_paths(value: object, expected: str) -> list[str]:
+    """A list of absolute paths other than /, normalized, in order."""
     if not isinstance(value, list):
         raise _Bad(expected, value)
     paths: list[str] = []
@@ -103,25 +103,21 @@ def _hierarchies(value: object) -> tuple[str, ...]:
         path = _absolute_path(item, expected)
         if path == "/":
             raise _Bad(expected + " other than /", item)
-        for other in paths:
-            if _overlap(path, other):
-                raise _Bad(expected + " that neither repeat nor nest", item)
         paths.append(path)
+    return paths
+
+
+def _hierarchies(value: object) -> tuple[str, ...]:
+    expected = "a list of absolute paths"
+    paths = _absolute_paths(value, expected)
+    for i, path in enumerate(paths):
+        if any(_overlap(path, other) for other in paths[:i]):
+            raise _Bad(expected + " that neither repeat nor nest", path)
     return tuple(paths)
 
 
 def _protected_paths(value: object) -> tuple[str, ...]:
-    expected = "a list of absolute paths other than /"
-    if not isinstance(value, list):
-        raise _Bad(expected, value)
-    paths: list[str] = []
-    for item in value:
-        path = _absolute_path(item, expected)
-        if path == "/":
-            raise _Bad(expected, item)
-        if path not in paths:
-            paths.append(path)
-    return tuple(paths)
+    return tuple(dict.fromkeys(_absolute_paths(value, "a list of absolute paths")))
 
 
 def _mount_options(value: object) -> tuple[str, ...]:
