@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -329,12 +330,53 @@ def _private(detached: Detached, recursive: bool, read_only: bool) -> Detached:
 def open_path(path: str, dirfd: int = AT_FDCWD, *, beneath: bool = False, xdev: bool = True) -> int:
     """An O_PATH descriptor of `path` (openat2), resolved without following any symlink, so
     a symlink anywhere on the way is ELOOP; with `beneath`, `path` (relative) must stay below
-    `dirfd`; without `xdev`, crossing a mount point on the way is EXDEV."""
-    resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-    resolve |= (RESOLVE_BENEATH if beneath else 0) | (0 if xdev else RESOLVE_NO_XDEV)
-    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, resolve)
-    result = _syscall(SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
-    return _check(result, "open", path)
+    `dirfd`; without `xdev`, crossing a mount point on the way is EXDEV.
+
+    Where openat2 is refused with ENOSYS (a seccomp filter that predates it, as in some
+    containers), the same rules are applied one component at a time."""
+    global _openat2_missing
+    if not _openat2_missing:
+        resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+        resolve |= (RESOLVE_BENEATH if beneath else 0) | (0 if xdev else RESOLVE_NO_XDEV)
+        how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, resolve)
+        result = _syscall(SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+        if result >= 0 or ctypes.get_errno() != errno.ENOSYS:
+            return _check(result, "open", path)
+        _openat2_missing = True
+    return _open_path_by_components(path, dirfd, beneath=beneath, xdev=xdev)
+
+
+_openat2_missing = False
+
+
+def _open_path_by_components(path: str, dirfd: int, *, beneath: bool, xdev: bool) -> int:
+    if path.startswith("/"):
+        if beneath:
+            raise OSError(errno.EXDEV, "an absolute path is not beneath", path)
+        fd = os.open("/", O_PATH | os.O_CLOEXEC)
+    else:
+        fd = os.open(".", O_PATH | os.O_CLOEXEC, dir_fd=None if dirfd == AT_FDCWD else dirfd)
+    try:
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if part == ".." and beneath:
+                raise OSError(errno.EXDEV, "the path leaves its directory", path)
+            following = os.open(part, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                if stat.S_ISLNK(os.fstat(following).st_mode):
+                    raise OSError(errno.ELOOP, "a symlink on the way", path)
+                if not xdev and mount_id(following) != mount_id(fd):
+                    raise OSError(errno.EXDEV, "a mount point on the way", path)
+            except BaseException:
+                os.close(following)
+                raise
+            os.close(fd)
+            fd = following
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def mount_id(fd: int) -> int:
