@@ -36,6 +36,21 @@ CALL_SCRIPT = textwrap.dedent(
 ).format(bus=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE)
 
 
+# The files process argv[1] maps from the filesystem mounted at /usr.
+MAPPED_FROM_USR = textwrap.dedent(
+    """\
+    import os, sys
+    dev = os.stat("/usr").st_dev
+    for line in open(f"/proc/{sys.argv[1]}/maps"):
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            major, minor = (int(x, 16) for x in fields[3].split(":"))
+            if os.makedev(major, minor) == dev:
+                print(fields[5].strip())
+    """
+)
+
+
 def dbus_call(
     container: Container, member: str, signature: str, body: str, user: str | None = None
 ) -> str:
@@ -233,3 +248,10 @@ def test_watchdog_restarts_blocked_daemon(container: Container) -> None:
     assert container.is_active("personality@web.service") == "active"
     assert container.show("app.service", "MainPID")["MainPID"] == app_before
     assert exists(container, "/usr/share/web/index.html")
+
+    # Started on a live /usr stack, the new daemon re-executed itself from the base: nothing it
+    # maps is on the overlay (a personality replaces nothing it runs, nor is pinned by it).
+    assert "reexec_from_base" in journal, journal
+    pid = container.show("personalityd.service", "MainPID")["MainPID"]
+    on_stack = container.run("python3", "-c", MAPPED_FROM_USR, pid).stdout.split()
+    assert on_stack == [], on_stack
