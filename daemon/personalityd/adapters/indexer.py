@@ -229,30 +229,36 @@ def identical_entries(paths: Sequence[str]) -> bool:
             )
         if stat.S_ISREG(first.st_mode):
             # lstat all first: never open anything but regular files of the same size.
+            seen = [first]
             for path in paths[1:]:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode) or st.st_size != first.st_size:
                     return False
-            return _same_content(paths)
+                seen.append(st)
+            return _same_content(paths, seen)
     except OSError:
         return False
     return False
 
 
-def _same_content(paths: Sequence[str]) -> bool:
-    """Compare regular files: sizes first, then their bytes in COMPARE_CHUNK pieces."""
+def _same_content(paths: Sequence[str], lstats: Sequence[os.stat_result]) -> bool:
+    """Compare regular files, each opened only if it is still the file its lstat (`lstats`)
+    saw (never a FIFO or device put in its place): their bytes in COMPARE_CHUNK pieces."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fds: list[int] = []
     try:
-        size: int | None = None
         seen: set[tuple[int, int]] = set()
-        for path in paths:
+        for path, before in zip(paths, lstats, strict=True):
             fd = os.open(path, flags)
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            if (st.st_dev, st.st_ino, st.st_mode, st.st_size) != (
+                before.st_dev,
+                before.st_ino,
+                before.st_mode,
+                before.st_size,
+            ):
                 os.close(fd)
                 return False
-            size = st.st_size
             if (st.st_dev, st.st_ino) in seen:  # the same inode twice: nothing to compare
                 os.close(fd)
                 continue
