@@ -3,8 +3,9 @@
 The index feeds the conflict finder (core/conflicts.py), so it follows what overlayfs itself
 sees in a lower layer:
 
-- a directory is OPAQUE_DIR when its `trusted.overlay.opaque` (or `user.overlay.opaque`)
-  xattr is `y`, else DIR;
+- a directory is OPAQUE_DIR when its `trusted.overlay.opaque` xattr is `y`, else DIR (the
+  overlays are mounted without `userxattr`, so the kernel reads only the trusted.overlay.*
+  namespace; a volume's `user.overlay.*` attributes are plain data to it, and to the index);
 - a char device 0:0 is a WHITEOUT;
 - a zero-size regular file with the `overlay.whiteout` xattr is a WHITEOUT only inside a
   directory marked for such "xattr whiteouts" (`overlay.opaque` = `x`, or the
@@ -40,9 +41,9 @@ BLOCK_DEVICE = sys.intern(model.BLOCK_DEVICE)
 FIFO = sys.intern(model.FIFO)
 SOCKET = sys.intern(model.SOCKET)
 
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
-_WHITEOUTS_MARK_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
+_OPAQUE_XATTRS = ("trusted.overlay.opaque",)
+_WHITEOUT_XATTRS = ("trusted.overlay.whiteout",)
+_WHITEOUTS_MARK_XATTRS = ("trusted.overlay.whiteouts",)
 _OVERLAY_XATTRS = frozenset(_OPAQUE_XATTRS + _WHITEOUTS_MARK_XATTRS)
 
 # Errors that mean "this path is not there" rather than "this volume is broken".
