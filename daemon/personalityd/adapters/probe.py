@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,20 +127,20 @@ def symlinked_hierarchy(tree: str, hierarchies: Sequence[str]) -> str | None:
     return None
 
 
-def scan_tree(tree: str, *, nosuid: bool, nodev: bool) -> str | None:
+def scan_tree(tree: str, *, nosuid: bool, nodev: bool, xattrs: bool = True) -> str | None:
     """One walk of the volume at `tree` (never following symlinks): the refusal for the first
     file that `nosuid` (set-id bit, file capabilities) or `nodev` (a device node that is not
     a whiteout) forbids, or None.
 
     Directories, symlinks, FIFOs and sockets cost nothing beyond the directory listing
-    (`d_type`); each regular file costs one lstat and one listxattr, and only under nosuid.
+    (`d_type`); each regular file costs one lstat and, unless `xattrs` is False (the
+    filesystem provably holds no extended attributes), one listxattr; both only under nosuid.
     Raises NotAPersonality naming the path when a directory cannot be read."""
     if not (nosuid or nodev):
         return None
     top = os.fsencode(tree)
     prefix = len(top)
     lstat, listxattr = os.lstat, os.listxattr
-    xattrs = True  # False once the filesystem said it has none
     stack = [top]
     pop, push = stack.pop, stack.append
     while stack:
@@ -160,7 +161,7 @@ def scan_tree(tree: str, *, nosuid: bool, nodev: bool) -> str | None:
                             except OSError as exc:
                                 if exc.errno not in _NO_XATTR_ERRNOS:
                                     raise
-                                xattrs = False
+                                xattrs = False  # the filesystem has no xattrs at all
                                 continue
                             if CAPABILITY_XATTR in names:
                                 return (
@@ -335,22 +336,49 @@ def read_manifest(tree: str) -> Manifest:
 
 Refuse = Callable[[str], str | None]  # a mounted tree -> why it may not be stacked, or None
 
+SQUASHFS_MAGIC = b"hsqs"
+_SQUASHFS_XATTR_TABLE = struct.Struct("<Q")  # xattr_id_table_start, at byte 56
+_SQUASHFS_NO_TABLE = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def may_hold_xattrs(device: BlockDevice) -> bool:
+    """False only when the filesystem on `device` provably has no extended attribute on any
+    file: a squashfs whose superblock has no xattr table (the kernel then gives no inode an
+    xattr, whatever the inode says). The probe then skips a listxattr per regular file, a
+    tenth of its walk. True for everything else, and whenever in doubt."""
+    if device.fs_type != "squashfs":
+        return True
+    try:
+        fd = os.open(device.devnode, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            head = os.pread(fd, 64, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return True
+    if len(head) < 64 or head[:4] != SQUASHFS_MAGIC:
+        return True
+    (table,) = _SQUASHFS_XATTR_TABLE.unpack_from(head, 56)
+    return bool(table != _SQUASHFS_NO_TABLE)
+
 
 def probe_tree(
     tree: str,
     mount_options: Sequence[str],
     hierarchies: Sequence[str] = DEFAULT_HIERARCHIES,
     refuse: Refuse | None = None,
+    xattrs: bool = True,
 ) -> tuple[Manifest, str | None]:
     """The manifest of the volume mounted at `tree`, and why it may not be stacked: a
     symlinked hierarchy, then `refuse(tree)` (the protected paths), then the walk for what
-    `nosuid` and `nodev` forbid; the first answer wins, None when there is none."""
+    `nosuid` and `nodev` forbid (`scan_tree`); the first answer wins, None when none."""
     manifest = read_manifest(tree)
     refusal = symlinked_hierarchy(tree, hierarchies)
     if refusal is None and refuse is not None:
         refusal = refuse(tree)
     if refusal is None:
-        refusal = scan_tree(tree, nosuid="nosuid" in mount_options, nodev="nodev" in mount_options)
+        nosuid, nodev = "nosuid" in mount_options, "nodev" in mount_options
+        refusal = scan_tree(tree, nosuid=nosuid, nodev=nodev, xattrs=xattrs)
     return manifest, refusal
 
 
@@ -389,7 +417,12 @@ def _probe_once(
         return probe_tree(existing[0].mount_point, mount_options, hierarchies, refuse)
     options = (*volume_mount_options(device.fs_type, mount_options), "noexec")
     blockdev.make_read_only(device.devnode, device.devnum)
+    # Read before the mount, within the content keys taken around the probe: what the kernel
+    # mounts is what was read here (a mount that already exists was read by the kernel at
+    # some other time, so there every file is asked).
+    xattrs = may_hold_xattrs(device)
     with mounts.mount_block_device(
         device.devnode, device.fs_type, options, f"probe of {device.devnode}"
     ) as detached:
-        return probe_tree(f"/proc/self/fd/{detached.fd}", mount_options, hierarchies, refuse)
+        tree = f"/proc/self/fd/{detached.fd}"
+        return probe_tree(tree, mount_options, hierarchies, refuse, xattrs)
