@@ -4,19 +4,22 @@ A device's identity (`major:minor:DISKSEQ`) stays the same when the image behind
 is rewritten in place, so it cannot tell whether what was probed and indexed is still what a
 mount of the device shows. The content key can:
 
-- for a loop device (or a partition of one): the backing file's device, inode, size and
-  modification and change times, taken from `LOOP_GET_STATUS64` (which inode the loop reads)
-  and a stat of the file's path (valid only when the path still names that inode; after a
-  rename over it, the loop keeps reading the old inode, and the key says so). Any write to the
-  file through the filesystem moves its ctime, which no user can set back;
-- for every device: its size, and a SHA-256 of its first 68 KiB, read with `O_DIRECT` so the
-  kernel's cache of the device cannot answer for the medium. That covers the superblock of
+- for a loop device (or a partition of one): its size, and the backing file's device, inode,
+  size and modification and change times, taken from `LOOP_GET_STATUS64` (which inode the
+  loop reads, at which offset) and a stat of the file's path (valid only when the path names
+  that inode). The loop reads nothing but that file, and any write to it, through the
+  filesystem or through another loop device, moves its ctime, which no user can set back. (A
+  backing file on a filesystem that lies about its times, such as a FUSE server, can also
+  serve other bytes at every read: no key can vouch for such a medium.);
+- for any other device: its size, and a SHA-256 of its first 68 KiB, read with `O_DIRECT` so
+  the kernel's cache of the device cannot answer for the medium. That covers the superblock of
   every filesystem `volumes.match` can select (btrfs keeps its own at 64 KiB) and so catches a
-  device that was reformatted or given another image, also when it is not a loop device (a
-  partition or a cloud volume written by root). A change of a few blocks past the superblock
-  of such a device goes unseen: only root can write it, and root can do anything to the stack.
+  device that was reformatted or given another image (a partition or a cloud volume written
+  by root). A change of a few blocks past the superblock goes unseen: only root can write such
+  a device, and root can do anything to the stack anyway.
 
-Computing it costs a stat, an ioctl and one small direct read: a fraction of a millisecond.
+A loop device's key costs a few sysfs reads, an ioctl and a stat (about 0.1 ms); another
+device's one direct read of 68 KiB more. Every change takes it for each live volume.
 """
 
 from __future__ import annotations
@@ -44,13 +47,11 @@ def content_key(device: BlockDevice) -> str:
     """The key of what `device` holds now (see the module docstring). Never raises: a device
     that cannot be read gets a key naming the error, which is stable while that lasts."""
     name = Path(device.devnode).name
-    size = _sectors(name)
-    parts = [f"size={size}"]
+    size = f"size={_sectors(name)}"
     loop = _loop_parent(name)
     if loop is not None:
-        parts.append(_loop_part(loop))
-    parts.append(_digest(device.devnode))
-    return " ".join(parts)
+        return f"{size} {_loop_part(loop)}"
+    return f"{size} {_digest(device.devnode)}"
 
 
 def _sectors(name: str) -> int:

@@ -249,15 +249,12 @@ async def _mount_and_look(
                 raise VolumeFailed(_volume_error(volume, exc)) from exc
             unmount = functools.partial(engine.unmount_volume, volume.name)
             made.append(undo.add(f"unmount {volume.name}", unmount))
-    loop = asyncio.get_running_loop()
     hierarchies = tuple(stack.config.hierarchies)
-    looks = await asyncio.gather(
-        *(
-            loop.run_in_executor(
-                None, _look_at_mount, v.device, engine.volumes[v.name].path, hierarchies
-            )
-            for v in volumes
-        )
+    trees = [(v.device, engine.volumes[v.name].path) for v in volumes]
+    # One worker thread for all of them: each look is a fraction of a millisecond, less than
+    # a thread hop.
+    looks = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: [_look_at_mount(device, path, hierarchies) for device, path in trees]
     )
     content: dict[str, str] = {}
     changed: list[Volume] = []
