@@ -138,7 +138,9 @@ class VolumeRegistry:
         log.info("writable_found", device=device.devnode, fs_type=device.fs_type)
         return True
 
-    def _probe_blocking(self, device: BlockDevice) -> tuple[str, ProbeResult | Exception]:
+    def _probe_blocking(
+        self, device: BlockDevice
+    ) -> tuple[str, ProbeResult | NotAPersonality | OSError]:
         """(content key, outcome) of probing `device`; a worker thread runs this."""
         try:
             result = probe_device(
@@ -164,7 +166,6 @@ class VolumeRegistry:
         if isinstance(outcome, OSError):
             self._refuse(device, None, f"cannot mount {device.fs_type or 'it'}: {outcome.strerror}")
             return None
-        assert isinstance(outcome, ProbeResult)
         manifest = outcome.manifest
         reason = check_compatibility(manifest, self.base)
         if outcome.refusal is not None and manifest.name not in self.volumes:

@@ -258,7 +258,10 @@ async def _mount_and_look(
     )
     content: dict[str, str] = {}
     changed: list[Volume] = []
-    for volume, (key, symlinked) in zip(volumes, looks, strict=True):
+    for volume, look in zip(volumes, looks, strict=True):
+        if isinstance(look, OSError):
+            raise VolumeFailed(_volume_error(volume, look)) from look
+        key, symlinked = look
         content[volume.name] = key
         if symlinked is not None or key != stack.registry.checked_content(volume):
             log.warning(
@@ -273,11 +276,14 @@ async def _mount_and_look(
 
 def _look_at_mount(
     device: BlockDevice, path: str, hierarchies: Sequence[str]
-) -> tuple[str, str | None]:
+) -> tuple[str, str | None] | OSError:
     """(content key of `device`, refusal if a hierarchy in the tree mounted at `path` is a
-    symlink): taken after the mount, so a key equal to the probed one means this mount shows
-    the probed content."""
-    return content_key(device), symlinked_hierarchy(path, hierarchies)
+    symlink), or the OSError that kept it from looking: taken after the mount, so a key equal
+    to the probed one means this mount shows the probed content."""
+    try:
+        return content_key(device), symlinked_hierarchy(path, hierarchies)
+    except OSError as exc:
+        return exc
 
 
 async def index_checked(stack: Stack, checked: Checked) -> None:
