@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from testkit.processes import run
 #   ("symlink", target)  ("dir",)  ("file", content, mode)  ("fifo",)  ("chardev", major, minor)
 #   ("whiteout",): an overlay whiteout (char device 0:0)
 #   ("opaque",): a directory marked opaque for overlayfs (trusted.overlay.opaque=y)
+#   ("blockdev", major, minor)  ("socket",)  ("dir", mode)
 FileSpec = bytes | str | tuple[Any, ...]
 
 WHITEOUT: FileSpec = ("whiteout",)
@@ -33,6 +36,8 @@ def _write_special(path: Path, rel: str, spec: tuple[Any, ...]) -> None:
         path.symlink_to(spec[1])
     elif kind == "dir":
         path.mkdir(exist_ok=True)
+        if len(spec) > 1:
+            path.chmod(spec[1])
     elif kind == "file":
         content = spec[1].encode() if isinstance(spec[1], str) else spec[1]
         path.write_bytes(content)
@@ -40,9 +45,14 @@ def _write_special(path: Path, rel: str, spec: tuple[Any, ...]) -> None:
     elif kind == "fifo":
         os.mkfifo(path)
     elif kind == "chardev":
-        os.mknod(path, 0o600 | 0o020000, os.makedev(spec[1], spec[2]))
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(spec[1], spec[2]))
+    elif kind == "blockdev":
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(spec[1], spec[2]))
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
     elif kind == "whiteout":
-        os.mknod(path, 0o600 | 0o020000, os.makedev(0, 0))
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     elif kind == "opaque":
         path.mkdir(exist_ok=True)
         os.setxattr(path, "trusted.overlay.opaque", b"y")
@@ -141,18 +151,27 @@ def build_image(
     *,
     with_manifest: bool = True,
     manifest_dir: str = "usr/lib/extension-release.d",
+    xattrs: Mapping[str, Mapping[str, bytes]] | None = None,
+    capabilities: Mapping[str, str] | None = None,
 ) -> Path:
     """Build a personality image `name` from `files`; return the image path.
 
     The tree gets `<manifest_dir>/extension-release.<name>` with `manifest` in os-release syntax
     (default `ID=_any`; none at all with `with_manifest=False`). Formats as `pack_image`.
-    Images go to `tmp_path/images/<name>.<fmt>` (`<name>-2.<fmt>` ... if taken).
+    `xattrs` sets extended attributes (path -> name -> value, e.g. `trusted.overlay.opaque`),
+    `capabilities` file capabilities in `setcap` syntax (path -> `cap_dac_read_search=ep`), on
+    paths of `files`. Images go to `tmp_path/images/<name>.<fmt>` (`<name>-2.<fmt>` ... if taken).
     """
     images = tmp_path / "images"
     images.mkdir(parents=True, exist_ok=True)
     src = _unique(images / f"{name}.tree")
     src.mkdir()
     write_tree(src, files)
+    for rel, attributes in (xattrs or {}).items():
+        for key, value in attributes.items():
+            os.setxattr(src / rel.lstrip("/"), key, value, follow_symlinks=False)
+    for rel, caps in (capabilities or {}).items():
+        run("setcap", caps, src / rel.lstrip("/"))
     if with_manifest:
         release = src / manifest_dir / f"extension-release.{name}"
         release.parent.mkdir(parents=True, exist_ok=True)

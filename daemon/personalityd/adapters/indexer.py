@@ -3,8 +3,9 @@
 The index feeds the conflict finder (core/conflicts.py), so it follows what overlayfs itself
 sees in a lower layer:
 
-- a directory is OPAQUE_DIR when its `trusted.overlay.opaque` (or `user.overlay.opaque`)
-  xattr is `y`, else DIR;
+- a directory is OPAQUE_DIR when its `trusted.overlay.opaque` xattr is `y`, else DIR (the
+  overlays are mounted without `userxattr`, so the kernel reads only the trusted.overlay.*
+  namespace; a volume's `user.overlay.*` attributes are plain data to it, and to the index);
 - a char device 0:0 is a WHITEOUT;
 - a zero-size regular file with the `overlay.whiteout` xattr is a WHITEOUT only inside a
   directory marked for such "xattr whiteouts" (`overlay.opaque` = `x`, or the
@@ -40,9 +41,9 @@ BLOCK_DEVICE = sys.intern(model.BLOCK_DEVICE)
 FIFO = sys.intern(model.FIFO)
 SOCKET = sys.intern(model.SOCKET)
 
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
-_WHITEOUTS_MARK_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
+_OPAQUE_XATTRS = ("trusted.overlay.opaque",)
+_WHITEOUT_XATTRS = ("trusted.overlay.whiteout",)
+_WHITEOUTS_MARK_XATTRS = ("trusted.overlay.whiteouts",)
 _OVERLAY_XATTRS = frozenset(_OPAQUE_XATTRS + _WHITEOUTS_MARK_XATTRS)
 
 # Errors that mean "this path is not there" rather than "this volume is broken".
@@ -229,30 +230,36 @@ def identical_entries(paths: Sequence[str]) -> bool:
             )
         if stat.S_ISREG(first.st_mode):
             # lstat all first: never open anything but regular files of the same size.
+            seen = [first]
             for path in paths[1:]:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode) or st.st_size != first.st_size:
                     return False
-            return _same_content(paths)
+                seen.append(st)
+            return _same_content(paths, seen)
     except OSError:
         return False
     return False
 
 
-def _same_content(paths: Sequence[str]) -> bool:
-    """Compare regular files: sizes first, then their bytes in COMPARE_CHUNK pieces."""
+def _same_content(paths: Sequence[str], lstats: Sequence[os.stat_result]) -> bool:
+    """Compare regular files, each opened only if it is still the file its lstat (`lstats`)
+    saw (never a FIFO or device put in its place): their bytes in COMPARE_CHUNK pieces."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fds: list[int] = []
     try:
-        size: int | None = None
         seen: set[tuple[int, int]] = set()
-        for path in paths:
+        for path, before in zip(paths, lstats, strict=True):
             fd = os.open(path, flags)
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            if (st.st_dev, st.st_ino, st.st_mode, st.st_size) != (
+                before.st_dev,
+                before.st_ino,
+                before.st_mode,
+                before.st_size,
+            ):
                 os.close(fd)
                 return False
-            size = st.st_size
             if (st.st_dev, st.st_ino) in seen:  # the same inode twice: nothing to compare
                 os.close(fd)
                 continue

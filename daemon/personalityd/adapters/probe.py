@@ -1,18 +1,41 @@
-"""Recognising personality volumes: read the manifest of a block device without exposing it.
+"""Recognising personality volumes: read the manifest of a block device without exposing it,
+and check that nothing in it crosses the trust boundary (docs/security.md).
 
 The device is mounted read-only as a detached mount (no mount point anywhere) and read through
 the mount's file descriptor; closing the descriptor unmounts it. A device that is already
-mounted elsewhere is read through that existing mount instead.
+mounted elsewhere is read through that existing mount instead (also the daemon's own volume
+mount, when a change checks a volume again).
+
+What the check refuses (the volume is listed as `incompatible`, with the first such path):
+
+- a hierarchy (`/usr`, ...) that is a symlink in the volume, at any component: overlayfs
+  would resolve it when the layer is built, outside the volume;
+- what the caller's `refuse` says of the tree (the protected paths, adapters/protected.py);
+- with `nosuid` in the volume options, a regular file with the set-user-ID or set-group-ID
+  bit, or with a `security.capability` attribute: overlayfs honours only its own mount's
+  `nosuid`, so through the stack such a file would run with the privilege it asks for;
+- with `nodev`, a device node (a character device 0:0 is an overlay whiteout: allowed).
+
+FIFOs, sockets and symlinks are data: listed, stacked, never opened or followed by the daemon.
+No file of the volume is opened unless an lstat showed a regular file, and the opened file is
+checked to be that file (`read_regular`).
+
+The check is bound to the content it saw: the device's content key (adapters/medium.py) is
+taken before and after, and both must agree; the key goes with the result, so a change can
+tell whether what it mounts is still what was checked.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from personalityd.adapters import blockdev, mounts
+from personalityd.adapters.medium import content_key
 from personalityd.adapters.mountinfo import mounted_from_device, read_mountinfo
 from personalityd.core.errors import PersonalityError
 from personalityd.core.manifest import (
@@ -34,6 +57,24 @@ NO_REPLAY_OPTIONS: dict[str, tuple[str, ...]] = {
     "xfs": ("norecovery",),
     "btrfs": ("rescue=nologreplay",),  # the bare `nologreplay` is gone from the new mount API
 }
+DEFAULT_HIERARCHIES = ("/usr", "/etc")
+# A probe whose device changed under it is made again, this many times in all.
+PROBE_ATTEMPTS = 3
+
+CAPABILITY_XATTR = "security.capability"
+_SETID = stat.S_ISUID | stat.S_ISGID
+_NO_XATTR_ERRNOS = frozenset({errno.ENOTSUP, errno.ENODATA})
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+_NOSUID_TAIL = (
+    "volumes.mount_options has nosuid, which the stack cannot honour for it (overlayfs "
+    "applies only its own mount's nosuid); remove nosuid from volumes.mount_options to allow "
+    "such files in volumes"
+)
+_NODEV_TAIL = (
+    "volumes.mount_options has nodev; remove nodev from volumes.mount_options to allow "
+    "device nodes in volumes"
+)
 
 
 class NotAPersonality(Exception):
@@ -43,36 +84,186 @@ class NotAPersonality(Exception):
 @dataclass(frozen=True)
 class ProbeResult:
     manifest: Manifest
-    # Set-id regular files found when the volume options say nosuid (a few, root-relative):
-    # overlayfs honours only the overlay mount's own nosuid, so through the stack they would
-    # run set-id whatever the volume mount says; such a volume is refused.
-    setid_files: tuple[str, ...] = ()
-    # Why the volume may never be stacked, from the `refuse` check of probe_device; or None.
+    # The device's content key while it was probed (adapters/medium.py).
+    content: str = ""
+    # Why the trust boundary refuses the volume (naming the first offending path), or None.
     refusal: str | None = None
 
 
-MAX_SETID_REPORTED = 3
+def printable(text: bytes | str) -> str:
+    """`text` for a message: undecodable bytes and control characters escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in os.fsdecode(text))
 
 
-def find_setid_files(tree: str, limit: int = MAX_SETID_REPORTED) -> tuple[str, ...]:
-    """Up to `limit` regular files with the set-user-ID or set-group-ID bit under `tree`.
+def describe_path(rel: bytes | str) -> str:
+    """A volume-relative path for a message: `/usr/bin/x`, control characters escaped."""
+    return "/" + printable(rel).lstrip("/")
 
-    One lstat per regular file (d_type answers for the rest); symlinks are not followed."""
-    found: list[str] = []
-    stack = [tree]
-    while stack and len(found) < limit:
-        directory = stack.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False) and (
-                    entry.stat(follow_symlinks=False).st_mode & (stat.S_ISUID | stat.S_ISGID)
-                ):
-                    found.append("/" + os.path.relpath(entry.path, tree))
-                    if len(found) >= limit:
-                        break
-    return tuple(sorted(found))
+
+def symlinked_hierarchy(tree: str, hierarchies: Sequence[str]) -> str | None:
+    """The refusal for the first hierarchy of the volume at `tree` that is a symlink at any
+    component (`usr`, or `usr/local` for the hierarchy /usr/local), or None."""
+    for hierarchy in hierarchies:
+        path = tree
+        rel = ""
+        for component in hierarchy.strip("/").split("/"):
+            if not component:
+                continue
+            rel = f"{rel}/{component}"
+            path = os.path.join(path, component)
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+                return (
+                    f"its {describe_path(rel)} is a symlink (to {printable(target)!r}); "
+                    "a stacked hierarchy must be a real directory of the volume, or the layer "
+                    "would be whatever the link points to"
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                break  # not a directory: the volume does not provide this hierarchy
+    return None
+
+
+def scan_tree(tree: str, *, nosuid: bool, nodev: bool, xattrs: bool = True) -> str | None:
+    """One walk of the volume at `tree` (never following symlinks): the refusal for the first
+    file that `nosuid` (set-id bit, file capabilities) or `nodev` (a device node that is not
+    a whiteout) forbids, or None.
+
+    Directories, symlinks, FIFOs and sockets cost nothing beyond the directory listing
+    (`d_type`); each regular file costs one lstat and, unless `xattrs` is False (the
+    filesystem provably holds no extended attributes), one listxattr; both only under nosuid.
+    Raises NotAPersonality naming the path when a directory cannot be read."""
+    if not (nosuid or nodev):
+        return None
+    top = os.fsencode(tree)
+    prefix = len(top)
+    lstat, listxattr = os.lstat, os.listxattr
+    stack = [top]
+    pop, push = stack.pop, stack.append
+    while stack:
+        directory = pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        if not nosuid:
+                            continue
+                        path = entry.path
+                        mode = lstat(path).st_mode
+                        if mode & _SETID:
+                            return _setid_refusal(path[prefix:], mode)
+                        if xattrs:
+                            try:
+                                names = listxattr(path, follow_symlinks=False)
+                            except OSError as exc:
+                                if exc.errno not in _NO_XATTR_ERRNOS:
+                                    raise
+                                xattrs = False  # the filesystem has no xattrs at all
+                                continue
+                            if CAPABILITY_XATTR in names:
+                                return (
+                                    f"it holds a file with file capabilities, "
+                                    f"{describe_path(path[prefix:])} ({CAPABILITY_XATTR}); "
+                                    + _NOSUID_TAIL
+                                )
+                    elif entry.is_dir(follow_symlinks=False):
+                        push(entry.path)
+                    elif nodev and not entry.is_symlink():
+                        st = entry.stat(follow_symlinks=False)
+                        refusal = _device_refusal(entry.path[prefix:], st)
+                        if refusal is not None:
+                            return refusal
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str | bytes) else directory
+            rel = os.fsencode(where)[prefix:]
+            raise NotAPersonality(
+                f"cannot read {describe_path(rel)} in the volume: {exc.strerror}"
+            ) from exc
+    return None
+
+
+def _setid_refusal(rel: bytes, mode: int) -> str:
+    bits = [
+        b
+        for flag, b in ((stat.S_ISUID, "set-user-ID"), (stat.S_ISGID, "set-group-ID"))
+        if mode & flag
+    ]
+    return f"it holds a set-id file, {describe_path(rel)} ({', '.join(bits)}); " + _NOSUID_TAIL
+
+
+def _device_refusal(rel: bytes, st: os.stat_result) -> str | None:
+    if stat.S_ISCHR(st.st_mode):
+        if st.st_rdev == 0:
+            return None  # an overlay whiteout
+        kind = "character device"
+    elif stat.S_ISBLK(st.st_mode):
+        kind = "block device"
+    else:
+        return None  # FIFO or socket: data
+    numbers = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"it holds a device node, {describe_path(rel)} ({kind} {numbers}); " + _NODEV_TAIL
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file `path`, never opening anything else.
+
+    lstat first (a FIFO, a device node or a symlink is never opened), then open with
+    O_NOFOLLOW and O_NONBLOCK, and fstat: the open file must be the one the lstat saw.
+    Raises NotAPersonality naming the file when it is anything but a small regular file."""
+    shown = printable(os.path.basename(path))
+    try:
+        before = os.lstat(path)
+    except OSError as exc:
+        raise NotAPersonality(f"cannot read {shown}: {exc.strerror}") from exc
+    if not stat.S_ISREG(before.st_mode):
+        raise NotAPersonality(f"{shown} is not a regular file (it is {file_kind(before.st_mode)})")
+    if before.st_size > limit:
+        raise NotAPersonality(f"{shown} is larger than {limit // 1024} KiB")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise NotAPersonality(f"cannot open {shown}: {exc.strerror}") from exc
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino, stat.S_IFMT(now.st_mode)) != (
+            before.st_dev,
+            before.st_ino,
+            stat.S_IFMT(before.st_mode),
+        ):
+            raise NotAPersonality(f"{shown} changed while it was opened")
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise NotAPersonality(f"{shown} is larger than {limit // 1024} KiB")
+    return data
+
+
+def file_kind(mode: int) -> str:
+    """`a directory`, `a FIFO`, ... for a message."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return name
+    return "of an unknown kind"
 
 
 def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, ...]:
@@ -105,10 +296,17 @@ def _real_dir(tree: str, rel: str) -> str | None:
     return path
 
 
+def _in_real_dir(tree: str, rel: str) -> bool:
+    """Whether `rel` exists (as anything) in a real directory of the volume."""
+    parent, _, name = rel.rpartition("/")
+    directory = _real_dir(tree, parent) if parent else tree
+    return directory is not None and os.path.lexists(os.path.join(directory, name))
+
+
 def read_manifest(tree: str) -> Manifest:
     """Find exactly one extension-release file in a mounted tree and parse it."""
     for rel in OS_RELEASE_PATHS:
-        if os.path.lexists(os.path.join(tree, rel)):
+        if _in_real_dir(tree, rel):
             raise NotAPersonality(f"it carries /{rel}, which would replace the base's")
     found: list[tuple[str, str]] = []
     for rel in EXTENSION_RELEASE_DIRS:
@@ -126,48 +324,105 @@ def read_manifest(tree: str) -> Manifest:
     if not found:
         raise NotAPersonality("no extension-release manifest found")
     if len(found) > 1:
-        listed = ", ".join(os.path.basename(path) for _, path in found)
+        listed = ", ".join(printable(os.path.basename(path)) for _, path in found)
         raise NotAPersonality(f"more than one manifest ({listed})")
     name, path = found[0]
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if not os.path.isfile(f"/proc/self/fd/{fd}") or os.fstat(fd).st_size > MAX_MANIFEST_SIZE:
-            raise NotAPersonality(f"manifest {os.path.basename(path)} is not a small regular file")
-        text = os.read(fd, MAX_MANIFEST_SIZE).decode("utf-8", errors="replace")
-    finally:
-        os.close(fd)
+    text = read_regular(path, MAX_MANIFEST_SIZE).decode("utf-8", errors="replace")
     try:
         return parse_manifest(name, text)
     except PersonalityError as exc:
         raise NotAPersonality(str(exc)) from exc
 
 
+Refuse = Callable[[str], str | None]  # a mounted tree -> why it may not be stacked, or None
+
+SQUASHFS_MAGIC = b"hsqs"
+_SQUASHFS_XATTR_TABLE = struct.Struct("<Q")  # xattr_id_table_start, at byte 56
+_SQUASHFS_NO_TABLE = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def may_hold_xattrs(device: BlockDevice) -> bool:
+    """False only when the filesystem on `device` provably has no extended attribute on any
+    file: a squashfs whose superblock has no xattr table (the kernel then gives no inode an
+    xattr, whatever the inode says). The probe then skips a listxattr per regular file, a
+    tenth of its walk. True for everything else, and whenever in doubt."""
+    if device.fs_type != "squashfs":
+        return True
+    try:
+        fd = os.open(device.devnode, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            head = os.pread(fd, 64, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return True
+    if len(head) < 64 or head[:4] != SQUASHFS_MAGIC:
+        return True
+    (table,) = _SQUASHFS_XATTR_TABLE.unpack_from(head, 56)
+    return bool(table != _SQUASHFS_NO_TABLE)
+
+
+def probe_tree(
+    tree: str,
+    mount_options: Sequence[str],
+    hierarchies: Sequence[str] = DEFAULT_HIERARCHIES,
+    refuse: Refuse | None = None,
+    xattrs: bool = True,
+) -> tuple[Manifest, str | None]:
+    """The manifest of the volume mounted at `tree`, and why it may not be stacked: a
+    symlinked hierarchy, then `refuse(tree)` (the protected paths), then the walk for what
+    `nosuid` and `nodev` forbid (`scan_tree`); the first answer wins, None when none."""
+    manifest = read_manifest(tree)
+    refusal = symlinked_hierarchy(tree, hierarchies)
+    if refusal is None and refuse is not None:
+        refusal = refuse(tree)
+    if refusal is None:
+        nosuid, nodev = "nosuid" in mount_options, "nodev" in mount_options
+        refusal = scan_tree(tree, nosuid=nosuid, nodev=nodev, xattrs=xattrs)
+    return manifest, refusal
+
+
 def probe_device(
     device: BlockDevice,
     mount_options: tuple[str, ...],
-    refuse: Callable[[str], str | None] | None = None,
+    hierarchies: Sequence[str] = DEFAULT_HIERARCHIES,
+    refuse: Refuse | None = None,
 ) -> ProbeResult:
-    """Read the manifest of `device`. Raises NotAPersonality or OSError (mount failed).
-
-    `refuse(tree)`, when given, looks at the mounted tree: its answer is `refusal`."""
+    """Read the manifest of `device` and check its content (`probe_tree`). Raises
+    NotAPersonality or OSError (mount failed)."""
     fs_type = device.fs_type
     if not fs_type:
         raise NotAPersonality("udev reports no filesystem type (ID_FS_TYPE)")
     if fs_type not in SUPPORTED_FS_TYPES:
         raise NotAPersonality(f"unsupported filesystem type {fs_type!r}")
-    scan = "nosuid" in mount_options
+    for _ in range(PROBE_ATTEMPTS):
+        before = content_key(device)
+        manifest, refusal = _probe_once(device, mount_options, hierarchies, refuse)
+        after = content_key(device)
+        if after == before:
+            return ProbeResult(manifest, after, refusal)
+    raise NotAPersonality(
+        f"its content changed while it was checked ({PROBE_ATTEMPTS} times in a row)"
+    )
+
+
+def _probe_once(
+    device: BlockDevice,
+    mount_options: tuple[str, ...],
+    hierarchies: Sequence[str],
+    refuse: Refuse | None,
+) -> tuple[Manifest, str | None]:
     existing = mounted_from_device(read_mountinfo(), device.devnum)
     if existing:
-        where = existing[0].mount_point
-        manifest = read_manifest(where)
-        refusal = refuse(where) if refuse else None
-        return ProbeResult(manifest, find_setid_files(where) if scan else (), refusal)
-    options = (*volume_mount_options(fs_type, mount_options), "noexec")
+        return probe_tree(existing[0].mount_point, mount_options, hierarchies, refuse)
+    options = (*volume_mount_options(device.fs_type, mount_options), "noexec")
     blockdev.make_read_only(device.devnode, device.devnum)
+    # Read before the mount, within the content keys taken around the probe: what the kernel
+    # mounts is what was read here (a mount that already exists was read by the kernel at
+    # some other time, so there every file is asked).
+    xattrs = may_hold_xattrs(device)
     with mounts.mount_block_device(
-        device.devnode, fs_type, options, f"probe of {device.devnode}"
+        device.devnode, device.fs_type, options, f"probe of {device.devnode}"
     ) as detached:
         tree = f"/proc/self/fd/{detached.fd}"
-        manifest = read_manifest(tree)
-        refusal = refuse(tree) if refuse else None
-        return ProbeResult(manifest, find_setid_files(tree) if scan else (), refusal)
+        return probe_tree(tree, mount_options, hierarchies, refuse, xattrs)

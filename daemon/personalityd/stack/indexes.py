@@ -1,7 +1,9 @@
 """The path indexes of mounted volumes, cached by volume identity, and the conflict report.
 
-An index is made once per medium (the walk is the expensive part of a change) and reused by
-every later change that stacks the same volume.
+An index is made once per medium and content (the walk is the expensive part of a change) and
+reused by every later change that stacks the same volume with the same content key
+(adapters/medium.py): a volume rewritten in place under the same device identity is walked
+again.
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ class VolumeIndexes:
         self.layout = layout
         self.hierarchies = tuple(hierarchies)
         self._by_identity: dict[str, VolumeIndex] = {}
+        self._content: dict[str, str] = {}  # identity -> content key the index was made of
 
-    async def index(self, volume: Volume, path: str) -> VolumeIndex:
-        """The index of `volume` mounted at `path` (walked in a worker thread if not cached).
-        Raises OSError when the walk fails."""
-        cached = self._by_identity.get(volume.device.identity)
-        if cached is not None:
+    async def index(self, volume: Volume, path: str, content: str) -> VolumeIndex:
+        """The index of `volume` mounted at `path`, whose content key is `content` (walked in
+        a worker thread unless cached for that content). Raises OSError when the walk fails."""
+        identity = volume.device.identity
+        cached = self._by_identity.get(identity)
+        if cached is not None and self._content.get(identity) == content:
             return cached
+        self.forget(identity)
         loop = asyncio.get_running_loop()
         index = await loop.run_in_executor(None, index_volume_packed, path, self.hierarchies)
-        self._by_identity[volume.device.identity] = index
+        self._by_identity[identity] = index
+        self._content[identity] = content
         release_free_memory()  # the walk's transient lists, so the resident set stays small
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
@@ -51,6 +57,7 @@ class VolumeIndexes:
 
     def forget(self, identity: str) -> None:
         self._by_identity.pop(identity, None)
+        self._content.pop(identity, None)
 
     def provides(self, volumes: Mapping[str, Volume]) -> Callable[[str, str], bool]:
         """`provided(name, hierarchy)` for the planner, from the cached indexes."""

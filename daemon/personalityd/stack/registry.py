@@ -1,7 +1,13 @@
 """The present block devices that matter: personality volumes by name, and the writable volume.
 
 Fed by udev events (coldplug and live). Each device is probed once per identity (device
-number and DISKSEQ); refusals are logged and journalled once per identity.
+number and DISKSEQ) and content (adapters/medium.py): a device event, a rescan or a change
+that finds the content key changed under the same identity (an image rewritten in place)
+probes it again. Refusals are logged and journalled once per identity and content.
+
+A volume the trust boundary refuses (adapters/probe.py: a set-id file under nosuid, a
+symlinked hierarchy, a protected path, ...) is listed, as incompatible with a reason that
+`force` does not override (`Volume.refusal`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
-from personalityd.adapters.probe import NotAPersonality, probe_device
+from personalityd.adapters.medium import content_key
+from personalityd.adapters.probe import NotAPersonality, ProbeResult, probe_device
 from personalityd.adapters.protected import protected_in_tree
 from personalityd.config import Config
 from personalityd.core.desired import no_such_message, quoted
@@ -38,6 +45,7 @@ class VolumeRegistry:
         self.failed: dict[str, str] = {}  # name -> why its mount or index failed
         self._by_devnode: dict[str, BlockDevice] = {}  # every device we took a decision on
         self._refused: dict[str, str] = {}  # identity -> reason, to report each once
+        self._content: dict[str, str] = {}  # identity -> content key when it was probed
         self._changed = asyncio.Condition()
         self._protected = functools.partial(
             protected_in_tree,
@@ -49,11 +57,15 @@ class VolumeRegistry:
         seen = self._by_devnode.get(device.devnode)
         return seen is not None and seen.identity == device.identity
 
+    def checked_content(self, volume: Volume) -> str | None:
+        """The content key `volume` had when it was probed (None if never probed)."""
+        return self._content.get(volume.device.identity)
+
     async def device_present(self, device: BlockDevice) -> bool:
         """A device was added or changed. Returns True when volumes or writable changed."""
         previous = self._by_devnode.get(device.devnode)
         unchanged = previous is not None and previous.identity == device.identity
-        if unchanged and self._still_matches(device):
+        if unchanged and self._still_matches(device) and not await self._content_changed(device):
             return False
         changed = self.device_gone(device.devnode) if previous is not None else False
         if not self._still_matches(device):
@@ -84,6 +96,26 @@ class VolumeRegistry:
         await self._notify()
         return True
 
+    async def probe_again(self, volume: Volume) -> None:
+        """Forget what was probed of `volume`'s device and probe it as it is now (its content
+        changed since): it may come back as the same personality, another one, or refused."""
+        device = self._by_devnode.get(volume.device.devnode, volume.device)
+        log.warning("volume_content_changed", name=volume.name, device=device.devnode)
+        self.device_gone(device.devnode)
+        await self.device_present(device)
+
+    async def _content_changed(self, device: BlockDevice) -> bool:
+        """For a known volume device: whether its content key differs from the probed one."""
+        checked = self._content.get(device.identity)
+        if checked is None or matches_any(self.config.writable_match, device.properties):
+            return False
+        loop = asyncio.get_running_loop()
+        now = await loop.run_in_executor(None, content_key, device)
+        if now == checked:
+            return False
+        log.info("device_content_changed", device=device.devnode)
+        return True
+
     def _still_matches(self, device: BlockDevice) -> bool:
         props = device.properties
         return matches_any(self.config.writable_match, props) or matches_any(
@@ -106,37 +138,40 @@ class VolumeRegistry:
         log.info("writable_found", device=device.devnode, fs_type=device.fs_type)
         return True
 
+    def _probe_blocking(
+        self, device: BlockDevice
+    ) -> tuple[str, ProbeResult | NotAPersonality | OSError]:
+        """(content key, outcome) of probing `device`; a worker thread runs this."""
+        try:
+            result = probe_device(
+                device,
+                tuple(self.config.mount_options),
+                tuple(self.config.hierarchies),
+                self._protected,
+            )
+        except (NotAPersonality, OSError) as exc:
+            return content_key(device), exc
+        return result.content, result
+
     async def _probe(self, device: BlockDevice) -> Volume | None:
         loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(
-                None, probe_device, device, tuple(self.config.mount_options), self._protected
-            )
-        except NotAPersonality as exc:
+        key, outcome = await loop.run_in_executor(None, self._probe_blocking, device)
+        self._content[device.identity] = key
+        if isinstance(outcome, NotAPersonality):
             if matched_only_by_fs_type(self.config.volume_match, device.properties):
-                log.debug("device_skipped", device=device.devnode, reason=str(exc))
+                log.debug("device_skipped", device=device.devnode, reason=str(outcome))
             else:
-                self._refuse(device, None, str(exc))
+                self._refuse(device, None, str(outcome))
             return None
-        except OSError as exc:
-            self._refuse(device, None, f"cannot mount {device.fs_type or 'it'}: {exc.strerror}")
+        if isinstance(outcome, OSError):
+            self._refuse(device, None, f"cannot mount {device.fs_type or 'it'}: {outcome.strerror}")
             return None
-        manifest = result.manifest
-        if result.setid_files:
-            listed = ", ".join(result.setid_files)
-            self._refuse(
-                device,
-                manifest.name,
-                f"it has set-id files ({listed}) and volumes.mount_options has nosuid, which "
-                "the stack cannot honour for them (overlayfs applies only its own mount's "
-                "nosuid); remove nosuid from volumes.mount_options to allow set-id programs "
-                "from volumes",
-            )
-            return None
+        manifest = outcome.manifest
         reason = check_compatibility(manifest, self.base)
-        if result.refusal is not None:  # listed as incompatible, never stacked
-            self._refuse(device, manifest.name, result.refusal)
-        return Volume(manifest.name, device, manifest, reason, result.refusal)
+        if outcome.refusal is not None and manifest.name not in self.volumes:
+            # Listed as incompatible, never stacked (else the name check says why not).
+            self._refuse(device, manifest.name, outcome.refusal)
+        return Volume(manifest.name, device, manifest, reason, outcome.refusal)
 
     def _refuse(self, device: BlockDevice, name: str | None, reason: str) -> None:
         if self._refused.get(device.identity) == reason:
@@ -151,6 +186,7 @@ class VolumeRegistry:
         if device is None:
             return False
         self._refused.pop(device.identity, None)
+        self._content.pop(device.identity, None)
         if self.writable is not None and self.writable.devnode == devnode:
             self.writable = None
             log.warning("writable_removed", device=devnode)

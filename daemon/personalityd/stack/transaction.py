@@ -1,7 +1,8 @@
 """The life of one change of the stack, from prepare to publish: the `Change` transaction.
 
-- prepare: mount and index the live volumes, plan, compute the conflict report, and build
-  each changed hierarchy's new overlay as a detached mount where nobody sees it;
+- prepare: mount the live volumes, check that each mount shows what was probed (else probe it
+  again and plan again), index them, plan, compute the conflict report, and build each
+  changed hierarchy's new overlay as a detached mount where nobody sees it;
 - commit: persist the state, stop the services of leaving personalities, then swap each
   hierarchy (the new overlay beneath the old one, then the old top lazily unmounted);
 - undo: every step records its undo as it is made; a failure runs them newest first, so
@@ -26,12 +27,15 @@ from dataclasses import dataclass, field
 import structlog
 
 from personalityd.adapters.journal import Journal
+from personalityd.adapters.medium import content_key
 from personalityd.adapters.mounts import Detached
+from personalityd.adapters.probe import symlinked_hierarchy
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
 from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
-from personalityd.core.errors import Incompatible, MountFailed, PersonalityError
+from personalityd.core.errors import Incompatible, MountFailed, NoSuchPersonality, PersonalityError
 from personalityd.core.model import (
+    BlockDevice,
     ConflictReport,
     DesiredEntry,
     StackEvent,
@@ -181,9 +185,56 @@ class UndoLog:
                 log.exception("undo_failed", step=what)
 
 
-async def mount_and_index(stack: Stack, volumes: Sequence[Volume], undo: UndoLog) -> list[int]:
-    """Mount (if needed) and index each volume; each new mount's undo goes to `undo`.
-    Returns the undo tokens of the mounts made. Raises VolumeFailed naming the volume."""
+# A volume whose content changed since it was probed is probed again and the live set planned
+# again; a change gives up when the content is still moving after this many rounds.
+CHECK_ROUNDS = 3
+
+
+@dataclass
+class Checked:
+    """The live volumes of a change, mounted and checked to hold what was probed."""
+
+    volumes: dict[str, Volume]  # the usable volumes after any new probe
+    live: tuple[str, ...]
+    mounts: list[int]  # undo tokens of the volume mounts made
+    content: dict[str, str]  # name -> content key of what is mounted
+    probed_again: list[str]  # names whose content had changed since their probe
+
+
+async def mount_checked(stack: Stack, undo: UndoLog) -> Checked:
+    """Mount the live volumes (the new mounts' undo goes to `undo`) and make sure that what is
+    mounted is what was probed: each mounted tree's hierarchies must be real directories and
+    its device's content key the probed one. A volume that fails this is probed again through
+    that very mount (stack/registry.py), which may refuse it, rename it or accept it as it is
+    now, and the live set is planned again. Raises VolumeFailed naming the volume."""
+    made: list[int] = []
+    again: list[str] = []
+    changed: list[Volume] = []
+    for _ in range(CHECK_ROUNDS):
+        volumes = stack.registry.usable()
+        live = stack.plan(volumes, indexed=False).live
+        new, content, changed = await _mount_and_look(stack, [volumes[n] for n in live], undo)
+        made += new
+        if not changed:
+            return Checked(volumes, live, made, content, again)
+        for volume in changed:
+            again.append(volume.name)
+            await stack.registry.probe_again(volume)
+    volume = changed[0]
+    raise VolumeFailed(
+        MountFailed(
+            f"the content of volume '{volume.name}' on {volume.device.devnode} kept changing "
+            f"while it was checked ({CHECK_ROUNDS} times)",
+            volume=volume.name,
+        )
+    )
+
+
+async def _mount_and_look(
+    stack: Stack, volumes: Sequence[Volume], undo: UndoLog
+) -> tuple[list[int], dict[str, str], list[Volume]]:
+    """Mount (if needed) each volume; then (undo tokens of the mounts made, content key per
+    name, the volumes whose mounted tree is not what was probed)."""
     engine = stack.engine
     made: list[int] = []
     for volume in volumes:
@@ -198,10 +249,54 @@ async def mount_and_index(stack: Stack, volumes: Sequence[Volume], undo: UndoLog
                 raise VolumeFailed(_volume_error(volume, exc)) from exc
             unmount = functools.partial(engine.unmount_volume, volume.name)
             made.append(undo.add(f"unmount {volume.name}", unmount))
+    hierarchies = tuple(stack.config.hierarchies)
+    trees = [(v.device, engine.volumes[v.name].path) for v in volumes]
+    # One worker thread for all of them: each look is a fraction of a millisecond, less than
+    # a thread hop.
+    looks = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: [_look_at_mount(device, path, hierarchies) for device, path in trees]
+    )
+    content: dict[str, str] = {}
+    changed: list[Volume] = []
+    for volume, look in zip(volumes, looks, strict=True):
+        if isinstance(look, OSError):
+            raise VolumeFailed(_volume_error(volume, look)) from look
+        key, symlinked = look
+        content[volume.name] = key
+        if symlinked is not None or key != stack.registry.checked_content(volume):
+            log.warning(
+                "volume_not_as_probed",
+                name=volume.name,
+                device=volume.device.devnode,
+                reason=symlinked or "content key changed",
+            )
+            changed.append(volume)
+    return made, content, changed
+
+
+def _look_at_mount(
+    device: BlockDevice, path: str, hierarchies: Sequence[str]
+) -> tuple[str, str | None] | OSError:
+    """(content key of `device`, refusal if a hierarchy in the tree mounted at `path` is a
+    symlink), or the OSError that kept it from looking: taken after the mount, so a key equal
+    to the probed one means this mount shows the probed content."""
+    try:
+        return content_key(device), symlinked_hierarchy(path, hierarchies)
+    except OSError as exc:
+        return exc
+
+
+async def index_checked(stack: Stack, checked: Checked) -> None:
+    """Index each live volume of `checked` (cached per content). Raises VolumeFailed."""
+    engine = stack.engine
+    volumes = [checked.volumes[n] for n in checked.live]
     # The walks run side by side in worker threads: they are mostly kernel work (directory
     # blocks read and decompressed) done with the GIL released.
     outcomes = await asyncio.gather(
-        *(stack.indexes.index(v, engine.volumes[v.name].path) for v in volumes),
+        *(
+            stack.indexes.index(v, engine.volumes[v.name].path, checked.content[v.name])
+            for v in volumes
+        ),
         return_exceptions=True,
     )
     for volume, outcome in zip(volumes, outcomes, strict=True):
@@ -209,7 +304,24 @@ async def mount_and_index(stack: Stack, volumes: Sequence[Volume], undo: UndoLog
             raise VolumeFailed(_volume_error(volume, outcome)) from outcome
         if isinstance(outcome, BaseException):
             raise outcome
-    return made
+
+
+def _changed_error(stack: Stack, name: str, devnode: str) -> PersonalityError:
+    """Why a volume that, probed again, is no longer usable is left out of the stack."""
+    volume = stack.registry.volumes.get(name)
+    reason = None if volume is None else (volume.refusal or volume.incompatibility)
+    if volume is not None and reason is not None:
+        what = "is incompatible with the base" if volume.refusal is None else "may not be stacked"
+        return Incompatible(
+            f"'{name}' on {devnode} changed since it was checked; checked again, it {what}: "
+            f"{reason}",
+            volume=name,
+            cause=reason,
+        )
+    return NoSuchPersonality(
+        f"the volume on {devnode} changed since it was checked and no longer holds '{name}'",
+        volume=name,
+    )
 
 
 def _volume_error(volume: Volume, exc: OSError) -> MountFailed:
@@ -274,9 +386,12 @@ class Change:
     async def prepare(self) -> bool:
         """Everything new, made where nobody looks. False when there is nothing to change."""
         stack = self.stack
-        self.volumes = stack.registry.usable()
-        live = stack.plan(self.volumes, indexed=False).live
-        self._mounts = await mount_and_index(stack, [self.volumes[n] for n in live], self.undo)
+        devnodes = {n: v.device.devnode for n, v in stack.registry.volumes.items()}
+        checked = await mount_checked(stack, self.undo)
+        self.volumes = checked.volumes
+        self._mounts = checked.mounts
+        self._drop_probed_again(checked, devnodes)
+        await index_checked(stack, checked)
         self.upper = stack.current_upper()
         self.plan = stack.plan(self.volumes)
         if self.plan.live == self.before.live and stack.engine.is_current(self.plan, self.upper):
@@ -293,6 +408,15 @@ class Change:
         self._built_items = built
         self._built = self.undo.add("release the built overlays", lambda: engine.release(built))
         return True
+
+    def _drop_probed_again(self, checked: Checked, devnodes: dict[str, str]) -> None:
+        """A volume that, probed again, is no longer part of the live stack (refused, now
+        incompatible, or holding another name) fails the change with VolumeFailed: a
+        caller who asked for it gets the error, and the manager plans again without it."""
+        for name in dict.fromkeys(checked.probed_again):
+            if name not in checked.live:
+                error = _changed_error(self.stack, name, devnodes.get(name, "its device"))
+                raise VolumeFailed(error)
 
     # -- commit ----------------------------------------------------------------------------
 
@@ -413,13 +537,14 @@ async def adopt(stack: Stack) -> bool:
     planned stack (then it is published as the current generation), False when a change must
     rebuild it."""
     undo = UndoLog()
-    volumes = stack.registry.usable()
-    live = stack.plan(volumes, indexed=False).live
     try:
-        await mount_and_index(stack, [volumes[n] for n in live], undo)
+        checked = await mount_checked(stack, undo)
+        volumes = checked.volumes
+        await index_checked(stack, checked)
     except VolumeFailed as failure:
         undo.run()
         log.error("adopt_index_failed", error=str(failure.error))
+        volumes = stack.registry.usable()
     upper = stack.current_upper()
     try:
         plan = stack.plan(volumes)
