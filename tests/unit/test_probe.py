@@ -152,9 +152,10 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -
         read_manifest(str(top))
 
 
-def test_os_release_is_looked_for_in_real_directories_only(tmp_path: Path) -> None:
-    """A `usr` that is a symlink to the host's /usr does not make the volume "carry" the
-    host's os-release (the symlinked hierarchy is refused on its own)."""
+def test_manifests_are_looked_for_in_real_directories_only(tmp_path: Path) -> None:
+    """A `usr` that is a symlink to the host's /usr is not searched for a manifest (the
+    symlinked hierarchy is refused on its own); os-release is a protected path, checked
+    with the others."""
     top = tree(tmp_path, {"etc/extension-release.d/extension-release.v": b"ID=_any\n"})
     os.symlink("/usr", top / "usr")
     assert read_manifest(str(top)).name == "v"

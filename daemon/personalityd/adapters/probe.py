@@ -276,11 +276,6 @@ def volume_mount_options(fs_type: str, options: tuple[str, ...]) -> tuple[str, .
     return tuple(forced)
 
 
-# A personality must not replace the base's identity (compatibility is checked against it,
-# also at the next start, when the stacked /etc/os-release is what the daemon reads).
-OS_RELEASE_PATHS = ("usr/lib/os-release", "etc/os-release")
-
-
 def _real_dir(tree: str, rel: str) -> str | None:
     """`tree`/`rel` when every component is a real directory, not a symlink (which would be
     resolved against the daemon's root, outside the volume); else None."""
@@ -296,18 +291,8 @@ def _real_dir(tree: str, rel: str) -> str | None:
     return path
 
 
-def _in_real_dir(tree: str, rel: str) -> bool:
-    """Whether `rel` exists (as anything) in a real directory of the volume."""
-    parent, _, name = rel.rpartition("/")
-    directory = _real_dir(tree, parent) if parent else tree
-    return directory is not None and os.path.lexists(os.path.join(directory, name))
-
-
 def read_manifest(tree: str) -> Manifest:
     """Find exactly one extension-release file in a mounted tree and parse it."""
-    for rel in OS_RELEASE_PATHS:
-        if _in_real_dir(tree, rel):
-            raise NotAPersonality(f"it carries /{rel}, which would replace the base's")
     found: list[tuple[str, str]] = []
     for rel in EXTENSION_RELEASE_DIRS:
         directory = _real_dir(tree, rel)

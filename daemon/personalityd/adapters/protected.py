@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from personalityd.core import model
 from personalityd.core.protected import KindAt, Provides, protected_violation
 
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+# Only trusted.*: the overlays are not mounted with userxattr, so the kernel reads
+# user.overlay.* as plain data (as adapters/indexer.py does).
+_OPAQUE_XATTRS = ("trusted.overlay.opaque",)
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG})
 _NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP})
 
