@@ -236,11 +236,11 @@ def test_on_a_tree_the_way_to_a_path(tmp_path: Path) -> None:
     )
     (tmp_path / "usr/lib").unlink()
     (tmp_path / "usr/lib").mkdir()
-    os.setxattr(tmp_path / "usr/lib", "user.overlay.opaque", b"y")
+    os.setxattr(tmp_path / "usr/lib", "trusted.overlay.opaque", b"y")
     assert protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) == (
         f"its opaque directory /usr/lib hides the protected path /usr/lib/os-release; {HINT}"
     )
-    os.setxattr(tmp_path / "usr/lib", "user.overlay.opaque", b"x")  # xattr whiteouts: merges
+    os.setxattr(tmp_path / "usr/lib", "trusted.overlay.opaque", b"x")  # xattr whiteouts: merges
     assert protected_in_tree(str(tmp_path), ["/usr/lib/os-release"], HIERARCHIES) is None
     os.mkfifo(tmp_path / "usr/lib/os-release")
     assert "protected path /usr/lib/os-release" in (
