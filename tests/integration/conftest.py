@@ -1,7 +1,7 @@
 """Fixtures for the integration tests: real udevd, journald, loop devices, the daemon.
 
-The helpers themselves live in `support.py` (import them with `from support import ...`);
-this file wires them into fixtures that always clean up after themselves, also on failure.
+The helpers themselves live in testkit (and the modules beside this file); this file wires
+them into fixtures that always clean up after themselves, also on failure.
 
 | fixture | scope | gives |
 |---|---|---|
@@ -16,6 +16,9 @@ this file wires them into fixtures that always clean up after themselves, also o
 | `daemon_factory` | function | `make(root=None, *, config=None, env=None, name=...) -> Daemon` |
 | `daemon` | function | a `Daemon` on `sandbox_root`, configured but not started |
 | `udev_monitor` | function | a running `UdevMonitor` on block devices |
+| `system_bus` | module | address of a private dbus-daemon with the system bus policy and ours |
+| `serve` | function | `serve(daemon)`: the daemon started on that bus, once it owns the name |
+| `client` | function | a dbus-fast connection to that bus, for calls |
 
 When a test fails, the log of every daemon it started is attached to the report.
 """
@@ -24,14 +27,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dbus_fast.aio import MessageBus
+from served_daemon import Serve, connect, serve_on
 
 from personalityd.adapters.spool import ensure_spool_dirs
 from testkit.daemon import Daemon
+from testkit.dbus import private_system_bus
 from testkit.images import build_image
 from testkit.journal import JournalReader, running_journald
 from testkit.loops import LoopDevices
@@ -231,3 +237,32 @@ def member_user(personality_gid: int) -> Iterator[MemberUser]:
     """A temporary system user in the `personality` group; removed afterwards."""
     with temporary_member("personality") as member:
         yield member
+
+
+# -- a private system bus, and the daemon served on it --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system_bus() -> Iterator[str]:
+    with private_system_bus() as address:
+        yield address
+
+
+@pytest.fixture
+def serve(system_bus: str) -> Serve:
+    """`serve(daemon)`: start the daemon on the module's private system bus."""
+
+    def start(daemon: Daemon) -> Daemon:
+        return serve_on(daemon, system_bus)
+
+    return start
+
+
+@pytest.fixture
+async def client(system_bus: str) -> AsyncIterator[MessageBus]:
+    bus = await connect(system_bus)
+    try:
+        yield bus
+    finally:
+        bus.disconnect()
+        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints

@@ -19,17 +19,16 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast.aio import MessageBus
-from served_daemon import connect, listing, serve_on
+from served_daemon import listing
 
 from testkit.contract import MESSAGE_ID_CONFLICT, MESSAGE_ID_VOLUME_REFUSED
 from testkit.daemon import Daemon
-from testkit.dbus import private_system_bus
 from testkit.images import FileSpec, build_image
 from testkit.inotify import OpenWatch
 from testkit.journal import JournalReader
@@ -59,32 +58,6 @@ def sandbox_root(loop_devices: LoopDevices) -> Iterator[Path]:
         yield make_sandbox_root(top / "root")
     finally:
         remove_tree(top)
-
-
-@pytest.fixture(scope="module")
-def system_bus() -> Iterator[str]:
-    with private_system_bus() as address:
-        yield address
-
-
-@pytest.fixture
-def serve(system_bus: str) -> Serve:
-    """`serve(daemon)`: start the daemon on the module's private system bus."""
-
-    def start(daemon: Daemon) -> Daemon:
-        return serve_on(daemon, system_bus)
-
-    return start
-
-
-@pytest.fixture
-async def client(system_bus: str) -> AsyncIterator[MessageBus]:
-    bus = await connect(system_bus)
-    try:
-        yield bus
-    finally:
-        bus.disconnect()
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 | fixture | scope | gives |
 |---|---|---|
-| `system_bus` | module | address of a private dbus-daemon with the system bus policy and ours |
 | `manager` | function | a `MemoryManager` with web 2.1, tools 1.0, old (incompatible) |
 | `served` | function | the service on that bus over `manager` (its own connection) |
 | `client` | function | a second connection, for calls and signals |
@@ -10,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import BusType
@@ -20,13 +19,6 @@ from memory_manager import FakeVolume, MemoryManager
 from personalityd.adapters.groups import group_gids
 from personalityd.frontends.dbus.service import serve
 from testkit.contract import BUS
-from testkit.dbus import private_system_bus
-
-
-@pytest.fixture(scope="module")
-def system_bus() -> Iterator[str]:
-    with private_system_bus() as address:
-        yield address
 
 
 @pytest.fixture
