@@ -25,3 +25,5 @@ bench: deps $(PROFILE_STAMP)
 ## stress: the fault and load suite (kill -9, surprise removal, hostile input, ...)
 stress: deps
 	$(PY) -m pytest -q -p no:cacheprovider -o python_files='stress_*.py' tests/stress
+	# the hostile-volume corpus (also in `make test`): every attack on the trust boundary
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration/test_hostile_volumes.py
