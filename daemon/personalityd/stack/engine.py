@@ -22,11 +22,9 @@ Two things the swap keeps, whatever the volumes say:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +36,6 @@ from personalityd.adapters.mountinfo import (
     mounted_from_device,
     mounts_at,
     read_mountinfo,
-    same_mount_source,
-    submounts_below,
     top_mount_at,
 )
 from personalityd.adapters.probe import volume_mount_options
@@ -47,21 +43,13 @@ from personalityd.config import Config
 from personalityd.core.errors import MountFailed
 from personalityd.core.model import BlockDevice, StackPlan, Volume
 from personalityd.core.names import hierarchy_key
+from personalityd.stack.face import face_of, keep_face
 from personalityd.stack.layout import Layout, MountedVolume, OverlaySpec, Upper
+from personalityd.stack.submounts import Submounts
 
 log = structlog.get_logger()
 
 OVERLAY_SOURCE = "personalityd"
-SELINUX_XATTR = "security.selinux"
-
-# Why a mount below a hierarchy has no place in a stack: the errors of open_path.
-_MISSING = {
-    errno.ENOENT: "has no such path",
-    errno.ENOTDIR: "has a file on the way",
-    errno.ELOOP: "has a symlink on the way",
-    errno.EXDEV: "has another mount on the way",
-}
-
 
 @dataclass(frozen=True)
 class MountFeatures:
@@ -70,15 +58,6 @@ class MountFeatures:
     # Mounts can be attached inside a detached mount (Linux 6.15+); without it, an overlay
     # that has mounts to carry is attached on its staging directory first.
     detached_targets: bool = True
-
-
-@dataclass
-class Submount:
-    """A mount below a hierarchy, taken along from one stack to the next."""
-
-    rel: str  # its path below the hierarchy
-    entry: MountEntry  # as mountinfo showed it when it was taken
-    tree: mounts.Detached  # a recursive clone of it
 
 
 def detect_features(config: Config, scratch_dir: str) -> MountFeatures:
@@ -123,7 +102,7 @@ class Engine:
         self.specs: dict[str, OverlaySpec] = {}  # hierarchy -> what is mounted there now
         self.mount_ids: dict[str, int] = {}
         # hierarchy -> path below it -> a mount the last stack had no place for
-        self.parked: dict[str, dict[str, Submount]] = {}
+        self.submounts = Submounts(self.layout, features.detached_targets)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -271,7 +250,7 @@ class Engine:
             layers = tuple(self.layout.layer_dir(n, h) for n in names)
             base, upper_dir = self.layout.base_ref(h), upper.upper_dir(h)
             # The overlay's root directory is the upper's, or else the top layer's.
-            if upper_dir is None and _face(layers[0]) != _face(base):
+            if upper_dir is None and face_of(layers[0]) != face_of(base):
                 layers = (self.layout.meta(h), *layers)
             wanted[h] = OverlaySpec((*layers, base), upper_dir)
         return wanted
@@ -337,7 +316,8 @@ class Engine:
                 if spec is None or spec == self.specs.get(h):
                     continue
                 work = self._fresh_work_dir(spec, h, generation)
-                self._keep_face(h, spec)
+                base, meta = self.layout.base_ref(h), self.layout.meta(h)
+                keep_face(base, spec.upper, meta, spec.layers[0])
                 for layer in spec.layers:
                     if not os.path.isdir(layer):
                         raise OSError(2, f"layer {layer} is missing")
@@ -367,21 +347,6 @@ class Engine:
         os.makedirs(work, mode=0o700)
         return work
 
-    def _keep_face(self, h: str, spec: OverlaySpec) -> None:
-        """Give the stack's top directory the base's mode, owner and group (and SELinux label):
-        the upper's root directory, or the metadata layer (empty; the base's times too)."""
-        base = self.layout.base_ref(h)
-        st, label = os.stat(base), _label(base)
-        if spec.upper is not None:
-            _set_face(spec.upper, st, label)
-        meta = self.layout.meta(h)
-        if spec.layers[0] == meta:
-            os.makedirs(meta, mode=0o700, exist_ok=True)
-            if not stat.S_ISDIR(os.lstat(meta).st_mode) or os.listdir(meta):
-                raise OSError(errno.ENOTEMPTY, "the metadata layer is not an empty directory", meta)
-            _set_face(meta, st, label)
-            os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
     def release(self, built: Mapping[str, mounts.Detached | str]) -> None:
         for item in built.values():
             if isinstance(item, mounts.Detached):
@@ -410,11 +375,11 @@ class Engine:
                 if spec == old:
                     continue
                 if spec is None:
-                    self._unstack(h)
+                    self.submounts.unstack(h)
                     self.specs.pop(h, None)
                     self.mount_ids.pop(h, None)
                     continue
-                item = pending[h] = self._carry_submounts(h, pending[h])
+                item = pending[h] = self.submounts.carry(h, pending[h])
                 if old is not None and self.features.beneath:
                     mounts.attach_any(item, target, beneath=True)
                     pending.pop(h)
@@ -432,129 +397,6 @@ class Engine:
             for item in built.values():  # descriptors of overlays now attached
                 if isinstance(item, mounts.Detached):
                     item.close()
-
-    # -- mounts below a hierarchy -----------------------------------------------------------
-
-    def _carry_submounts(self, h: str, item: mounts.Detached | str) -> mounts.Detached | str:
-        """Put clones of the mounts below the hierarchy onto the built overlay `item`, at the
-        same paths; returns what to swap in (the overlay on its staging directory when this
-        kernel cannot attach mounts inside a detached one)."""
-        taken = self._take_submounts(h)
-        if not taken:
-            return item
-        if isinstance(item, mounts.Detached) and not self.features.detached_targets:
-            staging = self.layout.staging(h)
-            os.makedirs(staging, exist_ok=True)
-            with item:
-                mounts.attach(item, staging)
-            item = staging
-        if isinstance(item, mounts.Detached):
-            self._place_submounts(h, item.fd, taken, "the new stack", xdev=False)
-        else:
-            fd = mounts.open_path(item)
-            try:
-                self._place_submounts(h, fd, taken, "the new stack", xdev=False)
-            finally:
-                os.close(fd)
-        return item
-
-    def _unstack(self, h: str) -> None:
-        """Unmount the hierarchy's overlay (the last detach), and keep the mounts that were
-        reachable below it: those the base beneath holds already show again by themselves;
-        the others (made on the stacked view) are put on the base at the same paths."""
-        target = self.layout.hierarchy(h)
-        entries = read_mountinfo()
-        overlay = top_mount_at(entries, target)
-        beneath = submounts_below(entries, overlay.parent_id, target) if overlay else []
-        keep: list[Submount] = []
-        for sub in self._take_submounts(h):
-            if any(
-                b.mount_point == sub.entry.mount_point and same_mount_source(b, sub.entry)
-                for b in beneath
-            ):
-                sub.tree.close()
-            else:
-                keep.append(sub)
-        try:
-            mounts.unmount(target)
-        except OSError:
-            for sub in keep:
-                sub.tree.close()
-            raise
-        if keep:
-            fd = mounts.open_path(target)
-            try:
-                self._place_submounts(h, fd, keep, "the base", xdev=True)
-            finally:
-                os.close(fd)
-
-    def _take_submounts(self, h: str) -> list[Submount]:
-        """Recursive clones of the mounts a lookup below the hierarchy reaches now, and the
-        ones set aside earlier whose path nothing is mounted on now; by path."""
-        target = self.layout.hierarchy(h)
-        taken: dict[str, Submount] = {}
-        try:
-            top = mounts.open_path(target)
-        except OSError as exc:
-            log.warning("submounts_not_read", hierarchy=h, error=str(exc))
-            return []
-        try:
-            for entry in submounts_below(read_mountinfo(), mounts.mount_id(top), target):
-                if self._is_own_path(entry.mount_point):
-                    continue
-                rel = entry.mount_point[len(target) + 1 :]
-                try:
-                    fd = mounts.open_path(rel, top, beneath=True)
-                    try:
-                        taken[rel] = Submount(rel, entry, mounts.clone_mount(fd, entry.mount_point))
-                    finally:
-                        os.close(fd)
-                except OSError as exc:
-                    log.warning("submount_not_carried", path=entry.mount_point, error=str(exc))
-        finally:
-            os.close(top)
-        for rel, sub in sorted(self.parked.pop(h, {}).items()):
-            if any(rel == r or rel.startswith(r + "/") for r in taken):
-                sub.tree.close()  # something else is mounted there now
-            else:
-                taken[rel] = sub
-        return [taken[rel] for rel in sorted(taken)]
-
-    def _place_submounts(
-        self, h: str, dirfd: int, taken: Sequence[Submount], onto: str, xdev: bool
-    ) -> None:
-        """Attach each taken mount at its path below `dirfd`, which is `onto` (never through a
-        symlink, nor, without `xdev`, into another mount); one whose path is missing or of
-        another type there is set aside, with a warning, until a later stack has it."""
-        for sub in taken:
-            where = sub.entry.mount_point
-            try:
-                fd = mounts.open_path(sub.rel, dirfd, beneath=True, xdev=xdev)
-            except OSError as exc:
-                self._park(h, sub, f"{onto} {_MISSING.get(exc.errno or 0, exc.strerror)}")
-                continue
-            try:
-                is_dir = stat.S_ISDIR(os.fstat(sub.tree.fd).st_mode)
-                if stat.S_ISDIR(os.fstat(fd).st_mode) != is_dir:
-                    kind = "a directory" if is_dir else "a file"
-                    self._park(h, sub, f"it is {kind}, but not in {onto}")
-                    continue
-                mounts.attach_to(sub.tree, fd, where)
-                sub.tree.close()
-            except OSError as exc:
-                self._park(h, sub, str(exc))
-            finally:
-                os.close(fd)
-
-    def _park(self, h: str, sub: Submount, reason: str) -> None:
-        log.warning("submount_set_aside", hierarchy=h, path=sub.entry.mount_point, reason=reason)
-        self.parked.setdefault(h, {})[sub.rel] = sub
-
-    def _is_own_path(self, path: str) -> bool:
-        return any(
-            path == own or path.startswith(own + "/")
-            for own in (self.layout.runtime, self.layout.mount_root)
-        )
 
     def write_record(self, generation: int) -> None:
         record = {
@@ -577,32 +419,6 @@ class Engine:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
-
-
-def _label(path: str) -> bytes | None:
-    try:
-        return os.getxattr(path, SELINUX_XATTR, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _face(path: str) -> tuple[int, int, int, bytes | None] | None:
-    """What the top directory of a stack shows of `path`: mode, owner, group, label."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _label(path)
-
-
-def _set_face(path: str, st: os.stat_result, label: bytes | None) -> None:
-    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-    os.chmod(path, stat.S_IMODE(st.st_mode), follow_symlinks=False)
-    if label is not None:
-        try:
-            os.setxattr(path, SELINUX_XATTR, label, follow_symlinks=False)
-        except OSError as exc:
-            log.warning("label_not_copied", path=path, error=str(exc))
 
 
 def _is_ours(entry: MountEntry) -> bool:
