@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 INTEGRATION = Path(__file__).resolve().parent.parent / "integration"
+# Its conftest imports helper modules beside it (served_daemon, ...), as pytest would find them.
+if str(INTEGRATION) not in sys.path:
+    sys.path.append(str(INTEGRATION))
 
 _spec = importlib.util.spec_from_file_location(
     "personalityd_integration_conftest", INTEGRATION / "conftest.py"
