@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from personalityd.adapters import mounts
-from personalityd.adapters.mountinfo import MountEntry, mounts_at, read_mountinfo
+from personalityd.adapters.mountinfo import is_our_overlay, mounts_at, read_mountinfo
 from personalityd.config import Config, Sources, absolute_root, build_config, read_config_sources
 from personalityd.core.errors import ConfigError
 
-OVERLAY_SOURCE = "personalityd"  # the source of every overlay stack/engine.py mounts
 OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")  # under root, first found
 
 CLONE_NEWNS = 0x00020000
@@ -78,15 +77,11 @@ def read_os_release(root: Path) -> str | None:
     return None
 
 
-def is_ours(entry: MountEntry) -> bool:
-    return entry.fs_type == "overlay" and entry.source == OVERLAY_SOURCE
-
-
 def in_base(function: Callable[[], T]) -> T:
     """`function()` where no overlay of ours covers anything: called directly when none is
     mounted, else in a forked child (see the module docstring). Its result (or exception)
     must pickle. Raises BaseUnreachable when the child cannot set up its namespace."""
-    if not any(is_ours(e) for e in read_mountinfo()):
+    if not any(is_our_overlay(e) for e in read_mountinfo()):
         return function()
     if os.geteuid() != 0:
         raise BaseUnreachable(
@@ -158,14 +153,14 @@ def _leave_the_stacks() -> None:
         raise BaseUnreachable("the private mount namespace still propagates mounts")
     for _ in range(MAX_UNMOUNTS):
         entries = read_mountinfo()
-        covered = [e.mount_point for e in entries if is_ours(e)]
+        covered = [e.mount_point for e in entries if is_our_overlay(e)]
         if not covered:
             return
         # The deepest first, so that no mount point vanishes with a stack above it; there,
         # everything from our lowest overlay up (a lazy unmount takes the top one).
         point = max(covered, key=lambda p: (p.count("/"), p))
         stack = mounts_at(entries, point)
-        first = next(i for i, e in enumerate(stack) if is_ours(e))
+        first = next(i for i, e in enumerate(stack) if is_our_overlay(e))
         try:
             for _ in stack[first:]:
                 mounts.unmount(point)

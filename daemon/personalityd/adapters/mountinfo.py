@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
+# The source of every overlay the daemon mounts (adapters/mounts.py): how mountinfo tells ours.
+OVERLAY_SOURCE = "personalityd"
+
 
 def _unescape(field: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
@@ -22,6 +25,10 @@ class MountEntry:
     mount_point: str
     fs_type: str
     source: str
+
+
+def is_our_overlay(entry: MountEntry) -> bool:
+    return entry.fs_type == "overlay" and entry.source == OVERLAY_SOURCE
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:

@@ -15,6 +15,8 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from personalityd.adapters.mountinfo import OVERLAY_SOURCE
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -228,7 +230,7 @@ def mount_block_device(
 def mount_tmpfs(options: Sequence[str], description: str) -> Detached:
     attrs, params = split_options(options)
     with FsContext("tmpfs") as ctx:
-        ctx.set_string("source", "personalityd")
+        ctx.set_string("source", OVERLAY_SOURCE)
         for param in params:
             ctx.set_option(param)
         return ctx.mount(attrs, description)
@@ -252,7 +254,7 @@ def mount_overlay(
 ) -> Detached:
     """An overlay built with `lowerdir+` (Linux 6.8+): one fsconfig call per layer, top first."""
     with FsContext("overlay") as ctx:
-        ctx.set_string("source", "personalityd")
+        ctx.set_string("source", OVERLAY_SOURCE)
         for lower in lowers:
             ctx.set_string("lowerdir+", lower)
         for option in overlay_options(upper, work):
@@ -284,7 +286,7 @@ def mount_overlay_legacy(
     previous = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.chdir(links_dir)
-        mount("personalityd", target, "overlay", flags, data)
+        mount(OVERLAY_SOURCE, target, "overlay", flags, data)
     finally:
         os.fchdir(previous)
         os.close(previous)

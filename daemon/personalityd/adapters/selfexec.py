@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from personalityd.adapters.mountinfo import MountEntry, read_mountinfo
+from personalityd.adapters.mountinfo import MountEntry, is_our_overlay, read_mountinfo
 
 log = structlog.get_logger()
 
 REEXEC_ENV = "PERSONALITYD_FROM_BASE"
-OVERLAY_SOURCE = "personalityd"
 MAX_SYMLINKS = 40
 PT_INTERP = 3
 
@@ -49,9 +48,7 @@ def parse_maps(text: str) -> list[tuple[tuple[int, int], str]]:
 
 def our_overlays(entries: Iterable[MountEntry]) -> dict[str, MountEntry]:
     """Overlays of ours by mount point."""
-    return {
-        e.mount_point: e for e in entries if e.fs_type == "overlay" and e.source == OVERLAY_SOURCE
-    }
+    return {e.mount_point: e for e in entries if is_our_overlay(e)}
 
 
 def mapped_from_stack(maps_text: str, overlays: Iterable[MountEntry]) -> list[str]:

@@ -33,6 +33,7 @@ import structlog
 from personalityd.adapters import blockdev, mounts
 from personalityd.adapters.mountinfo import (
     MountEntry,
+    is_our_overlay,
     mounted_from_device,
     mounts_at,
     read_mountinfo,
@@ -49,7 +50,6 @@ from personalityd.stack.submounts import Submounts
 
 log = structlog.get_logger()
 
-OVERLAY_SOURCE = "personalityd"
 
 @dataclass(frozen=True)
 class MountFeatures:
@@ -120,7 +120,7 @@ class Engine:
             if mounts_at(entries, ref):
                 mounts.set_attributes_at(ref, mounts.MOUNT_ATTR_RDONLY)
                 continue
-            ours = [e for e in mounts_at(entries, target) if _is_ours(e)]
+            ours = [e for e in mounts_at(entries, target) if is_our_overlay(e)]
             if ours:
                 log.warning("base_reference_lost", hierarchy=h, stacked=len(ours))
                 for _ in ours:
@@ -153,7 +153,7 @@ class Engine:
         self._unmount_unrecorded_volume_mounts(entries)
         for h in self.config.hierarchies:
             target = self.layout.hierarchy(h)
-            stacked = [e for e in mounts_at(entries, target) if _is_ours(e)]
+            stacked = [e for e in mounts_at(entries, target) if is_our_overlay(e)]
             while len(stacked) > 1:
                 # A crash between "move beneath" and "detach old top" leaves two complete
                 # stacks; dropping the top one reveals the other, which is complete too.
@@ -419,10 +419,6 @@ class Engine:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
-
-
-def _is_ours(entry: MountEntry) -> bool:
-    return entry.fs_type == "overlay" and entry.source == OVERLAY_SOURCE
 
 
 def _unmount_all(entries: Sequence[MountEntry], path: str) -> None:
