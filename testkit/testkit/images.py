@@ -192,3 +192,17 @@ def build_writable_image(
         f.truncate(size_mb << 20)
     run("mkfs.ext4", "-q", "-L", label, image)
     return image
+
+
+def rewrite_in_place(image: Path, new_image: Path) -> None:
+    """Overwrite `image` with `new_image`'s bytes (zeros after them), keeping its inode and
+    size: a loop device on it keeps its identity, DISKSEQ and capacity, while its content
+    changes, as an image rewritten in place by whoever can write the file."""
+    data = new_image.read_bytes()
+    size = image.stat().st_size
+    assert len(data) <= size, "the new image must fit in the old one's size"
+    with open(image, "r+b") as f:
+        f.write(data)
+        f.write(bytes(size - len(data)))
+        f.flush()
+        os.fsync(f.fileno())

@@ -29,7 +29,7 @@ from served_daemon import listing
 
 from testkit.contract import MESSAGE_ID_CONFLICT, MESSAGE_ID_VOLUME_REFUSED
 from testkit.daemon import Daemon
-from testkit.images import FileSpec, build_image
+from testkit.images import FileSpec, build_image, rewrite_in_place
 from testkit.inotify import OpenWatch
 from testkit.journal import JournalReader
 from testkit.loops import LoopDevices
@@ -652,19 +652,6 @@ async def test_a_symlinked_hierarchy_is_refused(
     assert not (sandbox_root / "usr/bin/tool").exists()
 
 
-def _rewrite_in_place(image: Path, new_image: Path) -> None:
-    """Overwrite `image` with `new_image`'s bytes, keeping its inode and size (the loop
-    device's capacity stays what it was)."""
-    data = new_image.read_bytes()
-    size = image.stat().st_size
-    assert len(data) <= size, "the new image must fit in the old one's size"
-    with open(image, "r+b") as f:
-        f.write(data)
-        f.write(bytes(size - len(data)))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _released(dev: str) -> bool:
     """No mount holds the device any more (it accepts an exclusive open), so the next mount
     reads it afresh."""
@@ -716,7 +703,7 @@ async def test_an_image_rewritten_in_place_is_probed_again_before_it_is_stacked(
         {"usr": ("symlink", str(nobody_dir)), "etc/inplace.conf": "v2\n"},
         manifest_dir="etc/extension-release.d",
     )
-    _rewrite_in_place(image, evil)
+    rewrite_in_place(image, evil)
 
     result = daemon.request({"action": "attach", "personality": "inplace"}, timeout=120)
 
@@ -752,7 +739,7 @@ def test_an_image_rewritten_in_place_with_new_content_is_indexed_again(
     assert daemon.request({"action": "detach", "personality": "upd"})["status"] == "ok"
     wait_for(lambda: _released(dev), 120, "the volume to be released")
     v2 = build_image(tmp_path, "upd", {"usr/bin/upd": "v2\n", "usr/bin/keep": "upd's keep\n"})
-    _rewrite_in_place(image, v2)
+    rewrite_in_place(image, v2)
 
     result = daemon.request({"action": "attach", "personality": "upd"}, timeout=120)
 

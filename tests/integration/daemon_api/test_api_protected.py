@@ -16,7 +16,7 @@ from served_daemon import Images, Serve, listing, read
 from testkit.contract import MESSAGE_ID_VOLUME_REFUSED
 from testkit.daemon import Daemon
 from testkit.dbus import call_error, call_ok, get_property
-from testkit.images import OPAQUE, WHITEOUT, build_image
+from testkit.images import OPAQUE, WHITEOUT, build_image, rewrite_in_place
 from testkit.journal import JournalReader
 from testkit.loops import LoopDevices
 from testkit.sandbox import OS_RELEASE
@@ -135,8 +135,7 @@ def test_content_changed_under_the_same_device_is_judged_on_what_is_stacked(
     assert hostile.stat().st_size <= harmless.stat().st_size
     device = loop_devices.attach(harmless)
     daemon.start()
-    with open(harmless, "r+b") as f:  # the same file, so the same loop device and DISKSEQ
-        f.write(hostile.read_bytes())
+    rewrite_in_place(harmless, hostile)  # the same file: the same loop device and DISKSEQ
     subprocess.run(["blockdev", "--flushbufs", device], check=True)
 
     refused = daemon.request({"action": "attach", "personality": "swapped", "force": True})
