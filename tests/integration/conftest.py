@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 from dbus_fast.aio import MessageBus
-from served_daemon import Serve, connect, serve_on
+from served_daemon import Serve, connection, serve_on
 
 from personalityd.adapters.spool import ensure_spool_dirs
 from testkit.daemon import Daemon
@@ -260,9 +260,5 @@ def serve(system_bus: str) -> Serve:
 
 @pytest.fixture
 async def client(system_bus: str) -> AsyncIterator[MessageBus]:
-    bus = await connect(system_bus)
-    try:
+    async with connection(system_bus) as bus:
         yield bus
-    finally:
-        bus.disconnect()
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints

@@ -3,7 +3,8 @@ there (`serve`), read back (`listing`, `read`), and the three volumes most of th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def serve_on(daemon: Daemon, address: str) -> Daemon:
 
 async def connect(address: str) -> MessageBus:
     return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+
+
+@contextlib.asynccontextmanager
+async def connection(address: str) -> AsyncIterator[MessageBus]:
+    """A connection to the bus at `address`, disconnected (and waited for) on the way out."""
+    bus = await connect(address)
+    try:
+        yield bus
+    finally:
+        bus.disconnect()
+        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints
 
 
 async def listing(bus: MessageBus) -> dict[str, tuple[str, str, str, str]]:

@@ -14,19 +14,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast.aio import MessageBus
-from served_daemon import Images, Trio, attach_trio, connect
+from served_daemon import Images, Trio, attach_trio, connection
 
 from testkit.loops import LoopDevices
 
 
 @pytest.fixture
 async def watcher(system_bus: str) -> AsyncIterator[MessageBus]:
-    bus = await connect(system_bus)
-    try:
+    async with connection(system_bus) as bus:
         yield bus
-    finally:
-        bus.disconnect()
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 from memory_manager import FakeVolume, MemoryManager
+from served_daemon import connection
 
 from personalityd.adapters.groups import group_gids
 from personalityd.frontends.dbus.service import serve
@@ -46,9 +46,5 @@ async def served(system_bus: str, manager: MemoryManager) -> AsyncIterator[Messa
 
 @pytest.fixture
 async def client(system_bus: str, served: MessageBus) -> AsyncIterator[MessageBus]:
-    bus = await MessageBus(bus_address=system_bus, bus_type=BusType.SYSTEM).connect()
-    try:
+    async with connection(system_bus) as bus:
         yield bus
-    finally:
-        bus.disconnect()
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast: no hints
