@@ -14,8 +14,9 @@ STAMP := $(VENV)/.personalityd-installed
 # libglib2.0-bin: gdbus, which the D-Bus tests use as an independent client.
 # xfsprogs, btrfs-progs: xfs and btrfs volumes whose log needs replay (tests/integration/
 # test_never_written.py).
+# fdisk: sfdisk for GPT disk images; gpgv, gnupg: SHA256SUMS.gpg checks and the test keys.
 APT_PACKAGES := udev squashfs-tools erofs-utils dbus e2fsprogs dosfstools util-linux attr \
-	xfsprogs btrfs-progs \
+	xfsprogs btrfs-progs fdisk gpgv gnupg \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd libglib2.0-bin
 
 .PHONY: help deps apt-deps demo test lint typecheck unit clean
