@@ -23,8 +23,24 @@ OverlayApi = Literal["auto", "lowerdir+", "legacy"]
 SwapMode = Literal["auto", "beneath", "replace"]
 Fallback = Literal["none", "tmpfs"]
 ManageServices = Literal["auto", "yes", "no"]
+Verify = Literal["none", "checksum", "signed"]
 
 MAX_LAYERS = 500  # the kernel's limit on overlayfs lower layers
+
+DEFAULT_SEARCH_PATHS = (
+    "/etc/personalities",
+    "/run/personalities",
+    "/var/lib/personalities",
+    "/usr/lib/personalities",
+)
+# systemd-sysext's own directories, searched after ours with `images.sysext_paths = true`.
+SYSEXT_PATHS = (
+    "/etc/extensions",
+    "/run/extensions",
+    "/var/lib/extensions",
+    "/usr/local/lib/extensions",
+    "/usr/lib/extensions",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,9 @@ class Config:
     runtime_dir: str = "/run/personalityd"
     manage_services: ManageServices = "auto"
     block_signal: bool = False
+    search_paths: tuple[str, ...] = DEFAULT_SEARCH_PATHS
+    sysext_paths: bool = False
+    verify: Verify = "none"
 
     def path(self, p: str) -> Path:
         """A configured absolute path (`/usr`) as it is found under `root`."""
@@ -68,6 +87,12 @@ class Config:
     @property
     def runtime_path(self) -> Path:
         return self.path(self.runtime_dir)
+
+    @property
+    def image_paths(self) -> tuple[str, ...]:
+        """Where image files and directories are searched, in precedence order."""
+        paths = self.search_paths + (SYSEXT_PATHS if self.sysext_paths else ())
+        return tuple(dict.fromkeys(paths))
 
 
 class _Bad(Exception):
@@ -117,6 +142,10 @@ def _hierarchies(value: object) -> tuple[str, ...]:
 
 
 def _protected_paths(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_absolute_paths(value, "a list of absolute paths")))
+
+
+def _search_paths(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_absolute_paths(value, "a list of absolute paths")))
 
 
@@ -199,6 +228,9 @@ KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "state.runtime_dir": ("runtime_dir", _directory),
     "systemd.manage_services": ("manage_services", _choice("auto", "yes", "no")),
     "debug.block_signal": ("block_signal", _boolean),
+    "images.search_paths": ("search_paths", _search_paths),
+    "images.sysext_paths": ("sysext_paths", _boolean),
+    "images.verify": ("verify", _choice("none", "checksum", "signed")),
 }
 TABLES = frozenset(key.partition(".")[0] for key in KEYS if "." in key)
 

@@ -17,7 +17,10 @@ import structlog
 from personalityd import __version__
 from personalityd.adapters import notify
 from personalityd.adapters.baseview import load_base_settings
+from personalityd.adapters.imagedirs import SearchPathWatcher
+from personalityd.adapters.imagefile import Place
 from personalityd.adapters.journal import Journal
+from personalityd.adapters.mountinfo import read_mountinfo, sysext_merges
 from personalityd.adapters.selfexec import run_from_base
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
@@ -32,7 +35,8 @@ from personalityd.log import setup_logging
 from personalityd.stack.engine import Engine, detect_features
 from personalityd.stack.layout import Layout
 from personalityd.stack.manager import Manager
-from personalityd.stack.registry import VolumeRegistry
+from personalityd.stack.images import ImageVolumes
+from personalityd.stack.registry import VolumeRegistry, protected_check
 
 log = structlog.get_logger()
 
@@ -46,6 +50,16 @@ def base_identity(config: Config, text: str | None) -> OsRelease:
         log.warning("base_os_release_missing", root=str(config.root))
         return OsRelease(id="", architecture=architecture)
     return base_os_release(parse_os_release(text), architecture)
+
+
+def sysext_notice(hierarchies: list[str]) -> str:
+    where = ", ".join(hierarchies)
+    return (
+        f"systemd-sysext has extensions merged on {where}: personalityd stacks over that "
+        "merge, and `systemd-sysext refresh` or `unmerge` fails while personalities are "
+        "stacked on top of it; to move the extensions over, run `systemd-sysext unmerge` and "
+        "set images.sysext_paths = true, which serves the same image files"
+    )
 
 
 def ensure_directories(config: Config) -> None:
@@ -81,7 +95,24 @@ class Daemon:
         features = detect_features(config, str(runtime / "probe"))
         journal = Journal()
         engine = Engine(config, features)
-        registry = VolumeRegistry(config, self.base, journal.volume_refused)
+        sysext = sysext_merges(read_mountinfo(), {h: str(config.path(h)) for h in config.hierarchies})
+        place = Place(
+            root=str(config.root),
+            views={h: engine.layout.base_ref(h) for h in config.hierarchies},
+            verify=config.verify,
+            architecture=self.base.architecture,
+            mount_options=tuple(config.mount_options),
+            hierarchies=tuple(config.hierarchies),
+        )
+        images = ImageVolumes(
+            place,
+            config.image_paths,
+            self.base,
+            engine.layout.loops_file,
+            journal.volume_refused,
+            protected_check(config),
+        )
+        registry = VolumeRegistry(config, self.base, journal.volume_refused, images)
         hooks = await self._service_hooks()
         manager = Manager(
             config,
@@ -91,15 +122,21 @@ class Daemon:
             state,
             hooks=hooks,
         )
+        if sysext:
+            notice = sysext_notice(sysext)
+            log.warning("sysext_merged", hierarchies=" ".join(sysext), notice=notice)
+            manager.add_notice(notice)
         engine.prepare_base_references()
         monitor = UdevMonitor()
         monitor.start()
+        watcher = SearchPathWatcher(place.root, config.image_paths, place.views)
         try:
             notify.status("probing devices and restoring the stack")
             await manager.start()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(manager.run())
                 tasks.create_task(self._forward_udev(monitor, manager))
+                tasks.create_task(self._forward_images(watcher, manager))
                 tasks.create_task(manager.watch_draining())
                 tasks.create_task(SpoolService(config, manager).run())
                 tasks.create_task(self._dbus(manager))
@@ -125,6 +162,8 @@ class Daemon:
             pass
         finally:
             monitor.stop()
+            watcher.close()
+            images.close()
         return 0
 
     @staticmethod
@@ -143,6 +182,10 @@ class Daemon:
     async def _forward_udev(self, monitor: UdevMonitor, manager: Manager) -> None:
         async for event in monitor.events():
             manager.device_event(event)
+
+    async def _forward_images(self, watcher: SearchPathWatcher, manager: Manager) -> None:
+        async for _ in watcher.changes():
+            manager.images_event()
 
     async def _watchdog(self) -> None:
         interval = notify.watchdog_interval()

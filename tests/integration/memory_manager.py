@@ -181,6 +181,14 @@ class MemoryManager:
     def writable_device(self) -> str:
         return self._writable_device
 
+    @property
+    def present(self) -> tuple[str, ...]:
+        return tuple(sorted(self.volumes))
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        return ()
+
     def subscribe(self, callback: Callable[[StackEvent], object]) -> Callable[[], None]:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -104,3 +104,16 @@ def same_mount_source(a: MountEntry, b: MountEntry) -> bool:
     """Whether two mounts show the same directory of the same filesystem (a bind of one
     another, or a clone)."""
     return (a.devnum, a.root, a.fs_type, a.source) == (b.devnum, b.root, b.fs_type, b.source)
+
+
+SYSEXT_SOURCE = "sysext"  # the source systemd-sysext gives its overlay mounts
+
+
+def sysext_merges(entries: Sequence[MountEntry], hierarchies: Mapping[str, str]) -> list[str]:
+    """The hierarchies (keys of `hierarchies`, which maps them to their path) on which
+    systemd-sysext has an overlay of merged extensions."""
+    return [
+        h
+        for h, path in hierarchies.items()
+        if any(e.fs_type == "overlay" and e.source == SYSEXT_SOURCE for e in mounts_at(entries, path))
+    ]

@@ -120,6 +120,8 @@ def render_status(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> str:
     fields.append(("Generation", str(props.get("Generation", 0))))
     conflicts = int(props.get("ConflictCount", 0))
     fields.append(("Conflicts", f"{conflicts} (see '{PROG} conflicts')" if conflicts else "none"))
+    for notice in props.get("Notices", []):
+        fields.append(("Notice", str(notice)))
 
     width = max(len(label) for label, _ in fields)
     lines = []
@@ -143,6 +145,7 @@ def status_as_dict(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> dict
         "generation": int(props.get("Generation", 0)),
         "conflict_count": int(props.get("ConflictCount", 0)),
         "writable_device": str(props.get("WritableDevice", "")),
+        "notices": [str(n) for n in props.get("Notices", [])],
         "personalities": personalities_as_dicts(rows),
     }
 
@@ -214,6 +217,18 @@ async def verb_switch(client: Client, args: argparse.Namespace) -> int:
     )
     wanted = " ".join(args.names) if args.names else "the base only"
     print(f"Switched to: {wanted}." if changed else f"Already at: {wanted}.")
+    return 0
+
+
+async def verb_refresh(client: Client, args: argparse.Namespace) -> int:
+    before = await client.properties()
+    await client.call("Refresh", "", [], timeout=CHANGE_TIMEOUT)
+    after = await client.properties()
+    if after.get("Generation") != before.get("Generation"):
+        attached = " ".join(after.get("Attached", [])) or "the base only"
+        print(f"Refreshed: generation {after.get('Generation')}, {attached}.")
+    else:
+        print("Refreshed: nothing changed.")
     return 0
 
 
@@ -336,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="attach even if incompatible with the base"
     )
     switch.set_defaults(dbus_verb=verb_switch)
+
+    refresh = verbs.add_parser(
+        "refresh",
+        help="Look for volumes and image files again; re-attach updated image files.",
+        description="Probe block devices and search paths again, retry volumes that failed, "
+        "and re-attach, in one transaction, every attached personality whose image file was "
+        "replaced since it was attached.",
+    )
+    refresh.set_defaults(dbus_verb=verb_refresh)
 
     build = verbs.add_parser(
         "build",

@@ -87,6 +87,21 @@ class State(enum.StrEnum):
     FAILED = "failed"
 
 
+IMAGE_FILE = "file"  # an image file (or a symlink to one), stacked through a loop device
+IMAGE_DIRECTORY = "directory"  # a directory tree, stacked through a read-only bind mount
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a personality found in a search path comes from (section 10)."""
+
+    kind: str  # IMAGE_FILE or IMAGE_DIRECTORY
+    entry: str  # the entry as found, with the root prefix: <root>/var/lib/personalities/web.raw
+    target: str  # what it resolves to (the same, or a symlink's target), with the prefix
+    file_id: tuple[int, int]  # (st_dev, st_ino) of the target
+    rank: int  # index of its search path: lower wins
+
+
 @dataclass(frozen=True)
 class Volume:
     """A present, recognised personality volume."""
@@ -98,6 +113,10 @@ class Volume:
     # Why the volume may never be stacked, not even with `force` (a protected path it
     # provides, deletes or hides); listed as incompatible with this reason. None when fine.
     refusal: str | None = None
+    # For a personality from a search path: its entry. Its `device` is then the daemon's own
+    # loop device while attached, else a stand-in whose devnode is the file's path (a
+    # directory tree's device is always such a stand-in).
+    source: ImageSource | None = None
 
     @property
     def compatible(self) -> bool:

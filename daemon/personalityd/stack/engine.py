@@ -143,7 +143,8 @@ class Engine:
             if top is None:
                 continue
             same_medium = volume is not None and info.get("identity") == volume.device.identity
-            if volume is not None and same_medium and top.fs_type == volume.device.fs_type:
+            tree = volume is not None and volume.source is not None and volume.source.kind == "directory"
+            if volume is not None and same_medium and (tree or top.fs_type == volume.device.fs_type):
                 self.volumes[name] = MountedVolume(
                     name, volume.device.identity, volume.device.devnode, path
                 )
@@ -259,13 +260,20 @@ class Engine:
         wanted = self.specs_for(plan, upper)
         return all(wanted[h] == self.specs.get(h) for h in self.config.hierarchies)
 
-    def mount_volume(self, volume: Volume) -> MountedVolume:
+    def mount_volume(self, volume: Volume, tree_fd: int | None = None) -> MountedVolume:
+        """Mount `volume` read-only at `<mount_root>/<name>`: its block device, or with
+        `tree_fd` a read-only bind of that open directory (a directory tree entry; its own
+        submounts are not carried: what was probed is that one filesystem's tree)."""
         path = self.layout.volume_dir(volume.name)
         os.makedirs(path, mode=0o755, exist_ok=True)
         device = volume.device
         options = volume_mount_options(device.fs_type, tuple(self.config.mount_options))
-        existing = mounted_from_device(read_mountinfo(), device.devnum)
-        if existing:
+        existing = [] if tree_fd is not None else mounted_from_device(read_mountinfo(), device.devnum)
+        if tree_fd is not None:
+            detached = mounts.clone_tree(f"/proc/self/fd/{tree_fd}")
+            attrs, _ = mounts.split_options(options)
+            mounts.set_attributes(detached, attrs | mounts.MOUNT_ATTR_RDONLY, 0)
+        elif existing:
             # Mounting the device a second time could conflict with how it is mounted there
             # (e.g. ext4 read-write); a read-only bind of the existing mount cannot.
             detached = mounts.clone_tree(existing[0].mount_point)

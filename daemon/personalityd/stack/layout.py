@@ -52,6 +52,7 @@ class Layout:
         self.mount_root = str(config.mount_root_path)
         self.runtime = str(config.runtime_path)
         self.record_file = Path(self.runtime) / "stack.json"
+        self.loops_file = Path(self.runtime) / "loops.json"  # the daemon's own loop devices
 
     def hierarchy(self, h: str) -> str:
         return str(self.config.path(h))

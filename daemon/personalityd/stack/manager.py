@@ -82,6 +82,7 @@ class Manager:
         self._changing = False  # a batch is being applied
         self._callers = 0  # front-end calls inside attach/detach/switch/refresh
         self._subscribers: list[Callable[[StackEvent], object]] = []
+        self._notices: tuple[str, ...] = ()
 
     # -- ManagerAPI: reading ---------------------------------------------------------------
 
@@ -100,6 +101,19 @@ class Manager:
     @property
     def writable_device(self) -> str:
         return self.state.upper.device
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        """Names with a volume or image entry present (whatever their state), sorted."""
+        return tuple(sorted(self.registry.volumes))
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What an operator should know about this host (e.g. a systemd-sysext merge)."""
+        return self._notices
+
+    def add_notice(self, notice: str) -> None:
+        self._notices = (*self._notices, notice)
 
     def conflicts(self) -> tuple[Conflict, ...]:
         return self.state.snapshot.report.conflicts
@@ -163,6 +177,10 @@ class Manager:
 
     def device_event(self, event: DeviceEvent) -> None:
         self._queue.put_nowait(Job("device", event=event))
+
+    def images_event(self) -> None:
+        """Something changed in a search path (adapters/imagedirs.py): look again."""
+        self._queue.put_nowait(Job("images"))
 
     async def _request(self, caller: Caller, edit: Edit, timeout: float) -> bool:
         with self._call():
@@ -255,14 +273,28 @@ class Manager:
                 self._changing = False
 
     async def _process(self, batch: list[Job]) -> None:
+        present = self.present
+        try:
+            await self._process_batch(batch)
+        finally:
+            if self.present != present:  # the listing changed: readers' properties too
+                live = self.state.snapshot.live
+                self._notify(StackEvent(self.generation, live, (), (), stack_changed=False))
+
+    async def _process_batch(self, batch: list[Job]) -> None:
         for job in batch:
             if job.kind == "device":
                 assert job.event is not None
                 await self._apply_device_event(job.event)
+            elif job.kind == "images":
+                await self.registry.images_changed()
             elif job.kind == "refresh":
-                # An operator refreshes after fixing a medium: volumes that failed get retried.
+                # An operator refreshes after fixing a medium: volumes that failed get retried;
+                # and image files replaced since they were attached are attached anew.
                 self.registry.failed.clear()
                 await self.rescan()
+                if self.registry.images is not None and self.registry.images.refresh_bindings():
+                    self.registry.merge()
         requests = [j for j in batch if j.kind == "request"]
         original = self.state.desired
         accepted = [job for job in requests if self._edit(job)]
@@ -278,7 +310,7 @@ class Manager:
             await self._converge()
             if len(accepted) > 1:  # each one alone, for its own exact answer
                 for job in accepted:
-                    await self._process([Job("request", job.edit, future=job.future)])
+                    await self._process_batch([Job("request", job.edit, future=job.future)])
             else:
                 for job in accepted:
                     _fail(job, error)
@@ -325,7 +357,7 @@ class Manager:
         changed = self.registry.forget_missing(devices)
         for device in devices:
             changed = await self.registry.device_present(device) or changed
-        return changed
+        return await self.registry.images_changed() or changed
 
     # -- changes and retries ---------------------------------------------------------------
 
@@ -371,13 +403,17 @@ class Manager:
 
     async def start(self) -> None:
         """Adopt what an earlier run left and converge to the desired list (before READY)."""
+        if self.registry.images is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.registry.images.adopt)
         await self.rescan()
+        self.registry.merge()
         self.engine.adopt(self.registry.volumes)
         if not await adopt(self.stack):
             try:
                 await self.rebuild("restore desired list at start")
             except PersonalityError as error:
                 log.error("restore_failed", error=str(error))
+        self.stack.settle_images()
         self.engine.clean_work_dirs(self.state.upper, self.generation)
 
     async def watch_draining(self, interval: float = 0.5) -> None:

@@ -8,6 +8,11 @@ probes it again. Refusals are logged and journalled once per identity and conten
 A volume the trust boundary refuses (adapters/probe.py: a set-id file under nosuid, a
 symlinked hierarchy, a protected path, ...) is listed, as incompatible with a reason that
 `force` does not override (`Volume.refusal`).
+
+Personalities from search paths (stack/images.py) join the block devices in `volumes`: for
+one name a block device wins over an image entry, except that a name attached from an image
+file stays so until the next Refresh. The daemon's own loop devices are not block devices
+here: they are their entry's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 import structlog
 
 from personalityd.adapters.medium import content_key
-from personalityd.adapters.probe import NotAPersonality, ProbeResult, probe_device
+from personalityd.adapters.probe import NotAPersonality, ProbeResult, Refuse, probe_device
 from personalityd.adapters.protected import protected_in_tree
 from personalityd.config import Config
 from personalityd.core.desired import no_such_message, quoted
@@ -27,6 +32,7 @@ from personalityd.core.errors import NoSuchPersonality, Timeout
 from personalityd.core.manifest import check_compatibility
 from personalityd.core.matching import matched_only_by_fs_type, matches_any
 from personalityd.core.model import BlockDevice, OsRelease, Volume
+from personalityd.stack.images import ImageVolumes
 
 log = structlog.get_logger()
 
@@ -35,23 +41,36 @@ WRITABLE_FS_TYPES = ("ext4", "xfs", "btrfs")  # can hold an overlay upper
 RefusalSink = Callable[[str, str | None, str], object]  # device, name, reason
 
 
+def protected_check(config: Config) -> Refuse:
+    """Why a mounted tree may not be stacked by `volumes.protected_paths`, or None."""
+    return functools.partial(
+        protected_in_tree, protected=config.protected_paths, hierarchies=config.hierarchies
+    )
+
+
 class VolumeRegistry:
-    def __init__(self, config: Config, base: OsRelease, refused: RefusalSink) -> None:
+    def __init__(
+        self,
+        config: Config,
+        base: OsRelease,
+        refused: RefusalSink,
+        images: ImageVolumes | None = None,
+    ) -> None:
         self.config = config
         self.base = base
         self._refused_sink = refused
-        self.volumes: dict[str, Volume] = {}
+        self.images = images
+        self.devices: dict[str, Volume] = {}  # personality volumes on block devices
+        self.volumes: dict[str, Volume] = {}  # every present personality (see merge())
+        self._lost: set[tuple[str, str]] = set()  # (loser, winner) already logged
+        self._image_failed: dict[str, str] = {}  # what images.failures() said last
         self.writable: BlockDevice | None = None
         self.failed: dict[str, str] = {}  # name -> why its mount or index failed
         self._by_devnode: dict[str, BlockDevice] = {}  # every device we took a decision on
         self._refused: dict[str, str] = {}  # identity -> reason, to report each once
         self._content: dict[str, str] = {}  # identity -> content key when it was probed
         self._changed = asyncio.Condition()
-        self._protected = functools.partial(
-            protected_in_tree,
-            protected=config.protected_paths,
-            hierarchies=config.hierarchies,
-        )
+        self._protected = protected_check(config)
 
     def known(self, device: BlockDevice) -> bool:
         seen = self._by_devnode.get(device.devnode)
@@ -59,10 +78,69 @@ class VolumeRegistry:
 
     def checked_content(self, volume: Volume) -> str | None:
         """The content key `volume` had when it was probed (None if never probed)."""
+        if volume.source is not None and self.images is not None:
+            return self.images.checked_content(volume)
         return self._content.get(volume.device.identity)
+
+    def merge(self) -> None:
+        """`volumes` from the block devices and the image entries (see the module docstring);
+        a losing image entry is logged once, naming both."""
+        merged = dict(self.devices)
+        if self.images is not None:
+            bound = self.images.bound
+            for name, volume in self.images.volumes().items():
+                holder = merged.get(name)
+                if holder is not None and name not in bound:
+                    self._log_lost(volume, holder)
+                    continue
+                if holder is not None:
+                    self._log_lost(holder, volume)
+                merged[name] = volume
+            failures = self.images.failures()
+            for name in list(self.failed):
+                if self.failed[name] == self._image_failed.get(name) and name not in failures:
+                    del self.failed[name]  # the entry no longer fails
+            for name, reason in failures.items():
+                if merged.get(name) is not None and merged[name].source is not None:
+                    self.failed[name] = reason
+            self._image_failed = failures
+        self.volumes = merged
+
+    def _log_lost(self, loser: Volume, winner: Volume) -> None:
+        key = (loser.device.devnode, winner.device.devnode)
+        if key in self._lost:
+            return
+        self._lost.add(key)
+        log.warning(
+            "volume_name_taken",
+            name=loser.name,
+            ignored=loser.device.devnode,
+            used=winner.device.devnode,
+            reason="block devices come before image files, and search paths in order; a "
+            "name attached from an image file keeps it until Refresh",
+        )
+
+    async def images_changed(self) -> bool:
+        """Look at the search paths again; True when the present personalities changed."""
+        if self.images is None:
+            return False
+        before = self.volumes
+        await self.images.rescan()
+        self.merge()
+        if _presence(before) == _presence(self.volumes):
+            return False
+        await self._notify()
+        return True
+
+    def settle_images(self, mounted: set[str]) -> None:
+        """Release the daemon's loop devices that no volume mount uses (stack/images.py)."""
+        if self.images is not None and self.images.settle(mounted):
+            self.merge()
 
     async def device_present(self, device: BlockDevice) -> bool:
         """A device was added or changed. Returns True when volumes or writable changed."""
+        if self.images is not None and self.images.owns(device):
+            return False  # one of our loop devices: its entry's, not a volume of its own
         previous = self._by_devnode.get(device.devnode)
         unchanged = previous is not None and previous.identity == device.identity
         if unchanged and self._still_matches(device) and not await self._content_changed(device):
@@ -76,7 +154,7 @@ class VolumeRegistry:
         volume = await self._probe(device)
         if volume is None:
             return changed
-        holder = self.volumes.get(volume.name)
+        holder = self.devices.get(volume.name)
         if holder is not None:
             self._refuse(
                 device,
@@ -84,8 +162,9 @@ class VolumeRegistry:
                 f"name '{volume.name}' is already used by {holder.device.devnode}",
             )
             return changed
-        self.volumes[volume.name] = volume
+        self.devices[volume.name] = volume
         self.failed.pop(volume.name, None)
+        self.merge()
         log.info(
             "volume_found",
             name=volume.name,
@@ -99,6 +178,11 @@ class VolumeRegistry:
     async def probe_again(self, volume: Volume) -> None:
         """Forget what was probed of `volume`'s device and probe it as it is now (its content
         changed since): it may come back as the same personality, another one, or refused."""
+        if volume.source is not None and self.images is not None:
+            log.warning("image_content_changed", name=volume.name, path=volume.source.entry)
+            await self.images.probe_again(volume)
+            self.merge()
+            return
         device = self._by_devnode.get(volume.device.devnode, volume.device)
         log.warning("volume_content_changed", name=volume.name, device=device.devnode)
         self.device_gone(device.devnode)
@@ -191,10 +275,11 @@ class VolumeRegistry:
             self.writable = None
             log.warning("writable_removed", device=devnode)
             return True
-        for name, volume in list(self.volumes.items()):
+        for name, volume in list(self.devices.items()):
             if volume.device.devnode == devnode:
-                del self.volumes[name]
+                del self.devices[name]
                 self.failed.pop(name, None)
+                self.merge()
                 log.warning("volume_removed", name=name, device=devnode)
                 return True
         return False
@@ -211,6 +296,14 @@ class VolumeRegistry:
     def usable(self) -> dict[str, Volume]:
         """Present volumes whose mount has not failed."""
         return {n: v for n, v in self.volumes.items() if n not in self.failed}
+
+    def replace(self, name: str, volume: Volume) -> None:
+        """Put `volume` (the same personality, judged again) in the place of the current one."""
+        if self.devices.get(name) is not None and self.volumes.get(name) is self.devices[name]:
+            self.devices[name] = volume
+        self.volumes[name] = volume
+        if volume.source is not None and self.images is not None:
+            self.images.replace(volume)
 
     def mark_failed(self, name: str, reason: str) -> None:
         self.failed[name] = reason
@@ -241,3 +334,11 @@ class VolumeRegistry:
             raise Timeout(
                 f"no volume for {quoted(missing)} appeared within {timeout:g} s"
             ) from None
+
+
+def _presence(volumes: dict[str, Volume]) -> dict[str, tuple[str, str, str | None]]:
+    """What the listing shows of the present volumes."""
+    return {
+        n: (v.device.devnode, v.manifest.version, v.refusal or v.incompatibility)
+        for n, v in volumes.items()
+    }

@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
+from personalityd.adapters.imagefile import EntryFailed, directory_key
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.medium import content_key
 from personalityd.adapters.mounts import Detached
@@ -35,7 +37,8 @@ from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
 from personalityd.core.errors import Incompatible, MountFailed, NoSuchPersonality, PersonalityError
 from personalityd.core.model import (
-    BlockDevice,
+    IMAGE_DIRECTORY,
+    IMAGE_FILE,
     ConflictReport,
     DesiredEntry,
     StackEvent,
@@ -104,6 +107,10 @@ class Stack:
             return self.engine.tmpfs_upper()
         return NO_UPPER
 
+    def settle_images(self) -> None:
+        """Let go of the daemon's loop devices that no volume mount of the stack uses."""
+        self.registry.settle_images({m.identity for m in self.engine.volumes.values()})
+
     def plan(self, volumes: dict[str, Volume], indexed: bool = True) -> StackPlan:
         """The planned stack; `indexed=False` gives the live names before indexes exist.
 
@@ -141,7 +148,7 @@ class Stack:
             refused = dataclasses.replace(volume, refusal=reason)
             volumes[name] = refused
             if self.registry.volumes.get(name) is volume:
-                self.registry.volumes[name] = refused
+                self.registry.replace(name, refused)
             device = volume.device.devnode
             log.warning("volume_refused", device=device, name=name, reason=reason)
             self.journal.volume_refused(device, name, reason)
@@ -213,6 +220,9 @@ async def mount_checked(stack: Stack, undo: UndoLog) -> Checked:
     for _ in range(CHECK_ROUNDS):
         volumes = stack.registry.usable()
         live = stack.plan(volumes, indexed=False).live
+        if await _attach_images(stack, [volumes[n] for n in live]):
+            volumes = stack.registry.usable()
+            live = stack.plan(volumes, indexed=False).live
         new, content, changed = await _mount_and_look(stack, [volumes[n] for n in live], undo)
         made += new
         if not changed:
@@ -230,6 +240,21 @@ async def mount_checked(stack: Stack, undo: UndoLog) -> Checked:
     )
 
 
+async def _attach_images(stack: Stack, volumes: Sequence[Volume]) -> bool:
+    """Make the loop devices of the image files about to be stacked (stack/images.py);
+    True when any was made. Raises VolumeFailed naming the first that failed."""
+    images = stack.registry.images
+    names = [v.name for v in volumes if v.source is not None and v.source.kind == IMAGE_FILE]
+    if images is None or not names:
+        return False
+    outcomes = await images.attach(names)
+    stack.registry.merge()
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, EntryFailed):
+            raise VolumeFailed(MountFailed(str(outcome), volume=name, cause=str(outcome)))
+    return bool(outcomes)
+
+
 async def _mount_and_look(
     stack: Stack, volumes: Sequence[Volume], undo: UndoLog
 ) -> tuple[list[int], dict[str, str], list[Volume]]:
@@ -244,17 +269,17 @@ async def _mount_and_look(
             mounted = None
         if mounted is None:
             try:
-                engine.mount_volume(volume)
+                _mount(stack, volume)
             except OSError as exc:
                 raise VolumeFailed(_volume_error(volume, exc)) from exc
             unmount = functools.partial(engine.unmount_volume, volume.name)
             made.append(undo.add(f"unmount {volume.name}", unmount))
     hierarchies = tuple(stack.config.hierarchies)
-    trees = [(v.device, engine.volumes[v.name].path) for v in volumes]
+    trees = [(v, engine.volumes[v.name].path) for v in volumes]
     # One worker thread for all of them: each look is a fraction of a millisecond, less than
     # a thread hop.
     looks = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: [_look_at_mount(device, path, hierarchies) for device, path in trees]
+        None, lambda: [_look_at_mount(volume, path, hierarchies) for volume, path in trees]
     )
     content: dict[str, str] = {}
     changed: list[Volume] = []
@@ -274,14 +299,32 @@ async def _mount_and_look(
     return made, content, changed
 
 
+def _mount(stack: Stack, volume: Volume) -> None:
+    """Mount `volume` at `<mount_root>/<name>`: a directory tree from a fresh, checked open
+    of its entry (stack/images.py); anything else from its block device."""
+    images = stack.registry.images
+    if volume.source is None or volume.source.kind != IMAGE_DIRECTORY or images is None:
+        stack.engine.mount_volume(volume)
+        return
+    fd = images.open_directory(volume)
+    try:
+        stack.engine.mount_volume(volume, tree_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def _look_at_mount(
-    device: BlockDevice, path: str, hierarchies: Sequence[str]
+    volume: Volume, path: str, hierarchies: Sequence[str]
 ) -> tuple[str, str | None] | OSError:
-    """(content key of `device`, refusal if a hierarchy in the tree mounted at `path` is a
+    """(content key of `volume`, refusal if a hierarchy in the tree mounted at `path` is a
     symlink), or the OSError that kept it from looking: taken after the mount, so a key equal
     to the probed one means this mount shows the probed content."""
     try:
-        return content_key(device), symlinked_hierarchy(path, hierarchies)
+        if volume.source is not None and volume.source.kind == IMAGE_DIRECTORY:
+            key = directory_key(os.stat(path))
+        else:
+            key = content_key(volume.device)
+        return key, symlinked_hierarchy(path, hierarchies)
     except OSError as exc:
         return exc
 
@@ -368,18 +411,22 @@ class Change:
                 return False
             await self.commit()
         except VolumeFailed:
-            self.undo.run()
+            self._undo()
             raise
         except PersonalityError as error:
-            self.undo.run()
+            self._undo()
             self.stack.journal.change_failed(self.requested, str(error))
             log.error("change_failed", requested=self.requested, error=str(error))
             raise
         except BaseException:
-            self.undo.run()
+            self._undo()
             raise
         await self.publish()
         return True
+
+    def _undo(self) -> None:
+        self.undo.run()
+        self.stack.settle_images()
 
     # -- prepare ---------------------------------------------------------------------------
 
@@ -471,6 +518,7 @@ class Change:
         desired_before = tuple(e.name for e in state.saved.desired)
         await asyncio.get_running_loop().run_in_executor(None, self._persist, self.generation)
         state.upper = self.upper
+        self.stack.settle_images()
         if desired_before != state.desired_names():
             live = self.before.live
             self.stack.notify(StackEvent(self.generation, live, (), (), stack_changed=False))
@@ -485,6 +533,7 @@ class Change:
                     state.draining[name] = gone.devnode
         for name in plan.live:
             state.draining.pop(name, None)
+        stack.settle_images()
         await asyncio.get_running_loop().run_in_executor(None, self._record)
         state.upper = self.upper
         state.snapshot = Snapshot(self.generation, plan.live, self.report)

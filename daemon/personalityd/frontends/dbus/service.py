@@ -222,6 +222,16 @@ class ManagerInterface(ServiceInterface):
     def WritableDevice(self) -> DBusStr:
         return str(self._manager.writable_device)
 
+    # Beyond the contract: the names ListPersonalities lists (so a watcher learns that an
+    # image file appeared or went), and what an operator should know (a systemd-sysext merge).
+    @dbus_property(access=PropertyAccess.READ)
+    def Present(self) -> Names:
+        return [str(n) for n in self._manager.present]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Notices(self) -> Names:
+        return [str(n) for n in self._manager.notices]
+
     # -- signals ------------------------------------------------------------------------
 
     @dbus_signal()
@@ -321,6 +331,8 @@ class ManagerInterface(ServiceInterface):
             "Generation": int(m.generation),
             "ConflictCount": len(m.conflicts()),
             "WritableDevice": str(m.writable_device),
+            "Present": [str(n) for n in m.present],
+            "Notices": [str(n) for n in m.notices],
         }
 
     def _sync_properties(self) -> None:

@@ -1,0 +1,269 @@
+"""One entry of a search path, the blocking part: open it as the root daemon must, verify it,
+make the daemon's loop device from that same open file, and probe what it holds.
+
+Every function here runs in a worker thread. The order of `attach` is the point of the module:
+
+1. open the entry through adapters/trustedpath.py (root-owned and not writable by group or
+   others, every directory and symlink on the way too), so what is opened is one inode that
+   nobody but root could have written;
+2. verify that open file (`images.verify`): its SHA-256 is computed from the descriptor, and
+   compared with `SHA256SUMS` beside the entry (itself opened the same way and, when signed,
+   checked with gpgv first, from the very bytes that are then parsed);
+3. read its layout (filesystem image, or the tree partition of a GPT disk image) from that
+   descriptor, and configure a read-only, autoclear loop device from it (adapters/loopdev.py).
+
+A file renamed over the entry at any moment is either the one opened (and verified, and
+attached) or not seen at all; never half of each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from personalityd.adapters import mounts
+from personalityd.adapters.imageformat import ImageFormatError, ImageLayout, detect_layout
+from personalityd.adapters.loopdev import LoopDevice, attach_read_only
+from personalityd.adapters.medium import content_key
+from personalityd.adapters.probe import (
+    NotAPersonality,
+    ProbeResult,
+    Refuse,
+    probe_tree,
+    volume_mount_options,
+)
+from personalityd.adapters.trustedpath import Opened, UntrustedPath, open_trusted
+from personalityd.adapters.verify import (
+    VerificationFailed,
+    check_listed,
+    check_signature,
+    file_digest,
+    find_keyring,
+)
+from personalityd.core.model import IMAGE_DIRECTORY, IMAGE_FILE, BlockDevice, ImageSource
+
+SUMS_NAME = "SHA256SUMS"
+SIGNATURE_NAME = "SHA256SUMS.gpg"
+MAX_SUMS_SIZE = 1024 * 1024
+
+
+class EntryFailed(Exception):
+    """The entry cannot be used (verification, format, a loop device); the message says why.
+    The personality is listed `failed` with it."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where entries are read: `root`, and the base directories read instead of stacked
+    hierarchies (`views`, adapters/trustedpath.py), with the settings that apply."""
+
+    root: str
+    views: Mapping[str, str]
+    verify: str  # "none", "checksum", "signed"
+    architecture: str
+    mount_options: tuple[str, ...]
+    hierarchies: tuple[str, ...]
+
+    def relative(self, logical: str) -> str:
+        """`<root>/var/lib/x` -> `/var/lib/x` (what open_trusted takes)."""
+        root = self.root.rstrip("/")
+        if root and logical.startswith(root + "/"):
+            return logical[len(root) :]
+        return logical
+
+
+class HeldLoop:
+    """A loop device the daemon made, with the descriptor that keeps it configured (autoclear:
+    it goes once this is closed and nothing mounts it)."""
+
+    def __init__(self, loop: LoopDevice, fd: int, layout: ImageLayout) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.layout = layout
+
+    @property
+    def device(self) -> BlockDevice:
+        return self.loop.block_device(self.layout.fs_type)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def open_entry(place: Place, entry: str, kind: str, rank: int) -> tuple[Opened, ImageSource]:
+    """Open the entry (`kind` IMAGE_FILE or IMAGE_DIRECTORY); UntrustedPath or OSError."""
+    want = "dir" if kind == IMAGE_DIRECTORY else "file"
+    opened = open_trusted(place.root, place.relative(entry), place.views, want=want)
+    source = ImageSource(
+        kind=kind,
+        entry=entry,
+        target=opened.logical_path,
+        file_id=(opened.st.st_dev, opened.st.st_ino),
+        rank=rank,
+    )
+    return opened, source
+
+
+def verify_file(place: Place, opened: Opened, source: ImageSource) -> None:
+    """Check the open file against `SHA256SUMS` beside the entry (and its signature) as
+    `images.verify` says; raises EntryFailed naming the cause."""
+    if place.verify == "none":
+        return
+    directory = os.path.dirname(source.entry)
+    sums_path = os.path.join(directory, SUMS_NAME)
+    sums = _read_beside(place, sums_path, "the checksum list")
+    if place.verify == "signed":
+        signature = _read_beside(place, os.path.join(directory, SIGNATURE_NAME), "the signature")
+        keyring = find_keyring(Path(place.root))
+        if keyring is None:
+            raise EntryFailed(
+                f"images.verify is 'signed' but there is no keyring: put the public keys in "
+                f"{place.root.rstrip('/')}/etc/personalityd/import-pubring.pgp (gpg --export)"
+            )
+        try:
+            _trusted_keyring(place, keyring)
+            check_signature(sums, signature, keyring, sums_path)
+        except (VerificationFailed, UntrustedPath) as exc:
+            raise EntryFailed(str(exc)) from exc
+    names = list(dict.fromkeys([os.path.basename(source.target), os.path.basename(source.entry)]))
+    try:
+        digest = file_digest(opened.fd)
+        check_listed(digest, sums, names, sums_path)
+    except VerificationFailed as exc:
+        raise EntryFailed(str(exc)) from exc
+    except OSError as exc:
+        raise EntryFailed(f"cannot read {source.target}: {exc.strerror}") from exc
+
+
+def _trusted_keyring(place: Place, keyring: str) -> None:
+    """The keyring, too, must be root's and writable by root only."""
+    opened = open_trusted(place.root, place.relative(keyring), place.views, want="file")
+    os.close(opened.fd)
+
+
+def _read_beside(place: Place, path: str, what: str) -> bytes:
+    try:
+        opened = open_trusted(place.root, place.relative(path), place.views, want="file")
+    except FileNotFoundError:
+        raise EntryFailed(
+            f"images.verify is {place.verify!r} but {path} ({what}) does not exist"
+        ) from None
+    except (UntrustedPath, OSError) as exc:
+        raise EntryFailed(f"{what} cannot be used: {exc}") from exc
+    try:
+        if opened.st.st_size > MAX_SUMS_SIZE:
+            raise EntryFailed(f"{path} is larger than {MAX_SUMS_SIZE // 1024} KiB")
+        return os.pread(opened.fd, MAX_SUMS_SIZE + 1, 0)
+    finally:
+        os.close(opened.fd)
+
+
+def attach_file(place: Place, opened: Opened, source: ImageSource) -> HeldLoop:
+    """Verify the open file, read its layout and make its loop device; EntryFailed."""
+    verify_file(place, opened, source)
+    name = os.path.basename(source.target)
+    try:
+        layout = detect_layout(opened.fd, place.architecture, name)
+    except ImageFormatError as exc:
+        raise EntryFailed(str(exc)) from exc
+    except OSError as exc:
+        raise EntryFailed(f"cannot read {source.target}: {exc.strerror}") from exc
+    if layout.tree != "root":
+        raise EntryFailed(
+            f"{name}: its {layout.tree} partition would need a tree under usr/; only root "
+            "partitions are stacked (a root partition holds usr/ and etc/ itself)"
+        )
+    try:
+        loop, fd = attach_read_only(opened.fd, offset=layout.offset, size=layout.size)
+    except OSError as exc:
+        raise EntryFailed(
+            f"cannot make a loop device of {source.target}: {exc.strerror or exc}"
+        ) from exc
+    return HeldLoop(loop, fd, layout)
+
+
+def probe_loop(
+    held: HeldLoop, mount_options: Sequence[str], hierarchies: Sequence[str], refuse: Refuse | None
+) -> ProbeResult:
+    """Mount the loop device detached (nobody sees it) and probe the tree; the content key is
+    the loop's (the same for any loop over the same unchanged file and byte range)."""
+    device = held.device
+    options = (*volume_mount_options(device.fs_type, tuple(mount_options)), "noexec")
+    before = content_key(device)
+    try:
+        with mounts.mount_block_device(
+            device.devnode, device.fs_type, options, f"probe of {device.devnode}"
+        ) as detached:
+            tree = f"/proc/self/fd/{detached.fd}"
+            manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
+    except OSError as exc:
+        raise EntryFailed(
+            f"cannot mount {held.layout.fs_type} from it: {exc.strerror or exc}"
+        ) from exc
+    if content_key(device) != before:
+        raise NotAPersonality("its content changed while it was checked")
+    return ProbeResult(manifest, before, refusal)
+
+
+def directory_key(st: os.stat_result) -> str:
+    """The content key of a directory tree: its inode and times (a change deeper down is not
+    seen; directory trees are for development, and refused under verification)."""
+    return f"dir={st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def directory_device(source: ImageSource, st: os.stat_result) -> BlockDevice:
+    """The stand-in device of a directory tree: its path, and an identity from its inode."""
+    return BlockDevice(
+        devnode=source.target,
+        devnum=(os.major(st.st_dev), os.minor(st.st_dev)),
+        properties={"ID_FS_TYPE": "directory"},
+        diskseq=st.st_ino,
+    )
+
+
+def probe_directory(
+    place: Place, opened: Opened, refuse: Refuse | None
+) -> ProbeResult:
+    """Probe a directory tree through its open descriptor."""
+    if place.verify != "none":
+        raise EntryFailed(
+            f"images.verify is {place.verify!r}: a directory tree cannot be verified (only "
+            "image files listed in SHA256SUMS can)"
+        )
+    tree = f"/proc/self/fd/{opened.fd}"
+    manifest, refusal = probe_tree(tree, place.mount_options, place.hierarchies, refuse)
+    return ProbeResult(manifest, directory_key(opened.st), refusal)
+
+
+def file_stand_in(source: ImageSource, fs_type: str) -> BlockDevice:
+    """The device an image file is listed with while not attached: its path."""
+    return BlockDevice(devnode=source.target, devnum=(0, 0), properties={"ID_FS_TYPE": fs_type})
+
+
+def is_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
+__all__ = [
+    "IMAGE_DIRECTORY",
+    "IMAGE_FILE",
+    "EntryFailed",
+    "HeldLoop",
+    "NotAPersonality",
+    "Place",
+    "UntrustedPath",
+    "attach_file",
+    "directory_device",
+    "directory_key",
+    "file_stand_in",
+    "open_entry",
+    "probe_directory",
+    "probe_loop",
+    "verify_file",
+]
