@@ -15,7 +15,9 @@ gpgv runs with a fresh private home (never root's ~/.gnupg), on copies in that d
 the listing, the signature and the keyring, and it passes only with exit status 0 and both
 a GOODSIG and a VALIDSIG status line. gpgv exits 0 for a signature by an expired or revoked
 key (EXPKEYSIG/REVKEYSIG instead of GOODSIG), so the status lines are what tell; like apt,
-such a signature fails. gpgv 2.2 reads only binary keyrings (an armored one makes it say "No
+such a signature fails. A SHA256SUMS.gpg holding several signatures passes only if gpgv finds
+all of them good (its exit status, which is all systemd looks at): one by a key missing
+from the keyring fails it. gpgv 2.2 reads only binary keyrings (an armored one makes it say "No
 public key"), so an armored keyring (`gpg --export --armor`) is turned binary with `gpg
 --dearmor` first; that takes gpg (package gnupg), a binary keyring only gpgv.
 
