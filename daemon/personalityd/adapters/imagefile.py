@@ -38,16 +38,17 @@ from personalityd.adapters.probe import (
 )
 from personalityd.adapters.trustedpath import Opened, UntrustedPath, open_trusted
 from personalityd.adapters.verify import (
+    KEYRING_PATHS,
+    SIGNATURE_NAME,
+    SUMS_NAME,
     VerificationFailed,
     check_listed,
     check_signature,
     file_digest,
-    find_keyring,
+    missing_keyring_message,
 )
 from personalityd.core.model import IMAGE_DIRECTORY, IMAGE_FILE, BlockDevice, ImageSource
 
-SUMS_NAME = "SHA256SUMS"
-SIGNATURE_NAME = "SHA256SUMS.gpg"
 MAX_SUMS_SIZE = 1024 * 1024
 
 
@@ -116,35 +117,38 @@ def verify_file(place: Place, opened: Opened, source: ImageSource) -> None:
     if place.verify == "none":
         return
     directory = os.path.dirname(source.entry)
-    sums_path = os.path.join(directory, SUMS_NAME)
-    sums = _read_beside(place, sums_path, "the checksum list")
+    sums = _read_beside(place, os.path.join(directory, SUMS_NAME), "the checksum list")
     if place.verify == "signed":
         signature = _read_beside(place, os.path.join(directory, SIGNATURE_NAME), "the signature")
-        keyring = find_keyring(Path(place.root))
-        if keyring is None:
-            raise EntryFailed(
-                f"images.verify is 'signed' but there is no keyring: put the public keys in "
-                f"{place.root.rstrip('/')}/etc/personalityd/import-pubring.pgp (gpg --export)"
-            )
+        keyring = _open_keyring(place)
         try:
-            _trusted_keyring(place, keyring)
-            check_signature(sums, signature, keyring, sums_path)
-        except (VerificationFailed, UntrustedPath) as exc:
+            check_signature(sums, signature, f"/proc/self/fd/{keyring}", directory)
+        except VerificationFailed as exc:
             raise EntryFailed(str(exc)) from exc
+        finally:
+            os.close(keyring)
+    # The symlink's target as listed (sysupdate lists versioned files), else the entry's name.
     names = list(dict.fromkeys([os.path.basename(source.target), os.path.basename(source.entry)]))
     try:
-        digest = file_digest(opened.fd)
-        check_listed(digest, sums, names, sums_path)
+        check_listed(file_digest(opened.fd), sums, names, directory)
     except VerificationFailed as exc:
         raise EntryFailed(str(exc)) from exc
     except OSError as exc:
         raise EntryFailed(f"cannot read {source.target}: {exc.strerror}") from exc
 
 
-def _trusted_keyring(place: Place, keyring: str) -> None:
-    """The keyring, too, must be root's and writable by root only."""
-    opened = open_trusted(place.root, place.relative(keyring), place.views, want="file")
-    os.close(opened.fd)
+def _open_keyring(place: Place) -> int:
+    """A descriptor of the first import keyring there is, read from the base and held to the
+    same ownership rules as the images; EntryFailed when there is none."""
+    for relative in KEYRING_PATHS:
+        try:
+            opened = open_trusted(place.root, "/" + relative, place.views, want="file")
+        except FileNotFoundError:
+            continue
+        except (UntrustedPath, OSError) as exc:
+            raise EntryFailed(f"the import keyring cannot be used: {exc}") from exc
+        return opened.fd
+    raise EntryFailed(missing_keyring_message(Path(place.root)))
 
 
 def _read_beside(place: Place, path: str, what: str) -> bytes:
@@ -152,7 +156,7 @@ def _read_beside(place: Place, path: str, what: str) -> bytes:
         opened = open_trusted(place.root, place.relative(path), place.views, want="file")
     except FileNotFoundError:
         raise EntryFailed(
-            f"images.verify is {place.verify!r} but {path} ({what}) does not exist"
+            f"images.verify is {place.verify!r}, but {path} ({what}) does not exist"
         ) from None
     except (UntrustedPath, OSError) as exc:
         raise EntryFailed(f"{what} cannot be used: {exc}") from exc
