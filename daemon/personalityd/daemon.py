@@ -33,9 +33,9 @@ from personalityd.core.osrelease import base_os_release, parse_os_release, syste
 from personalityd.frontends.spool import SpoolService
 from personalityd.log import setup_logging
 from personalityd.stack.engine import Engine, detect_features
+from personalityd.stack.images import ImageVolumes
 from personalityd.stack.layout import Layout
 from personalityd.stack.manager import Manager
-from personalityd.stack.images import ImageVolumes
 from personalityd.stack.registry import VolumeRegistry, protected_check
 
 log = structlog.get_logger()
@@ -95,7 +95,9 @@ class Daemon:
         features = detect_features(config, str(runtime / "probe"))
         journal = Journal()
         engine = Engine(config, features)
-        sysext = sysext_merges(read_mountinfo(), {h: str(config.path(h)) for h in config.hierarchies})
+        sysext = sysext_merges(
+            read_mountinfo(), {h: str(config.path(h)) for h in config.hierarchies}
+        )
         place = Place(
             root=str(config.root),
             views={h: engine.layout.base_ref(h) for h in config.hierarchies},

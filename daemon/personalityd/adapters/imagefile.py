@@ -231,9 +231,7 @@ def directory_device(source: ImageSource, st: os.stat_result) -> BlockDevice:
     )
 
 
-def probe_directory(
-    place: Place, opened: Opened, refuse: Refuse | None
-) -> ProbeResult:
+def probe_directory(place: Place, opened: Opened, refuse: Refuse | None) -> ProbeResult:
     """Probe a directory tree through its open descriptor."""
     if place.verify != "none":
         raise EntryFailed(

@@ -115,5 +115,7 @@ def sysext_merges(entries: Sequence[MountEntry], hierarchies: Mapping[str, str])
     return [
         h
         for h, path in hierarchies.items()
-        if any(e.fs_type == "overlay" and e.source == SYSEXT_SOURCE for e in mounts_at(entries, path))
+        if any(
+            e.fs_type == "overlay" and e.source == SYSEXT_SOURCE for e in mounts_at(entries, path)
+        )
     ]

@@ -42,7 +42,7 @@ from personalityd.adapters.mountinfo import (
 from personalityd.adapters.probe import volume_mount_options
 from personalityd.config import Config
 from personalityd.core.errors import MountFailed
-from personalityd.core.model import BlockDevice, StackPlan, Volume
+from personalityd.core.model import IMAGE_DIRECTORY, BlockDevice, StackPlan, Volume
 from personalityd.core.names import hierarchy_key
 from personalityd.stack.face import face_of, keep_face
 from personalityd.stack.layout import Layout, MountedVolume, OverlaySpec, Upper
@@ -143,8 +143,16 @@ class Engine:
             if top is None:
                 continue
             same_medium = volume is not None and info.get("identity") == volume.device.identity
-            tree = volume is not None and volume.source is not None and volume.source.kind == "directory"
-            if volume is not None and same_medium and (tree or top.fs_type == volume.device.fs_type):
+            tree = (
+                volume is not None
+                and volume.source is not None
+                and volume.source.kind == IMAGE_DIRECTORY
+            )
+            if (
+                volume is not None
+                and same_medium
+                and (tree or top.fs_type == volume.device.fs_type)
+            ):
                 self.volumes[name] = MountedVolume(
                     name, volume.device.identity, volume.device.devnode, path
                 )
@@ -268,7 +276,9 @@ class Engine:
         os.makedirs(path, mode=0o755, exist_ok=True)
         device = volume.device
         options = volume_mount_options(device.fs_type, tuple(self.config.mount_options))
-        existing = [] if tree_fd is not None else mounted_from_device(read_mountinfo(), device.devnum)
+        existing = (
+            [] if tree_fd is not None else mounted_from_device(read_mountinfo(), device.devnum)
+        )
         if tree_fd is not None:
             detached = mounts.clone_tree(f"/proc/self/fd/{tree_fd}")
             attrs, _ = mounts.split_options(options)
@@ -280,7 +290,8 @@ class Engine:
             attrs, _ = mounts.split_options(options)
             mounts.set_attributes(detached, attrs | mounts.MOUNT_ATTR_RDONLY, 0)
         else:
-            blockdev.make_read_only(device.devnode, device.devnum)
+            if volume.source is None:  # the daemon's own loop devices are read-only already
+                blockdev.make_read_only(device.devnode, device.devnum)
             detached = mounts.mount_block_device(
                 device.devnode, device.fs_type, options, f"volume '{volume.name}'"
             )

@@ -30,7 +30,6 @@ from pathlib import Path
 import structlog
 
 from personalityd.adapters.imagedirs import FoundEntry, scan_search_paths
-from personalityd.adapters.imageformat import ImageLayout
 from personalityd.adapters.imagefile import (
     EntryFailed,
     HeldLoop,
@@ -42,6 +41,7 @@ from personalityd.adapters.imagefile import (
     probe_directory,
     probe_loop,
 )
+from personalityd.adapters.imageformat import ImageLayout
 from personalityd.adapters.loopdev import LoopDevice, loop_status
 from personalityd.adapters.probe import NotAPersonality, ProbeResult, Refuse, probe_device
 from personalityd.adapters.trustedpath import Opened, UntrustedPath
@@ -366,12 +366,14 @@ class ImageVolumes:
         for name, identity in list(self.bound.items()):
             bound = self.loops[identity]
             entry = self.entries.get(name)
-            if entry is None or entry.failure is not None:
-                updated.append(name)
-            elif entry.volume.source != bound.volume.source or entry.content != bound.content:
-                updated.append(name)
-            else:
+            if (
+                entry is not None
+                and entry.failure is None
+                and entry.volume.source == bound.volume.source
+                and entry.content == bound.content
+            ):
                 continue
+            updated.append(name)
             del self.bound[name]
         if updated:
             log.info("images_updated", names=" ".join(updated))

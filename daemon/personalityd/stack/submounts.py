@@ -40,7 +40,6 @@ _MISSING = {
 }
 
 
-
 @dataclass
 class Submount:
     """A mount below a hierarchy, taken along from one stack to the next."""

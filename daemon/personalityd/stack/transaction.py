@@ -486,16 +486,12 @@ class Change:
             stack.engine.swap(self.wanted, self._built_items)
         except OSError as exc:
             log.error("swap_failed", requested=self.requested, error=str(exc))
-            raise MountFailed(
-                f"swapping in the new stack failed: {exc}", cause=str(exc)
-            ) from exc
+            raise MountFailed(f"swapping in the new stack failed: {exc}", cause=str(exc)) from exc
         self.swap_ms = (time.monotonic() - started) * 1000
 
     def _leaving(self) -> list[Volume]:
         volumes = self.stack.registry.volumes
-        return [
-            v for n, v in volumes.items() if n in self.before.live and n not in self.plan.live
-        ]
+        return [v for n, v in volumes.items() if n in self.before.live and n not in self.plan.live]
 
     def _persist(self, generation: int) -> None:
         state = self.stack.state
