@@ -26,10 +26,13 @@ from testkit.loops import LoopDevices
 from testkit.polling import wait_for
 from testkit.processes import run
 
+RELEASE_DIR = "usr/lib/extension-release.d"
 WEB = {"usr/bin/web-tool": "#!/bin/sh\necho web\n", "etc/web.conf": "web = 1\n"}
 
 
-async def wait_listed(bus: MessageBus, name: str, state: str, timeout: float = 120) -> tuple:
+async def wait_listed(
+    bus: MessageBus, name: str, state: str, timeout: float = 120
+) -> tuple[str, str, str, str]:
     """Poll ListPersonalities until `name` has `state`; its row (state, version, device, mp)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -46,7 +49,8 @@ async def test_image_file_is_found_attached_and_released(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     directory = search_dir(sandbox_root)
-    entry = install(image("web", WEB, manifest={"ID": "_any", "IMAGE_VERSION": "1.2"}), directory, "web.raw")
+    built = image("web", WEB, manifest={"ID": "_any", "IMAGE_VERSION": "1.2"})
+    entry = install(built, directory, "web.raw")
     serve(daemon)
     state, version, device, mount_point = await wait_listed(client, "web", "available")
     assert (version, device, mount_point) == ("1.2", str(entry), "")
@@ -102,18 +106,16 @@ async def test_every_kind_of_entry_is_stacked(
         "sys": ("sys.sysext.raw", image("sys", {"usr/bin/sys": "sys\n"})),
         "squ": ("squ.squashfs", image("squ", {"usr/bin/squ": "squ\n"})),
     }
-    for name, (filename, built) in kinds.items():
+    for filename, built in kinds.values():
         install(built, directory, filename)
     tree = tmp_path / "ddi-tree"
-    write_tree(tree, {"usr/bin/ddi": "ddi\n",
-                      "usr/lib/extension-release.d/extension-release.ddi": "ID=_any\n"})  # fmt: skip
+    write_tree(tree, {"usr/bin/ddi": "ddi\n", f"{RELEASE_DIR}/extension-release.ddi": "ID=_any\n"})
     install(build_disk_image(tree, tmp_path / "ddi.raw"), directory, "ddi.raw")
     # The sysupdate layout: a symlink to the current version, which is no entry of its own.
     install(image("ver", {"usr/bin/ver": "1.2\n"}), directory, "ver_1.2.raw")
     os.symlink("ver_1.2.raw", directory / "ver.raw")
     dev = directory / "dev"
-    write_tree(dev, {"usr/bin/dev": "dev\n",
-                     "usr/lib/extension-release.d/extension-release.dev": "ID=_any\n"})  # fmt: skip
+    write_tree(dev, {"usr/bin/dev": "dev\n", f"{RELEASE_DIR}/extension-release.dev": "ID=_any\n"})
     serve(daemon)
     names = [*kinds, "ddi", "ver", "dev"]
     for name in names:
@@ -145,7 +147,7 @@ def test_entries_that_root_does_not_own_alone_are_refused(
     os.chown(entry("userowned"), 1000, 1000)
     cases["userowned"] = "owned by uid 1000"
     os.chmod(entry("groupw"), 0o664)
-    cases["groupw"] = "writable by group"
+    cases["groupw"] = "writable by its group"
     os.chmod(entry("otherw"), 0o646)
     cases["otherw"] = "writable by others"
     target = entry("linked_1")
@@ -162,7 +164,7 @@ def test_entries_that_root_does_not_own_alone_are_refused(
     for name, why in cases.items():
         matching = [r for path, r in reasons.items() if f"/{name}" in path]
         assert matching and why in matching[0], (name, reasons)
-    assert any("writable by others" in r for p, r in reasons.items() if "loose" in p), reasons
+    assert "writable by others" in reasons[str(loose)], reasons
     result = daemon.request({"action": "attach", "personality": "userowned"})
     assert (result["_dir"], result["code"]) == ("failed", "no-such-personality")
     result = daemon.request({"action": "attach", "personality": "loose"})

@@ -7,6 +7,7 @@ is checked again, from the very file that is attached.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +37,10 @@ def keyring(root: Path, key: Key) -> None:
 
 
 def state_of(daemon: Daemon, name: str) -> str:
+    """ "found" or "failed", as the daemon's last look at the entry of `name` logged it."""
     for line in reversed(daemon.log_text().splitlines()):
         if "event=image_found" in line and f"name={name} " in line:
-            return "failed" if "failed=None" not in line else "found"
+            return "found" if re.search(r"failed=(\s|$)", line) else "failed"
     return ""
 
 

@@ -152,14 +152,17 @@ def test_sysupdate_symlink_absorbs_its_target() -> None:
     listing = [
         link("web.raw", "web_1.2.raw"),
         file("web_1.2.raw"),
-        file("web_1.1.raw"),  # an older version nothing points to: an entry of its own
+        file("web_1.1.raw"),  # an older version beside the link: web's, no entry of its own
+        file("web_tools.raw"),  # not a version (no digit after the `_`): an entry
+        file("web_2.squashfs"),  # another suffix than the link's: an entry
         link("db.raw", "./db_7.raw"),
         file("db_7.raw"),
     ]
     assert select_entries(listing) == [
         Candidate("db", link("db.raw", "./db_7.raw")),
         Candidate("web", link("web.raw", "web_1.2.raw")),
-        Candidate("web_1.1", file("web_1.1.raw")),
+        Candidate("web_2", file("web_2.squashfs")),
+        Candidate("web_tools", file("web_tools.raw")),
     ]
 
 

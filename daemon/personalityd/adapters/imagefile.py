@@ -36,7 +36,7 @@ from personalityd.adapters.probe import (
     probe_tree,
     volume_mount_options,
 )
-from personalityd.adapters.trustedpath import Opened, UntrustedPath, open_trusted
+from personalityd.adapters.trustedpath import Opened, UntrustedPath, Want, open_trusted
 from personalityd.adapters.verify import (
     KEYRING_PATHS,
     SIGNATURE_NAME,
@@ -81,25 +81,34 @@ class HeldLoop:
     """A loop device the daemon made, with the descriptor that keeps it configured (autoclear:
     it goes once this is closed and nothing mounts it)."""
 
-    def __init__(self, loop: LoopDevice, fd: int, layout: ImageLayout) -> None:
+    def __init__(
+        self, loop: LoopDevice, fd: int, layout: ImageLayout, backing_fd: int | None = None
+    ) -> None:
         self.loop = loop
         self.fd = fd
         self.layout = layout
+        # The backing file, held so that its content key is that file's, whatever its path
+        # names later (None for a loop adopted from an earlier run: judged by its path).
+        self.backing_fd = backing_fd
 
     @property
     def device(self) -> BlockDevice:
         return self.loop.block_device(self.layout.fs_type)
 
+    def content_key(self) -> str:
+        return content_key(self.device, self.backing_fd)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.backing_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd, self.backing_fd = -1, None
 
 
 def open_entry(place: Place, entry: str, kind: str, rank: int) -> tuple[Opened, ImageSource]:
     """Open the entry (`kind` IMAGE_FILE or IMAGE_DIRECTORY); UntrustedPath or OSError."""
-    want = "dir" if kind == IMAGE_DIRECTORY else "file"
+    want: Want = "dir" if kind == IMAGE_DIRECTORY else "file"
     opened = open_trusted(place.root, place.relative(entry), place.views, want=want)
     source = ImageSource(
         kind=kind,
@@ -189,7 +198,7 @@ def attach_file(place: Place, opened: Opened, source: ImageSource) -> HeldLoop:
         raise EntryFailed(
             f"cannot make a loop device of {source.target}: {exc.strerror or exc}"
         ) from exc
-    return HeldLoop(loop, fd, layout)
+    return HeldLoop(loop, fd, layout, os.dup(opened.fd))
 
 
 def probe_loop(
@@ -199,7 +208,7 @@ def probe_loop(
     the loop's (the same for any loop over the same unchanged file and byte range)."""
     device = held.device
     options = (*volume_mount_options(device.fs_type, tuple(mount_options)), "noexec")
-    before = content_key(device)
+    before = held.content_key()
     try:
         with mounts.mount_block_device(
             device.devnode, device.fs_type, options, f"probe of {device.devnode}"
@@ -210,7 +219,7 @@ def probe_loop(
         raise EntryFailed(
             f"cannot mount {held.layout.fs_type} from it: {exc.strerror or exc}"
         ) from exc
-    if content_key(device) != before:
+    if held.content_key() != before:
         raise NotAPersonality("its content changed while it was checked")
     return ProbeResult(manifest, before, refusal)
 

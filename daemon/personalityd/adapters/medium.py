@@ -43,14 +43,18 @@ _LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 HEAD_BYTES = 68 * 1024  # a multiple of every logical block size, past btrfs' superblock
 
 
-def content_key(device: BlockDevice) -> str:
+def content_key(device: BlockDevice, backing_fd: int | None = None) -> str:
     """The key of what `device` holds now (see the module docstring). Never raises: a device
-    that cannot be read gets a key naming the error, which is stable while that lasts."""
+    that cannot be read gets a key naming the error, which is stable while that lasts.
+
+    `backing_fd`, for a loop device the daemon made, is its backing file held open: the file
+    is then judged by that descriptor rather than by its path, which may name another file
+    since (an image renamed over its entry does not change what the loop reads)."""
     name = Path(device.devnode).name
     size = f"size={_sectors(name)}"
     loop = _loop_parent(name)
     if loop is not None:
-        return f"{size} {_loop_part(loop)}"
+        return f"{size} {_loop_part(loop, backing_fd)}"
     return f"{size} {_digest(device.devnode)}"
 
 
@@ -73,7 +77,7 @@ def _loop_parent(name: str) -> str | None:
     return None
 
 
-def _loop_part(loop: str) -> str:
+def _loop_part(loop: str, backing_fd: int | None = None) -> str:
     try:
         fd = os.open(f"/dev/{loop}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -87,8 +91,11 @@ def _loop_part(loop: str) -> str:
     lo_device, lo_inode, _, offset, sizelimit = _LOOP_INFO64.unpack(raw)[:5]
     where = f"loop={os.major(lo_device)}:{os.minor(lo_device)}:{lo_inode}@{offset}+{sizelimit}"
     try:
-        backing = Path(f"/sys/block/{loop}/loop/backing_file").read_text().rstrip("\n")
-        st = os.stat(backing)
+        if backing_fd is not None:
+            st = os.fstat(backing_fd)
+        else:
+            backing = Path(f"/sys/block/{loop}/loop/backing_file").read_text().rstrip("\n")
+            st = os.stat(backing)
     except OSError:
         return where + ":path-gone"
     same = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == (
@@ -98,6 +105,11 @@ def _loop_part(loop: str) -> str:
     )
     if not same:
         return where + ":path-elsewhere"
+    if backing_fd is not None:
+        # Not the change time: replacing the entry (a rename over it) unlinks this file,
+        # which moves its ctime without touching its bytes. Only root can write the daemon's
+        # image files (adapters/trustedpath.py), and a write moves the modification time.
+        return f"{where}:{st.st_size}:{st.st_mtime_ns}"
     return f"{where}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 

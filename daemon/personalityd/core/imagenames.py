@@ -140,13 +140,38 @@ def _on_cycle(start: str, links: dict[str, str]) -> bool:
 
 def absorbed_targets(listing: Sequence[Listed]) -> set[str]:
     """File names that are the content of a symlink entry of the same directory, so not
-    entries of their own. Entries on a circle of symlinks are never absorbed."""
+    entries of their own. Entries on a circle of symlinks are never absorbed.
+
+    So are the other versions beside such a link, in systemd-sysupdate's layout (a version
+    starts with a digit): with `web.raw -> web_1.2.raw`, the `web_1.1.raw` kept from before
+    is `web`'s earlier version,
+    not a personality `web_1.1` (which its manifest, naming `web`, would contradict)."""
     links = _links(listing)
-    return {
+    absorbed = {
         target
         for source, target in links.items()
         if target != source and not _on_cycle(target, links)
     }
+    versioned = [v for v in (_version_prefix(s) for s in links if s not in absorbed) if v]
+    for item in listing:
+        if item.kind == "file" and item.filename not in links:
+            name = listed_name(item)
+            suffix = entry_suffix(item.filename, False)
+            if name is not None and any(
+                suffix == known and name.startswith(prefix) and name[len(prefix) :][:1].isdigit()
+                for prefix, known in versioned
+            ):
+                absorbed.add(item.filename)
+    return absorbed
+
+
+def _version_prefix(link: str) -> tuple[str, str] | None:
+    """(`web_`, `.raw`) for the symlink entry `web.raw`: the versions it may point to."""
+    suffix = entry_suffix(link, False)
+    name = entry_name(link, False)
+    if suffix is None or name is None:
+        return None
+    return (name + "_", suffix)
 
 
 def _preference(item: Listed) -> tuple[int, str]:

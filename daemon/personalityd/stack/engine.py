@@ -173,12 +173,16 @@ class Engine:
                 continue
             info = record.get("hierarchies", {}).get(h) or {}
             layers, upper = info.get("layers"), info.get("upper")
+            identities = info.get("identities", [])
             if (
                 info.get("mount_id") == stacked[0].mount_id
                 and isinstance(layers, list)
+                and isinstance(identities, list)
                 and (upper is None or isinstance(upper, str))
             ):
-                self.specs[h] = OverlaySpec(tuple(str(x) for x in layers), upper)
+                self.specs[h] = OverlaySpec(
+                    tuple(str(x) for x in layers), upper, tuple(str(x) for x in identities)
+                )
                 self.mount_ids[h] = stacked[0].mount_id
             else:
                 # Unknown layers: treated as something to replace at the next change.
@@ -261,8 +265,13 @@ class Engine:
             # The overlay's root directory is the upper's, or else the top layer's.
             if upper_dir is None and face_of(layers[0]) != face_of(base):
                 layers = (self.layout.meta(h), *layers)
-            wanted[h] = OverlaySpec((*layers, base), upper_dir)
+            identities = tuple(self._identity(n) for n in names)
+            wanted[h] = OverlaySpec((*layers, base), upper_dir, identities)
         return wanted
+
+    def _identity(self, name: str) -> str:
+        mounted = self.volumes.get(name)
+        return mounted.identity if mounted is not None else ""
 
     def is_current(self, plan: StackPlan, upper: Upper) -> bool:
         wanted = self.specs_for(plan, upper)

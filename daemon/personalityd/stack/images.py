@@ -129,6 +129,12 @@ class ImageVolumes:
             if e.failure is not None and n not in self.bound
         }
 
+    def current_content(self, volume: Volume) -> str | None:
+        """The content key of an attached image file now (blocking), from the backing file the
+        daemon holds; None when `volume` is not one of its loop devices."""
+        bound = self.loops.get(volume.device.identity)
+        return None if bound is None else bound.held.content_key()
+
     def checked_content(self, volume: Volume) -> str | None:
         bound = self.loops.get(volume.device.identity)
         if bound is not None:
@@ -224,8 +230,8 @@ class ImageVolumes:
         except EntryFailed as exc:
             stand_in = file_stand_in(source, "")
             self._refuse(source.target, name, str(exc))
-            volume = Volume(name, stand_in, Manifest(name, {}), source=source)
-            return Entry(volume, "", stamp, failure=str(exc))
+            failed = Volume(name, stand_in, Manifest(name, {}), source=source)
+            return Entry(failed, "", stamp, failure=str(exc))
         except (NotAPersonality, OSError) as exc:
             self._refuse(source.target, None, _reason(exc))
             return None

@@ -31,9 +31,16 @@ NO_UPPER = Upper("none", None, "")
 class OverlaySpec:
     layers: tuple[str, ...]  # lower directories, top first, the base reference last
     upper: str | None
+    # The identities of the volume mounts the layers are on, top first: a volume mounted
+    # anew at the same path (an image file re-attached by Refresh) makes a new overlay.
+    identities: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {"layers": list(self.layers), "upper": self.upper}
+        return {
+            "layers": list(self.layers),
+            "upper": self.upper,
+            "identities": list(self.identities),
+        }
 
 
 @dataclass

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
+from personalityd.adapters.imagefile import directory_key
 from personalityd.adapters.medium import content_key
 from personalityd.adapters.probe import NotAPersonality, ProbeResult, Refuse, probe_device
 from personalityd.adapters.protected import protected_in_tree
@@ -31,7 +33,7 @@ from personalityd.core.desired import no_such_message, quoted
 from personalityd.core.errors import NoSuchPersonality, Timeout
 from personalityd.core.manifest import check_compatibility
 from personalityd.core.matching import matched_only_by_fs_type, matches_any
-from personalityd.core.model import BlockDevice, OsRelease, Volume
+from personalityd.core.model import IMAGE_DIRECTORY, BlockDevice, OsRelease, Volume
 from personalityd.stack.images import ImageVolumes
 
 log = structlog.get_logger()
@@ -81,6 +83,13 @@ class VolumeRegistry:
         if volume.source is not None and self.images is not None:
             return self.images.checked_content(volume)
         return self._content.get(volume.device.identity)
+
+    def current_content(self, volume: Volume, mounted_at: str) -> str:
+        """The content key of `volume` now, to hold against `checked_content` (blocking)."""
+        if volume.source is not None and volume.source.kind == IMAGE_DIRECTORY:
+            return directory_key(os.stat(mounted_at))
+        key = self.images.current_content(volume) if self.images is not None else None
+        return key if key is not None else content_key(volume.device)
 
     def merge(self) -> None:
         """`volumes` from the block devices and the image entries (see the module docstring);

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from personalityd.adapters.imagefile import EntryFailed, directory_key
+from personalityd.adapters.imagefile import EntryFailed
 from personalityd.adapters.journal import Journal
-from personalityd.adapters.medium import content_key
 from personalityd.adapters.mounts import Detached
 from personalityd.adapters.probe import symlinked_hierarchy
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
@@ -279,7 +278,8 @@ async def _mount_and_look(
     # One worker thread for all of them: each look is a fraction of a millisecond, less than
     # a thread hop.
     looks = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: [_look_at_mount(volume, path, hierarchies) for volume, path in trees]
+        None,
+        lambda: [_look_at_mount(stack.registry, v, path, hierarchies) for v, path in trees],
     )
     content: dict[str, str] = {}
     changed: list[Volume] = []
@@ -314,17 +314,13 @@ def _mount(stack: Stack, volume: Volume) -> None:
 
 
 def _look_at_mount(
-    volume: Volume, path: str, hierarchies: Sequence[str]
+    registry: VolumeRegistry, volume: Volume, path: str, hierarchies: Sequence[str]
 ) -> tuple[str, str | None] | OSError:
     """(content key of `volume`, refusal if a hierarchy in the tree mounted at `path` is a
     symlink), or the OSError that kept it from looking: taken after the mount, so a key equal
     to the probed one means this mount shows the probed content."""
     try:
-        if volume.source is not None and volume.source.kind == IMAGE_DIRECTORY:
-            key = directory_key(os.stat(path))
-        else:
-            key = content_key(volume.device)
-        return key, symlinked_hierarchy(path, hierarchies)
+        return registry.current_content(volume, path), symlinked_hierarchy(path, hierarchies)
     except OSError as exc:
         return exc
 
