@@ -105,6 +105,7 @@ class Daemon:
             architecture=self.base.architecture,
             mount_options=tuple(config.mount_options),
             hierarchies=tuple(config.hierarchies),
+            scratch=str(runtime / "probe"),
         )
         images = ImageVolumes(
             place,

@@ -189,6 +189,10 @@ BAD: list[tuple[str, object, str]] = [
     ("state.runtime_dir", "", "an absolute path"),
     ("systemd.manage_services", True, 'one of "auto", "yes", "no"'),
     ("debug.block_signal", "yes", "true or false"),
+    ("images.search_paths", "/srv/images", "a list of absolute paths"),
+    ("images.search_paths", ["images"], "a list of absolute paths"),
+    ("images.sysext_paths", "yes", "true or false"),
+    ("images.verify", "gpg", 'one of "none", "checksum", "signed"'),
 ]
 
 
@@ -286,6 +290,9 @@ BAD_STRATEGIES: dict[str, st.SearchStrategy[object]] = {
     "state.runtime_dir": PATHS_BAD,
     "systemd.manage_services": CHOICE_BAD.filter(lambda v: v not in ("auto", "yes", "no")),
     "debug.block_signal": st.text() | st.integers() | st.lists(st.booleans(), max_size=2),
+    "images.search_paths": LIST_BAD | PATHS_BAD.map(lambda p: [p]) | st.just(["/"]),
+    "images.sysext_paths": st.text() | st.integers() | st.lists(st.booleans(), max_size=2),
+    "images.verify": CHOICE_BAD.filter(lambda v: v not in ("none", "checksum", "signed")),
 }
 
 
@@ -424,6 +431,7 @@ def test_shipped_config_is_all_defaults_and_every_key() -> None:
     text = shipped.read_text()
     assert tomllib.loads(text) == {
         "volumes": {},
+        "images": {},
         "stack": {},
         "writable": {},
         "spool": {},

@@ -82,4 +82,3 @@ async def lookup_group_gids(names: Iterable[str]) -> frozenset[int]:
 
 async def lookup_user_gids(uid: int) -> frozenset[int]:
     return await _lookups.run(user_gids, uid)
-

@@ -19,9 +19,11 @@ attached) or not seen at all; never half of each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from personalityd.adapters import mounts
 from personalityd.adapters.imageformat import ImageFormatError, ImageLayout, detect_layout
 from personalityd.adapters.loopdev import LoopDevice, attach_read_only
 from personalityd.adapters.medium import content_key
+from personalityd.adapters.mountinfo import mounted_from_device, read_mountinfo
 from personalityd.adapters.probe import (
     NotAPersonality,
     ProbeResult,
@@ -50,6 +53,8 @@ from personalityd.adapters.verify import (
 from personalityd.core.model import IMAGE_DIRECTORY, IMAGE_FILE, BlockDevice, ImageSource
 
 MAX_SUMS_SIZE = 1024 * 1024
+USR_TREE = "usr"  # a GPT "usr" partition: its root is what goes under usr/
+TREE_PROPERTY = "PERSONALITYD_TREE"  # set to USR_TREE on the device of such a partition
 
 
 class EntryFailed(Exception):
@@ -68,6 +73,7 @@ class Place:
     architecture: str
     mount_options: tuple[str, ...]
     hierarchies: tuple[str, ...]
+    scratch: str = "/run/personalityd/probe"  # a private directory for probes
 
     def relative(self, logical: str) -> str:
         """`<root>/var/lib/x` -> `/var/lib/x` (what open_trusted takes)."""
@@ -93,7 +99,11 @@ class HeldLoop:
 
     @property
     def device(self) -> BlockDevice:
-        return self.loop.block_device(self.layout.fs_type)
+        device = self.loop.block_device(self.layout.fs_type)
+        if self.layout.tree == USR_TREE:
+            properties = {**device.properties, TREE_PROPERTY: USR_TREE}
+            device = dataclasses.replace(device, properties=properties)
+        return device
 
     def content_key(self) -> str:
         return content_key(self.device, self.backing_fd)
@@ -187,11 +197,6 @@ def attach_file(place: Place, opened: Opened, source: ImageSource) -> HeldLoop:
         raise EntryFailed(str(exc)) from exc
     except OSError as exc:
         raise EntryFailed(f"cannot read {source.target}: {exc.strerror}") from exc
-    if layout.tree != "root":
-        raise EntryFailed(
-            f"{name}: its {layout.tree} partition would need a tree under usr/; only root "
-            "partitions are stacked (a root partition holds usr/ and etc/ itself)"
-        )
     try:
         loop, fd = attach_read_only(opened.fd, offset=layout.offset, size=layout.size)
     except OSError as exc:
@@ -202,19 +207,38 @@ def attach_file(place: Place, opened: Opened, source: ImageSource) -> HeldLoop:
 
 
 def probe_loop(
-    held: HeldLoop, mount_options: Sequence[str], hierarchies: Sequence[str], refuse: Refuse | None
+    held: HeldLoop,
+    mount_options: Sequence[str],
+    hierarchies: Sequence[str],
+    refuse: Refuse | None,
+    scratch: str,
 ) -> ProbeResult:
-    """Mount the loop device detached (nobody sees it) and probe the tree; the content key is
-    the loop's (the same for any loop over the same unchanged file and byte range)."""
+    """Probe the tree on the loop device; the content key is the loop's (the same for any loop
+    over the same unchanged file and byte range).
+
+    Read through the daemon's own mount of the loop when there is one (an attached volume),
+    else through a detached mount that nobody sees; a "usr" partition's tree through a
+    private directory in `scratch` that holds the mount as its `usr`."""
     device = held.device
     options = (*volume_mount_options(device.fs_type, tuple(mount_options)), "noexec")
     before = held.content_key()
     try:
-        with mounts.mount_block_device(
-            device.devnode, device.fs_type, options, f"probe of {device.devnode}"
-        ) as detached:
-            tree = f"/proc/self/fd/{detached.fd}"
+        existing = mounted_from_device(read_mountinfo(), device.devnum)
+        if existing:
+            tree = existing[0].mount_point
+            if held.layout.tree == USR_TREE:
+                tree = os.path.dirname(tree)
             manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
+        else:
+            with mounts.mount_block_device(
+                device.devnode, device.fs_type, options, f"probe of {device.devnode}"
+            ) as detached:
+                if held.layout.tree == USR_TREE:
+                    with _usr_tree(detached, scratch) as tree:
+                        manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
+                else:
+                    tree = f"/proc/self/fd/{detached.fd}"
+                    manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
     except OSError as exc:
         raise EntryFailed(
             f"cannot mount {held.layout.fs_type} from it: {exc.strerror or exc}"
@@ -222,6 +246,24 @@ def probe_loop(
     if held.content_key() != before:
         raise NotAPersonality("its content changed while it was checked")
     return ProbeResult(manifest, before, refusal)
+
+
+@contextlib.contextmanager
+def _usr_tree(detached: mounts.Detached, scratch: str) -> Iterator[str]:
+    """A directory whose `usr` is the detached mount (a "usr" partition), for the probe."""
+    os.makedirs(scratch, mode=0o700, exist_ok=True)
+    tree = tempfile.mkdtemp(prefix="usr-tree-", dir=scratch)
+    usr = os.path.join(tree, "usr")
+    os.mkdir(usr, 0o755)
+    try:
+        mounts.attach(detached, usr)
+        try:
+            yield tree
+        finally:
+            mounts.unmount(usr)
+    finally:
+        os.rmdir(usr)  # nothing is mounted there any more: a plain, empty directory
+        os.rmdir(tree)
 
 
 def directory_key(st: os.stat_result) -> str:

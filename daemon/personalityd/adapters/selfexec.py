@@ -64,23 +64,23 @@ def elf_interpreter(path: str) -> str | None:
             return None
         wide, endian = header[4] == 2, "<" if header[5] == 1 else ">"
         if wide:
-            phoff, = struct.unpack_from(endian + "Q", header, 32)
+            (phoff,) = struct.unpack_from(endian + "Q", header, 32)
             phentsize, phnum = struct.unpack_from(endian + "HH", header, 54)
         else:
-            phoff, = struct.unpack_from(endian + "I", header, 28)
+            (phoff,) = struct.unpack_from(endian + "I", header, 28)
             phentsize, phnum = struct.unpack_from(endian + "HH", header, 42)
         for i in range(min(phnum, 256)):
             f.seek(phoff + i * phentsize)
             entry = f.read(phentsize)
-            p_type, = struct.unpack_from(endian + "I", entry, 0)
+            (p_type,) = struct.unpack_from(endian + "I", entry, 0)
             if p_type != PT_INTERP:
                 continue
             if wide:
-                offset, = struct.unpack_from(endian + "Q", entry, 8)
-                size, = struct.unpack_from(endian + "Q", entry, 32)
+                (offset,) = struct.unpack_from(endian + "Q", entry, 8)
+                (size,) = struct.unpack_from(endian + "Q", entry, 32)
             else:
-                offset, = struct.unpack_from(endian + "I", entry, 4)
-                size, = struct.unpack_from(endian + "I", entry, 16)
+                (offset,) = struct.unpack_from(endian + "I", entry, 4)
+                (size,) = struct.unpack_from(endian + "I", entry, 16)
             f.seek(offset)
             return f.read(min(size, 4096)).rstrip(b"\0").decode()
     return None
@@ -189,9 +189,7 @@ def run_from_base(references: Mapping[str, str]) -> None:
     if os.environ.get(REEXEC_ENV) == "1":
         log.warning("running_from_stack", files=stacked[:5], count=len(stacked))
         return
-    usable = {
-        h: ref for h, ref in references.items() if h in overlays and os.path.isdir(ref)
-    }
+    usable = {h: ref for h, ref in references.items() if h in overlays and os.path.isdir(ref)}
     try:
         argv, extra = reexec_command(
             BaseResolver(usable),

@@ -105,9 +105,7 @@ def _attach(desired: Sequence[DesiredEntry], name: str, force: bool) -> Edited:
     return Edited((*desired, DesiredEntry(name, force)), changed=True)
 
 
-def _detach(
-    desired: Sequence[DesiredEntry], name: str, volumes: Mapping[str, Volume]
-) -> Edited:
+def _detach(desired: Sequence[DesiredEntry], name: str, volumes: Mapping[str, Volume]) -> Edited:
     present = any(e.name == name for e in desired)
     if not present and name not in volumes:
         # Nothing to detach and no such volume: most likely a typo; say so.

@@ -64,4 +64,3 @@ SIG_STACK_CHANGED: Final = "tas"  # generation, attached (bottom first)
 OPTION_TIMEOUT: Final = "timeout"  # u: seconds to wait for a missing volume
 OPTION_FORCE: Final = "force"  # b: skip the compatibility check
 OPTION_SIGNATURES: Final = {OPTION_TIMEOUT: "u", OPTION_FORCE: "b"}
-

@@ -141,9 +141,7 @@ def index_lookup(index: Mapping[str, PackedTree]) -> tuple[Provides, KindAt]:
     def kind_at(path: str) -> str | None:
         for hierarchy, tree in index.items():
             if path != hierarchy and _within(path, hierarchy):
-                relative = path[len(hierarchy.rstrip("/")) + 1 :].encode(
-                    "utf-8", "surrogateescape"
-                )
+                relative = path[len(hierarchy.rstrip("/")) + 1 :].encode("utf-8", "surrogateescape")
                 return _kind_in(tree, relative)
         return None
 

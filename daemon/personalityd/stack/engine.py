@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import structlog
 
 from personalityd.adapters import blockdev, mounts
+from personalityd.adapters.imagefile import TREE_PROPERTY, USR_TREE
 from personalityd.adapters.mountinfo import (
     MountEntry,
     is_our_overlay,
@@ -143,16 +144,7 @@ class Engine:
             if top is None:
                 continue
             same_medium = volume is not None and info.get("identity") == volume.device.identity
-            tree = (
-                volume is not None
-                and volume.source is not None
-                and volume.source.kind == IMAGE_DIRECTORY
-            )
-            if (
-                volume is not None
-                and same_medium
-                and (tree or top.fs_type == volume.device.fs_type)
-            ):
+            if volume is not None and same_medium and _shows(entries, path, volume):
                 self.volumes[name] = MountedVolume(
                     name, volume.device.identity, volume.device.devnode, path
                 )
@@ -305,11 +297,28 @@ class Engine:
                 device.devnode, device.fs_type, options, f"volume '{volume.name}'"
             )
         with detached:
-            mounts.attach(detached, path)
+            if device.properties.get(TREE_PROPERTY) == USR_TREE:
+                self._attach_under_usr(detached, path, volume.name)
+            else:
+                mounts.attach(detached, path)
         mounted = MountedVolume(volume.name, device.identity, device.devnode, path)
         self.volumes[volume.name] = mounted
         log.info("volume_mounted", name=volume.name, device=device.devnode, path=path)
         return mounted
+
+    def _attach_under_usr(self, detached: mounts.Detached, path: str, name: str) -> None:
+        """A "usr" partition's tree is what goes under usr/: the volume's mount is a small
+        read-only tmpfs holding `usr`, with the partition mounted there (unmounted with it)."""
+        with mounts.mount_tmpfs(["mode=0755", "size=64k"], f"tree of '{name}'") as wrapper:
+            mounts.attach(wrapper, path)
+        try:
+            os.mkdir(os.path.join(path, "usr"), 0o755)
+            attrs = mounts.MOUNT_ATTR_RDONLY | mounts.MOUNT_ATTR_NODEV | mounts.MOUNT_ATTR_NOSUID
+            mounts.set_attributes_at(path, attrs)
+            mounts.attach(detached, os.path.join(path, "usr"))
+        except OSError:
+            mounts.unmount(path)
+            raise
 
     def unmount_volume(self, name: str) -> MountedVolume | None:
         mounted = self.volumes.pop(name, None)
@@ -447,6 +456,18 @@ class Engine:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def _shows(entries: Sequence[MountEntry], path: str, volume: Volume) -> bool:
+    """Whether the mounts at `path` are how `volume` is mounted (engine.mount_volume)."""
+    if volume.source is not None and volume.source.kind == IMAGE_DIRECTORY:
+        return True  # a bind mount of the directory: its filesystem's type, whatever it is
+    device = volume.device
+    if device.properties.get(TREE_PROPERTY) == USR_TREE:
+        usr = top_mount_at(entries, os.path.join(path, "usr"))
+        return usr is not None and usr.fs_type == device.fs_type
+    top = top_mount_at(entries, path)
+    return top is not None and top.fs_type == device.fs_type
 
 
 def _unmount_all(entries: Sequence[MountEntry], path: str) -> None:

@@ -43,7 +43,7 @@ from personalityd.adapters.imagefile import (
 )
 from personalityd.adapters.imageformat import ImageLayout
 from personalityd.adapters.loopdev import LoopDevice, loop_status
-from personalityd.adapters.probe import NotAPersonality, ProbeResult, Refuse, probe_device
+from personalityd.adapters.probe import NotAPersonality, ProbeResult, Refuse
 from personalityd.adapters.trustedpath import Opened, UntrustedPath
 from personalityd.core.manifest import check_compatibility
 from personalityd.core.model import (
@@ -221,9 +221,7 @@ class ImageVolumes:
                 held = attach_file(self.place, opened, source)
                 self._own.add((held.loop.devnode, held.loop.diskseq))
                 try:
-                    result = probe_loop(
-                        held, self.place.mount_options, self.place.hierarchies, self._protected
-                    )
+                    result = self._probe_held(held)
                 finally:
                     held.close()
                 device = file_stand_in(source, held.layout.fs_type)
@@ -237,6 +235,12 @@ class ImageVolumes:
             return None
         volume = self._volume(name, device, source, result)
         return None if volume is None else Entry(volume, result.content, stamp)
+
+    def _probe_held(self, held: HeldLoop) -> ProbeResult:
+        place = self.place
+        return probe_loop(
+            held, place.mount_options, place.hierarchies, self._protected, place.scratch
+        )
 
     def _volume(
         self, name: str, device: BlockDevice, source: ImageSource, result: ProbeResult
@@ -311,9 +315,7 @@ class ImageVolumes:
                 if stamp != entry.stamp or now != source:
                     # Not the file that was probed: probe this one, through its own loop.
                     log.info("image_changed_before_attach", name=name, path=source.entry)
-                    result = probe_loop(
-                        held, self.place.mount_options, self.place.hierarchies, self._protected
-                    )
+                    result = self._probe_held(held)
                     found = self._volume(name, held.device, now, result)
                     if found is None:
                         held.close()
@@ -404,16 +406,8 @@ class ImageVolumes:
             await self.rescan()
             return
         loop = asyncio.get_running_loop()
-        place = self.place
         try:
-            result = await loop.run_in_executor(
-                None,
-                probe_device,
-                bound.held.device,
-                place.mount_options,
-                place.hierarchies,
-                self._protected,
-            )
+            result = await loop.run_in_executor(None, self._probe_held, bound.held)
         except (NotAPersonality, OSError) as exc:
             self._refuse(bound.held.loop.devnode, volume.name, _reason(exc))
             found = None
@@ -442,6 +436,7 @@ class ImageVolumes:
                     "offset": loop.offset,
                     "size": loop.size,
                     "fs_type": layout.fs_type,
+                    "tree": layout.tree,
                     "entry": source.entry,
                     "target": source.target,
                     "rank": source.rank,
@@ -482,7 +477,10 @@ class ImageVolumes:
             os.close(fd)
             return
         layout = ImageLayout(
-            fs_type=str(item["fs_type"]), offset=status.offset, size=status.size, tree="root"
+            fs_type=str(item["fs_type"]),
+            offset=status.offset,
+            size=status.size,
+            tree=str(item.get("tree", "root")),
         )
         st = os.fstat(fd)
         loop = LoopDevice(
@@ -497,9 +495,7 @@ class ImageVolumes:
         held = HeldLoop(loop, fd, layout)
         self._own.add((devnode, diskseq))
         try:
-            result = probe_device(
-                held.device, self.place.mount_options, self.place.hierarchies, self._protected
-            )
+            result = self._probe_held(held)
         except BaseException:
             held.close()
             raise
