@@ -325,9 +325,17 @@ say "Step 2: attach web (on top of datascience: web's python-tool wins)"
 request 02-attach-web '{"action": "attach", "personality": "web", "id": "step-2"}'
 show_stack
 
-say "Plugging in the gameserver volume while the daemon runs"
-attach GAME_DEV "$WORK/volumes/gameserver.ext4"
-show_udev "$GAME_DEV"
+say "Dropping the gameserver image file into a search path while the daemon runs"
+# No losetup: the daemon finds the file (inotify), checks who owns it, and attaches it through
+# a read-only loop device of its own when it is asked for.
+IMAGES=$ROOT/var/lib/personalities
+install -d -m 0755 "$IMAGES"
+install -m 0644 "$WORK/volumes/gameserver.ext4" "$IMAGES/.gameserver.img.part"
+mv "$IMAGES/.gameserver.img.part" "$IMAGES/gameserver.img"
+echo "  $IMAGES/gameserver.img"
+for _ in $(seq 100); do grep -q 'event=image_found name=gameserver' "$LOG" && break; sleep 0.1; done
+PYTHONPATH=$REPO/daemon${PYTHONPATH:+:$PYTHONPATH} "$PY" -m personalityd.client.cli list |
+    sed 's/^/  /'
 
 say "Step 3: switch to [web, gameserver] (datascience goes; gameserver on top)"
 request 03-switch '{"action": "switch", "personalities": ["web", "gameserver"], "id": "step-3", "timeout": 10}'

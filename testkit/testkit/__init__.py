@@ -13,6 +13,8 @@ machine. One module per job:
     udev       udevd, settling, properties, `udevadm monitor`, the tagging rule
     loops      loop devices attached by one test or benchmark
     images     file trees and personality images (squashfs, erofs, ext4)
+    ddi        GPT disk images holding a personality in a DPS root or usr partition
+    signing    gpg keys, SHA256SUMS and their detached signatures (images.verify)
     mounts     reading /proc/self/mountinfo, unmounting test-owned trees
     sandbox    the minimal base OS tree the daemon stacks onto
     journal    journald for tests, reading entries back with journalctl

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 
 from dbus_fast.aio import MessageBus
@@ -111,13 +112,18 @@ async def test_every_kind_of_entry_is_stacked(
     tree = tmp_path / "ddi-tree"
     write_tree(tree, {"usr/bin/ddi": "ddi\n", f"{RELEASE_DIR}/extension-release.ddi": "ID=_any\n"})
     install(build_disk_image(tree, tmp_path / "ddi.raw"), directory, "ddi.raw")
+    usr_tree = tmp_path / "usr-tree"  # a "usr" partition: its tree is what goes under usr/
+    write_tree(usr_tree, {"usr/bin/ddiusr": "ddiusr\n",
+                          f"{RELEASE_DIR}/extension-release.ddiusr": "ID=_any\n"})  # fmt: skip
+    disk = build_disk_image(usr_tree, tmp_path / "ddiusr.raw", kind="usr", fs="erofs")
+    install(disk, directory, "ddiusr.raw")
     # The sysupdate layout: a symlink to the current version, which is no entry of its own.
     install(image("ver", {"usr/bin/ver": "1.2\n"}), directory, "ver_1.2.raw")
     os.symlink("ver_1.2.raw", directory / "ver.raw")
     dev = directory / "dev"
     write_tree(dev, {"usr/bin/dev": "dev\n", f"{RELEASE_DIR}/extension-release.dev": "ID=_any\n"})
     serve(daemon)
-    names = [*kinds, "ddi", "ver", "dev"]
+    names = [*kinds, "ddi", "ddiusr", "ver", "dev"]
     for name in names:
         await wait_listed(client, name, "available")
     rows = await listing(client)
@@ -127,7 +133,7 @@ async def test_every_kind_of_entry_is_stacked(
     for name in names:
         expected = "1.2\n" if name == "ver" else f"{name}\n"
         assert read(sandbox_root, f"usr/bin/{name}") == expected.encode()
-    # Directory trees are a read-only bind: no loop device; the seven files have one each.
+    # Directory trees are a read-only bind: no loop device; the files have one each.
     assert len(loops_backed_under(sandbox_root)) == len(names) - 1
     assert (await listing(client))["dev"][2] == str(dev)
     ok(daemon.request({"action": "switch", "personalities": []}))
@@ -186,3 +192,18 @@ def test_block_devices_come_first_then_search_paths_in_order(
     log = daemon.log_text()
     assert "image_entry_duplicate" in log and str(late / "web.raw") in log
     assert "volume_name_taken" in log and str(late / "dup.raw") in log
+
+
+def test_personalityctl_build_writes_straight_into_a_search_path(
+    daemon: Daemon, sandbox_root: Path, tmp_path: Path
+) -> None:
+    directory = search_dir(sandbox_root)
+    daemon.start()
+    tree = tmp_path / "site"
+    write_tree(tree, {"usr/share/site/index.html": "<h1>site</h1>\n"})
+    output = directory / "site.raw"
+    run(sys.executable, "-m", "personalityd.client.cli", "build", str(tree), "--name", "site",
+        "--id", "_any", "-o", str(output))  # fmt: skip
+    assert sorted(p.name for p in directory.iterdir()) == ["site.raw"]  # no temporary left
+    ok(daemon.request({"action": "attach", "personality": "site", "timeout": 60}))
+    assert read(sandbox_root, "usr/share/site/index.html") == b"<h1>site</h1>\n"

@@ -51,6 +51,8 @@ async def test_methods_and_properties_through_dbus_fast(
         "Generation": 0,
         "ConflictCount": 0,
         "WritableDevice": "",
+        "Present": ["old", "tools", "web"],
+        "Notices": [],
     }
 
     assert await call_ok(client, "Attach", "sa{sv}", "web", {}) == [True]
@@ -131,6 +133,8 @@ async def test_introspection_of_the_real_daemon_lists_every_member(
         "Generation": ("property", "t"),
         "ConflictCount": ("property", "u"),
         "WritableDevice": ("property", "s"),
+        "Present": ("property", "as"),
+        "Notices": ("property", "as"),
         "StackChanged": ("signal", "tas"),
         "PersonalityAttached": ("signal", "s"),
         "PersonalityDetached": ("signal", "s"),

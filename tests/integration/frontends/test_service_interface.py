@@ -42,6 +42,8 @@ async def test_introspection_shows_every_member_with_its_signature(
         "Generation": ("property", "t", None),
         "ConflictCount": ("property", "u", None),
         "WritableDevice": ("property", "s", None),
+        "Present": ("property", "as", None),
+        "Notices": ("property", "as", None),
         "StackChanged": ("signal", "tas", "-"),
         "PersonalityAttached": ("signal", "s", "-"),
         "PersonalityDetached": ("signal", "s", "-"),
