@@ -9,17 +9,20 @@ the journal, spool results.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from image_entries import RUN_DIR, install, is_flag, loops_backed_under, search_dir
-from sandbox_view import REFUSED, Images, ok, read, wait_until
-from served_daemon import Serve, listing
+from sandbox_view import REFUSED, Images, ok, read
+from served_daemon import Serve, connection, listing
 
+from testkit.contract import BUS, PATH
 from testkit.daemon import Daemon
+from testkit.dbus import Signals
 from testkit.ddi import build_disk_image
 from testkit.images import write_tree
 from testkit.journal import JournalReader
@@ -74,25 +77,37 @@ async def test_image_file_is_found_attached_and_released(
 
 
 async def test_entries_appear_and_disappear_live(
-    serve: Serve, daemon: Daemon, client: MessageBus, image: Images, sandbox_root: Path
-) -> None:
+    serve: Serve, daemon: Daemon, client: MessageBus, image: Images, sandbox_root: Path,
+    system_bus: str,
+) -> None:  # fmt: skip
     serve(daemon)
-    directory = search_dir(sandbox_root)  # made after the start: found through its parent
-    install(image("late", WEB), directory, "late.raw")
-    await wait_listed(client, "late", "available")
-    ok(daemon.request({"action": "attach", "personality": "late"}))
-    (directory / "late.raw").unlink()  # the attached content stays, loop and all
-    assert read(sandbox_root, "etc/web.conf") == b"web = 1\n"
-    assert (await listing(client))["late"][0] == "attached"
-    ok(daemon.request({"action": "detach", "personality": "late"}))
-    wait_until(lambda: "late" not in _names(daemon), daemon)
+    async with (
+        connection(system_bus) as watcher,
+        Signals(watcher, sender=BUS, path=PATH) as signals,
+    ):
+        directory = search_dir(sandbox_root)  # made after the start: found through its parent
+        install(image("late", WEB), directory, "late.raw")
+        await signals.wait_for(present_is(["late"]), timeout=120)
+        assert (await listing(client))["late"][0] == "available"
+        ok(daemon.request({"action": "attach", "personality": "late"}))
+        (directory / "late.raw").unlink()  # the attached content stays, loop and all
+        assert read(sandbox_root, "etc/web.conf") == b"web = 1\n"
+        assert (await listing(client))["late"][0] == "attached"
+        assert len(loops_backed_under(sandbox_root)) == 1
+        ok(daemon.request({"action": "detach", "personality": "late"}))
+        await signals.wait_for(present_is([]), timeout=120)
+        assert "late" not in await listing(client)
 
 
-def _names(daemon: Daemon) -> set[str]:
-    out = run("busctl", f"--address={daemon.env['DBUS_SYSTEM_BUS_ADDRESS']}", "--json=short",
-              "get-property", "org.personalityd.personality1", "/org/personalityd/personality1",
-              "org.personalityd.personality1.Manager", "Present")  # fmt: skip
-    return set(json.loads(out)["data"])
+def present_is(names: list[str]) -> Callable[[Message], bool]:
+    """A PropertiesChanged that says the listing now holds exactly `names`."""
+
+    def matches(msg: Message) -> bool:
+        if msg.member != "PropertiesChanged" or "Present" not in msg.body[1]:
+            return False
+        return bool(msg.body[1]["Present"].value == names)
+
+    return matches
 
 
 async def test_every_kind_of_entry_is_stacked(
@@ -207,3 +222,20 @@ def test_personalityctl_build_writes_straight_into_a_search_path(
     assert sorted(p.name for p in directory.iterdir()) == ["site.raw"]  # no temporary left
     ok(daemon.request({"action": "attach", "personality": "site", "timeout": 60}))
     assert read(sandbox_root, "usr/share/site/index.html") == b"<h1>site</h1>\n"
+
+
+def test_an_image_file_is_held_to_the_trust_boundary(
+    daemon: Daemon, image: Images, sandbox_root: Path, journal: JournalReader
+) -> None:
+    directory = search_dir(sandbox_root)
+    install(image("setid", {"usr/bin/su-ish": ("file", "x", 0o4755)}), directory, "setid.raw")
+    install(image("passwd", {"etc/passwd": "root::0:0::/:/bin/sh\n"}), directory, "passwd.raw")
+    daemon.start()
+    for name, why in (("setid", "set-id file"), ("passwd", "protected path /etc/passwd")):
+        result = daemon.request({"action": "attach", "personality": name, "force": True})
+        assert (result["_dir"], result["code"]) == ("failed", "incompatible"), result
+        assert why in str(result["message"]), result
+    assert not (sandbox_root / "etc/passwd").exists()
+    assert not (sandbox_root / "usr/bin/su-ish").exists()
+    reasons = [e["PERSONALITY_REASON"] for e in journal.entries(REFUSED, min_count=2)]
+    assert any("set-id" in r for r in reasons) and any("/etc/passwd" in r for r in reasons)

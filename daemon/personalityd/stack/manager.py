@@ -104,8 +104,8 @@ class Manager:
 
     @property
     def present(self) -> tuple[str, ...]:
-        """Names with a volume or image entry present (whatever their state), sorted."""
-        return tuple(sorted(self.registry.volumes))
+        """The names ListPersonalities lists (whatever their state), sorted."""
+        return tuple(info.name for info in self.list_personalities())
 
     @property
     def notices(self) -> tuple[str, ...]:
@@ -420,10 +420,16 @@ class Manager:
         """Report a volume as draining until the kernel releases its device."""
         while True:
             await asyncio.sleep(interval)
+            if not self.state.draining:
+                continue
+            present = self.present
             for name, devnode in list(self.state.draining.items()):
                 if not device_busy(devnode):
                     del self.state.draining[name]
                     log.info("volume_released", name=name, device=devnode)
+            if self.present != present:
+                live = self.state.snapshot.live
+                self._notify(StackEvent(self.generation, live, (), (), stack_changed=False))
 
 
 def _fail(job: Job, error: PersonalityError) -> None:
