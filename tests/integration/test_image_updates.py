@@ -19,6 +19,7 @@ from test_stack import READER
 
 from testkit.daemon import Daemon
 from testkit.journal import JournalReader
+from testkit.loops import LoopDevices
 from testkit.polling import wait_for
 
 
@@ -124,3 +125,20 @@ def test_kill9_then_restart_adopts_own_loops_and_releases_the_rest(
     ok(daemon.request({"action": "detach", "personality": "web"}))
     wait_for(lambda: loops_backed_under(sandbox_root) == [], timeout=120, what="all released")
     daemon.stop()
+
+
+def test_a_new_winner_reaches_an_attached_personality_at_refresh(
+    serve: Callable[[Daemon], Daemon], daemon: Daemon, loop_devices: LoopDevices, image: Images,
+    sandbox_root: Path,
+) -> None:  # fmt: skip
+    directory = search_dir(sandbox_root)
+    install(image("web", {"usr/bin/which": "file"}), directory, "web.raw")
+    serve(daemon)
+    ok(daemon.request({"action": "attach", "personality": "web"}))
+    assert read(sandbox_root, "usr/bin/which") == b"file"
+    loop_devices.attach(image("web", {"usr/bin/which": "device"}))  # block devices come first
+    wait_until(lambda: "event=volume_found name=web" in daemon.log_text(), daemon)
+    assert read(sandbox_root, "usr/bin/which") == b"file"  # the attached one stays, until:
+    refresh(daemon)
+    assert read(sandbox_root, "usr/bin/which") == b"device"
+    wait_for(lambda: loops_backed_under(directory) == [], timeout=120, what="file's loop released")

@@ -23,7 +23,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -367,14 +367,15 @@ class ImageVolumes:
             self._write_record()
         return changed
 
-    def refresh_bindings(self) -> list[str]:
+    def refresh_bindings(self, taken: Collection[str] = ()) -> list[str]:
         """Let go of the attachment of every name whose entry now resolves to another file (or
-        is gone): the next change attaches what the entry is now. Returns those names."""
+        is gone), or that a block device now holds (`taken`: they come first): the next change
+        attaches what the name is now. Returns those names."""
         updated: list[str] = []
         for name, identity in list(self.bound.items()):
             bound = self.loops[identity]
             entry = self.entries.get(name)
-            if (
+            if name not in taken and (
                 entry is not None
                 and entry.failure is None
                 and entry.volume.source == bound.volume.source

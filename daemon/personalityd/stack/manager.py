@@ -293,7 +293,8 @@ class Manager:
                 # and image files replaced since they were attached are attached anew.
                 self.registry.failed.clear()
                 await self.rescan()
-                if self.registry.images is not None and self.registry.images.refresh_bindings():
+                images, taken = self.registry.images, self.registry.devices
+                if images is not None and images.refresh_bindings(taken):
                     self.registry.merge()
         requests = [j for j in batch if j.kind == "request"]
         original = self.state.desired
