@@ -175,6 +175,10 @@ def test_entries_that_root_does_not_own_alone_are_refused(
     os.symlink(target.name, directory / "linked.raw")
     os.lchown(directory / "linked.raw", 1000, 1000)
     cases["linked"] = "owned by uid 1000"
+    target = entry("pointed_1")  # the link is root's, its target is not
+    os.chown(target, 1000, 1000)
+    os.symlink(target.name, directory / "pointed.raw")
+    cases["pointed"] = "owned by uid 1000"
     # A whole search directory writable by others: nothing in it is used.
     loose = search_dir(sandbox_root, RUN_DIR)
     install(image("loose", WEB), loose, "loose.raw")
