@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
 
+from personalityd.adapters.probe import file_kind
 from personalityd.core.errors import PersonalityError
 
 MAX_SYMLINKS: Final = 40  # as the kernel's path walk
@@ -82,24 +83,6 @@ class Trace:
     lookups: tuple[tuple[int, str], ...]
     found: int | None
     logical_path: str | None
-
-
-def _kind_name(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "of an unknown kind"
 
 
 def _components(path: str) -> list[str]:
@@ -179,7 +162,7 @@ class _Walk:
     def _not_a_directory(self, node: _Node) -> OSError:
         return NotADirectoryError(
             errno.ENOTDIR,
-            f"Not a directory (it is {_kind_name(node.st.st_mode)})",
+            f"Not a directory (it is {file_kind(node.st.st_mode)})",
             self.display(node.logical),
         )
 
@@ -237,11 +220,11 @@ class _Walk:
 
 def _want_problem(want: Want, mode: int) -> str | None:
     if want == "file" and not stat.S_ISREG(mode):
-        return f"is {_kind_name(mode)}, not a regular file"
+        return f"is {file_kind(mode)}, not a regular file"
     if want == "dir" and not stat.S_ISDIR(mode):
-        return f"is {_kind_name(mode)}, not a directory"
+        return f"is {file_kind(mode)}, not a directory"
     if want == "any" and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return f"is {_kind_name(mode)}, not a regular file or directory"
+        return f"is {file_kind(mode)}, not a regular file or directory"
     return None
 
 
