@@ -24,7 +24,7 @@ import errno
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -55,9 +55,11 @@ from personalityd.core.model import (
     OsRelease,
     Volume,
 )
+from personalityd.core.packed import PackedTree
 
 log = structlog.get_logger()
 
+VolumeIndex = dict[str, PackedTree]  # hierarchy -> index, as stack/indexes.py keeps them
 RefusalSink = Callable[[str, str | None, str], object]  # device or path, name, reason
 PROBES_AT_ONCE = 4  # entries probed side by side (each is mostly kernel work)
 
@@ -70,6 +72,9 @@ class Entry:
     content: str  # the content key of what was probed
     stamp: tuple[int, ...]  # the target's inode, size and times when it was probed
     failure: str | None = None  # why it cannot be used (listed as failed), or None
+    # The index the probe's walk made (valid for a mount whose content key is `content`),
+    # until a loop device is made of the entry: it then goes with that loop.
+    index: VolumeIndex | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Bound:
     held: HeldLoop
     volume: Volume
     content: str  # the content key it was checked with
+    index: VolumeIndex | None = None  # the probe's index, until `take_index` hands it on
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -134,6 +140,15 @@ class ImageVolumes:
         daemon holds; None when `volume` is not one of its loop devices."""
         bound = self.loops.get(volume.device.identity)
         return None if bound is None else bound.held.content_key()
+
+    def take_index(self, volume: Volume) -> tuple[VolumeIndex, str] | None:
+        """The index the probe made of the file an attached `volume` is a loop of, with the
+        content key it is valid for (once: the caller keeps it); None when there is none."""
+        bound = self.loops.get(volume.device.identity)
+        if bound is None or bound.index is None:
+            return None
+        index, bound.index = bound.index, None
+        return index, bound.content
 
     def checked_content(self, volume: Volume) -> str | None:
         bound = self.loops.get(volume.device.identity)
@@ -234,7 +249,7 @@ class ImageVolumes:
             self._refuse(source.target, None, _reason(exc))
             return None
         volume = self._volume(name, device, source, result)
-        return None if volume is None else Entry(volume, result.content, stamp)
+        return None if volume is None else Entry(volume, result.content, stamp, index=result.index)
 
     def _probe_held(self, held: HeldLoop) -> ProbeResult:
         place = self.place
@@ -311,7 +326,7 @@ class ImageVolumes:
             self._own.add((held.loop.devnode, held.loop.diskseq))
             try:
                 stamp = _stamp(opened.st)
-                volume, content = entry.volume, entry.content
+                volume, content, index = entry.volume, entry.content, entry.index
                 if stamp != entry.stamp or now != source:
                     # Not the file that was probed: probe this one, through its own loop.
                     log.info("image_changed_before_attach", name=name, path=source.entry)
@@ -320,13 +335,16 @@ class ImageVolumes:
                     if found is None:
                         held.close()
                         return None
-                    volume, content = found, result.content
+                    volume, content, index = found, result.content, result.index
                     self.entries[name] = Entry(
                         replace(found, device=file_stand_in(now, held.layout.fs_type)),
                         content,
                         stamp,
                     )
-                return Bound(held, replace(volume, device=held.device, source=now), content)
+                elif index is not None:
+                    self.entries[name] = replace(entry, index=None)  # it goes with the loop
+                attached = replace(volume, device=held.device, source=now)
+                return Bound(held, attached, content, index)
             except BaseException:
                 held.close()
                 raise
