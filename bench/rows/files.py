@@ -22,28 +22,72 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
 from client import timed_switch
-from dataset import STACK_A, Recipe, file_stack_recipes, scale_recipes, updated
+from dataset import Recipe, file_stack_recipes, scale_recipes, updated
 from harness import Env
 from profiling import profiled
 from progress import log
-from record import Benchmark, Row, measured
-from settings import RUN_DIR, RUNS, SCALE_FILES, SCALE_SECONDS, STACK_FILES
+from record import Benchmark, Json, Row, measured
+from settings import DATA, RUN_DIR, RUNS, SCALE_FILES, SCALE_SECONDS, STACK_FILES
 from sysext import Sysext
 from testkit.daemon import Daemon
 from testkit.dbus import manager_message
+from testkit.paths import REPO
 from testkit.polling import wait_for
 
+# BENCH_BEFORE=COMMIT: that commit's daemon is measured too, in the same runs (A/B).
+BEFORE = os.environ.get("BENCH_BEFORE", "")
 SEARCH_DIR = "var/lib/personalities"  # one of the default images.search_paths
 STATE_DIR = "var/lib/personalityd"  # the default state.dir
+
+
+Variant = dict[str, str]  # what the daemon's environment gets: {} for this tree
+
+
+def variants() -> dict[str, Variant]:
+    """The daemons measured: "now" (this tree), and "before" with BENCH_BEFORE."""
+    found: dict[str, Variant] = {"now": {}}
+    if BEFORE:
+        found["before"] = {"PYTHONPATH": str(before_tree(BEFORE))}
+    return found
+
+
+def before_tree(commit: str) -> Path:
+    """The daemon/ directory of `commit`, extracted once under bench/data."""
+    target = DATA / f"before-{commit}"
+    if not (target / "daemon" / "personalityd").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", commit, "daemon"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "daemon"
+
+
+def ab_extra(
+    now: Sequence[float], before: Sequence[float], ref: Sequence[float] | None
+) -> dict[str, Json]:
+    """The before figures of an A/B run, for the row's extra fields ({} without them)."""
+    if not before:
+        return {}
+    extra: dict[str, Json] = {"before_commit": BEFORE, "before": list(before)}
+    extra["before_median"] = statistics.median(before)
+    extra["now_median"] = statistics.median(now)
+    if ref:
+        extra["before_ratio_median"] = statistics.median(
+            [a / b for a, b in zip(before, ref, strict=True)]
+        )
+    return extra
 
 
 def search_dir(root: Path) -> Path:
@@ -105,7 +149,7 @@ def shows(root: Path, recipe: Recipe) -> bool:
         return False
 
 
-def timed_start(env: Env, recipes: Sequence[Recipe], run: int) -> float:
+def timed_start(env: Env, recipes: Sequence[Recipe], run: int, variant: Variant) -> float:
     """Seconds from starting a daemon whose desired list holds `recipes` (their files in the
     search path, nothing else known) to its READY=1, with the stack in place."""
     env.fresh_root()
@@ -118,7 +162,7 @@ def timed_start(env: Env, recipes: Sequence[Recipe], run: int) -> float:
             env.root,
             RUN_DIR,
             udev_token=env.token,
-            env={"PERSONALITYD_LOG_LEVEL": "info", "NOTIFY_SOCKET": path},
+            env={"PERSONALITYD_LOG_LEVEL": "info", "NOTIFY_SOCKET": path, **variant},
             name="personalityd",
         )
         started = time.monotonic()
@@ -133,13 +177,13 @@ def timed_start(env: Env, recipes: Sequence[Recipe], run: int) -> float:
     return elapsed
 
 
-def timed_found_switch(env: Env, recipes: Sequence[Recipe]) -> float:
+def timed_found_switch(env: Env, recipes: Sequence[Recipe], variant: Variant) -> float:
     """A switch to `recipes` on a running daemon that has found (probed) their files."""
     env.fresh_root()
     directory = search_dir(env.root)
     for recipe in recipes:
         install(recipe.image, directory, f"{recipe.name}.raw")
-    daemon = env.start_daemon(fresh=False)
+    daemon = env.start_daemon(fresh=False, extra_env=variant)
     time.sleep(1.0)  # past start-up, as in the stack row
     return timed_switch(daemon, [r.name for r in recipes])
 
@@ -147,8 +191,8 @@ def timed_found_switch(env: Env, recipes: Sequence[Recipe]) -> float:
 def measure_cold(env: Env) -> list[Row]:
     recipes = file_stack_recipes()[:3]
     sysext = Sysext(RUN_DIR / "sysext-root")
-    ours: list[float] = []
-    switch: list[float] = []
+    starts: dict[str, list[float]] = {v: [] for v in variants()}
+    switches: dict[str, list[float]] = {v: [] for v in variants()}
     ref: list[float] = []
     try:
         sysext.use(recipes)
@@ -156,15 +200,18 @@ def measure_cold(env: Env) -> list[Row]:
             ref.append(sysext.merge())
             assert all(sysext.shows(r) for r in recipes), "sysext merge did not show the files"
             sysext.unmerge()
-            ours.append(timed_start(env, recipes, run))
-            switch.append(timed_found_switch(env, recipes))
-            env.stop_daemon()
-            log(
-                f"files_cold run {run + 1}: start to ready {ours[-1]:.3f} s, switch "
-                f"{switch[-1]:.3f} s, sysext merge {ref[-1]:.3f} s"
-            )
+            for name, variant in variants().items():
+                starts[name].append(timed_start(env, recipes, run, variant))
+                switches[name].append(timed_found_switch(env, recipes, variant))
+                env.stop_daemon()
+                log(
+                    f"files_cold run {run + 1} ({name}): start to ready "
+                    f"{starts[name][-1]:.3f} s, switch {switches[name][-1]:.3f} s, sysext "
+                    f"merge {ref[-1]:.3f} s"
+                )
     finally:
         sysext.close()
+    ours, switch = starts["now"], switches["now"]
     what = f"3 image files of {STACK_FILES:,} files each"
     reference = ("systemd-sysext merge --root of the same 3 files (copies)", ref)
     ratios = [a / b for a, b in zip(ours, ref, strict=True)]
@@ -183,6 +230,7 @@ def measure_cold(env: Env) -> list[Row]:
             "fresh opens (verified), mounts, content keys, indexes, 52 conflicts, overlays "
             "for /usr and /etc, swap, journal",
             ratios=switch_ratios,
+            extra=ab_extra(switch, switches.get("before", []), ref),
         ),
         measured(
             "files_cold_start",
@@ -197,6 +245,7 @@ def measure_cold(env: Env) -> list[Row]:
             "Python start-up, finding and probing the files, loop devices, mounts, indexes, "
             "52 conflicts, overlays for /usr and /etc, swap, journal",
             ratios=ratios,
+            extra=ab_extra(ours, starts.get("before", []), ref),
         ),
     ]
 
@@ -219,38 +268,51 @@ async def _refresh_until(address: str, root: Path, recipe: Recipe, timeout: floa
         bus.disconnect()
 
 
+def timed_refresh(env: Env, first: Sequence[Recipe], new: Recipe, variant: Variant) -> float:
+    """A daemon stacking `first` (as image files), then `new` renamed over the entry of its
+    release in `first`: seconds from the rename to `new` shown after Refresh."""
+    env.fresh_root()
+    directory = search_dir(env.root)
+    for recipe in first:
+        install(recipe.image, directory, f"{recipe.name}.raw")
+    daemon = env.start_daemon(dbus=True, fresh=False, extra_env=variant)
+    timed_switch(daemon, [r.name for r in first])
+    staged = stage(new.image, directory, f"{new.name}.raw")
+    with profiled(daemon, "files_refresh", 2):
+        started = time.monotonic()
+        os.replace(staged, directory / f"{new.name}.raw")
+        asyncio.run(_refresh_until(env.bus_address, env.root, new, 300))
+        elapsed = time.monotonic() - started
+    env.stop_daemon()
+    return elapsed
+
+
 def measure_refresh(env: Env) -> list[Row]:
     first = file_stack_recipes()[:3]
     middle = first[1]
     releases = [middle, updated(middle)]
     sysext = Sysext(RUN_DIR / "sysext-root")
-    ours: list[float] = []
+    times: dict[str, list[float]] = {v: [] for v in variants()}
     ref: list[float] = []
+    entry = f"{middle.name}.raw"
     try:
         sysext.use(first)
         sysext.merge()
-        env.fresh_root()
-        directory = search_dir(env.root)
-        for recipe in first:
-            install(recipe.image, directory, f"{recipe.name}.raw")
-        daemon = env.start_daemon(dbus=True, fresh=False)
-        timed_switch(daemon, STACK_A)
-        entry = f"{middle.name}.raw"
         for run in range(RUNS):
             new = releases[(run + 1) % 2]
             staged = stage(new.image, sysext.extensions, entry)
             os.replace(staged, sysext.extensions / entry)
             ref.append(sysext.refresh())
             assert sysext.shows(new) and shows(sysext.root, new), "sysext refresh missed it"
-            staged = stage(new.image, directory, entry)
-            with profiled(daemon, f"files_refresh-{run + 1}", 2):
-                started = time.monotonic()
-                os.replace(staged, directory / entry)
-                asyncio.run(_refresh_until(env.bus_address, env.root, new, 300))
-                ours.append(time.monotonic() - started)
-            log(f"files_refresh run {run + 1}: ours {ours[-1]:.3f} s, sysext {ref[-1]:.3f} s")
+            for name, variant in variants().items():
+                times[name].append(timed_refresh(env, first, updated(middle), variant))
+                log(
+                    f"files_refresh run {run + 1} ({name}): {times[name][-1]:.3f} s, sysext "
+                    f"{ref[-1]:.3f} s"
+                )
     finally:
         sysext.close()
+    ours = times["now"]
     ratios = [a / b for a, b in zip(ours, ref, strict=True)]
     return [
         measured(
@@ -262,9 +324,10 @@ def measure_refresh(env: Env) -> list[Row]:
             goal="at most 0.2x sysext's time",
             met=statistics.median(ratios) <= 0.2,
             notes="personalityd: from renaming the next release over the middle entry to the "
-            "new release visible in /usr (Refresh over D-Bus, called again until it is); "
-            "the releases alternate between runs",
+            "new release visible in /usr (Refresh over D-Bus, called again until it is), on a "
+            "daemon started for each run; sysext's releases alternate between runs",
             ratios=ratios,
+            extra=ab_extra(ours, times.get("before", []), ref),
         )
     ]
 
@@ -340,56 +403,73 @@ class Mover:
         self._thread.join(60)
 
 
-def measure_scale(env: Env) -> list[Row]:
+@dataclass
+class ScaleRun:
+    find: float  # seconds until all were listed
+    rss: float  # MiB
+    idle: float  # ListPersonalities p99, ms
+    busy: float  # the same while entries move
+    calls: int
+    moves: int
+
+
+def scale_run(env: Env, run: int, variant: Variant) -> ScaleRun:
     recipes = scale_recipes()
     listed, spares = recipes[:SCALE_FILES], recipes[SCALE_FILES:]
-    find: list[float] = []
-    rss: list[float] = []
-    idle: list[float] = []
-    busy: list[float] = []
-    calls = moves = 0
+    env.fresh_root()
+    directory = search_dir(env.root)
+    daemon = env.start_daemon(dbus=True, fresh=False, extra_env=variant)
+    staged = [stage(r.image, directory, f"{r.name}.raw") for r in listed]
+    started = time.monotonic()
+    for path, recipe in zip(staged, listed, strict=True):
+        os.replace(path, directory / f"{recipe.name}.raw")
+
+    def listed_right() -> bool:
+        return _listed_right(asyncio.run(_list(env.bus_address)), listed)
+
+    wait_for(
+        lambda: len(asyncio.run(_list(env.bus_address))) >= SCALE_FILES,
+        600,
+        f"{SCALE_FILES} entries listed",
+        interval=0.05,
+    )
+    find = time.monotonic() - started
+    wait_for(listed_right, 60, "every entry listed with its version", interval=0.2)
+    time.sleep(1)
+    rss = daemon.rss() / 2**20
+    quiet = asyncio.run(_latencies(env.bus_address, SCALE_SECONDS))
+    spare_paths = [stage(r.image, directory, f"{r.name}.raw") for r in spares]
+    with (
+        profiled(daemon, f"files_scale-{run + 1}", SCALE_SECONDS),
+        Mover(directory, spare_paths) as mover,
+    ):
+        moving = asyncio.run(_latencies(env.bus_address, SCALE_SECONDS))
+    wait_for(listed_right, 60, "the listing back to the 1,000 entries", interval=0.2)
+    rss = max(rss, daemon.rss() / 2**20)
+    env.stop_daemon()
+    return ScaleRun(find, rss, _p99(quiet), _p99(moving), len(quiet) + len(moving), mover.moves)
+
+
+def measure_scale(env: Env) -> list[Row]:
+    spares = scale_recipes()[SCALE_FILES:]
+    runs: dict[str, list[ScaleRun]] = {v: [] for v in variants()}
     for run in range(min(RUNS, 3)):
-        env.fresh_root()
-        directory = search_dir(env.root)
-        daemon = env.start_daemon(dbus=True, fresh=False)
-        staged = [stage(r.image, directory, f"{r.name}.raw") for r in listed]
-        started = time.monotonic()
-        for path, recipe in zip(staged, listed, strict=True):
-            os.replace(path, directory / f"{recipe.name}.raw")
-        rows: list[tuple[str, ...]] = []
+        for name, variant in variants().items():
+            one = scale_run(env, run, variant)
+            runs[name].append(one)
+            log(
+                f"files_scale run {run + 1} ({name}): all listed after {one.find:.2f} s, RSS "
+                f"{one.rss:.1f} MiB, ListPersonalities p99 {one.idle:.1f} ms idle, "
+                f"{one.busy:.1f} ms while entries move"
+            )
+    now, before = runs["now"], runs.get("before", [])
+    find, rss = [r.find for r in now], [r.rss for r in now]
+    idle, busy = [r.idle for r in now], [r.busy for r in now]
+    calls, moves = sum(r.calls for r in now), sum(r.moves for r in now)
 
-        def all_listed() -> bool:
-            nonlocal rows
-            rows = list(asyncio.run(_list(env.bus_address)))
-            return len(rows) >= SCALE_FILES
+    def ab(field: str) -> dict[str, Json]:
+        return ab_extra([getattr(r, field) for r in now], [getattr(r, field) for r in before], None)
 
-        wait_for(all_listed, 600, f"{SCALE_FILES} entries listed", interval=0.05)
-        find.append(time.monotonic() - started)
-        wait_for(lambda: _listed_right(asyncio.run(_list(env.bus_address)), listed), 60,
-                 "every entry listed with its version", interval=0.2)  # fmt: skip
-        time.sleep(1)
-        rss.append(daemon.rss() / 2**20)
-        quiet = asyncio.run(_latencies(env.bus_address, SCALE_SECONDS))
-        spare_paths = [stage(r.image, directory, f"{r.name}.raw") for r in spares]
-        with (
-            profiled(daemon, f"files_scale-{run + 1}", SCALE_SECONDS),
-            Mover(directory, spare_paths) as mover,
-        ):
-            moving = asyncio.run(_latencies(env.bus_address, SCALE_SECONDS))
-        moves += mover.moves
-        calls += len(quiet) + len(moving)
-        idle.append(_p99(quiet))
-        busy.append(_p99(moving))
-        rows = list(asyncio.run(_list(env.bus_address)))
-        wait_for(lambda: _listed_right(asyncio.run(_list(env.bus_address)), listed), 60,
-                 "the listing back to the 1,000 entries", interval=0.2)  # fmt: skip
-        rss[-1] = max(rss[-1], daemon.rss() / 2**20)
-        env.stop_daemon()
-        log(
-            f"files_scale run {run + 1}: all listed after {find[-1]:.2f} s, RSS {rss[-1]:.1f} "
-            f"MiB, ListPersonalities p99 {idle[-1]:.1f} ms idle, {busy[-1]:.1f} ms while "
-            "entries move"
-        )
     return [
         measured(
             "files_scale_find",
@@ -399,6 +479,7 @@ def measure_scale(env: Env) -> list[Row]:
             goal="all listed, each with its version",
             met=True,  # wait_for above fails the row otherwise
             notes="a running daemon (nothing found yet); ListPersonalities polled every 50 ms",
+            extra=ab("find"),
         ),
         measured(
             "files_scale_rss",
@@ -408,6 +489,7 @@ def measure_scale(env: Env) -> list[Row]:
             goal="under 60 MiB",
             met=max(rss) < 60,
             notes="the larger of the samples after finding them and after the moves",
+            extra=ab("rss"),
         ),
         measured(
             "files_scale_list_idle",
@@ -418,6 +500,7 @@ def measure_scale(env: Env) -> list[Row]:
             met=max(idle) < 20,
             notes=f"one client, calls back to back for {SCALE_SECONDS:.0f} s; {calls:,} calls "
             "in all runs (both figures)",
+            extra=ab("idle"),
         ),
         measured(
             "files_scale_list_moving",
@@ -428,6 +511,7 @@ def measure_scale(env: Env) -> list[Row]:
             met=max(busy) < 20,
             notes=f"{len(spares)} more image files renamed in and out of the directory every "
             f"50 ms meanwhile ({moves:,} renames in all runs), each one a rescan",
+            extra=ab("busy"),
         ),
     ]
 

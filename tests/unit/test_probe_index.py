@@ -5,6 +5,7 @@ xattr whiteouts, hierarchies missing or not directories)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,11 @@ from hypothesis import strategies as st
 
 from personalityd.adapters.indexer import index_volume_packed
 from personalityd.adapters.probe import scan_and_index, scan_tree
+from personalityd.config import Config
+from personalityd.core.model import BlockDevice, Manifest, Volume
 from personalityd.core.packed import PackedTree
+from personalityd.stack.indexes import VolumeIndexes
+from personalityd.stack.layout import Layout
 
 ROOT = os.geteuid() == 0
 HIERARCHIES = ("/usr", "/etc")
@@ -132,3 +137,30 @@ def test_a_hierarchy_that_is_not_a_directory_is_absent(tmp_path: Path) -> None:
     make(top, [(["usr"], "file"), (["etc", "a"], "file")])
     refusal, index = scan_and_index(str(top), HIERARCHIES, nosuid=True, nodev=True)
     assert refusal is None and index is not None and list(index) == ["/etc"]
+
+
+def indexed_volume(name: str) -> Volume:
+    device = BlockDevice(f"/dev/loop{name}", (7, 9), {"ID_FS_TYPE": "squashfs"}, diskseq=9)
+    return Volume(name, device, Manifest(name, {"ID": "_any"}))
+
+
+def test_an_index_from_the_probe_serves_only_a_mount_with_the_probes_content_key(
+    tmp_path: Path,
+) -> None:
+    top = tmp_path / "vol"
+    make(top, [(["usr", "bin", "tool"], "file")])
+    volume = indexed_volume("web")
+    probed = {"/usr": index_volume_packed(str(top), HIERARCHIES)["/usr"]}
+    make(top, [(["usr", "bin", "other"], "file")])  # what a mount with another key shows
+    indexes = VolumeIndexes(Layout(Config()), HIERARCHIES)
+
+    async def index(content: str) -> dict[str, PackedTree]:
+        return await indexes.index(volume, str(top), content)
+
+    indexes.seed(volume, probed, "key-1")
+    assert asyncio.run(index("key-1")) is probed
+    walked = asyncio.run(index("key-2"))  # another content: walked, not the probe's
+    assert sorted(walked["/usr"].items()) == [
+        ("bin", "d"), ("bin/other", "f"), ("bin/tool", "f"),
+    ]  # fmt: skip
+    assert asyncio.run(index("key-2")) is walked  # cached for that content from now on
