@@ -87,21 +87,6 @@ class Bound:
     index: VolumeIndex | None = None  # the probe's index, until `take_index` hands it on
 
 
-@dataclass
-class _Opened:
-    """An entry opened to be probed (its descriptor closed once, by `close`)."""
-
-    opened: Opened
-    source: ImageSource
-    stamp: tuple[int, ...]
-
-    def close(self) -> None:
-        if self.opened.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.opened.fd)
-            self.opened = replace(self.opened, fd=-1)
-
-
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
@@ -196,24 +181,18 @@ class ImageVolumes:
         previous = {e.volume.source.entry: e for e in self.entries.values() if e.volume.source}
         # One worker thread opens every entry and keeps those unchanged since their last look
         # (a thread hop per entry would keep the event loop, and readers, waiting); only the
-        # new or changed ones are probed, side by side.
-        quick = await loop.run_in_executor(None, self._look_all, result.entries, previous)
+        # new or changed ones are looked at again and probed, side by side.
+        quick = await loop.run_in_executor(None, self._unchanged_all, result.entries, previous)
         gate = asyncio.Semaphore(PROBES_AT_ONCE)
 
-        async def look(
-            found: FoundEntry, seen: Entry | _Opened | None
-        ) -> tuple[FoundEntry, Entry | None]:
-            if not isinstance(seen, _Opened):
-                return found, seen
+        async def look(found: FoundEntry, kept: Entry | None) -> tuple[FoundEntry, Entry | None]:
+            if kept is not None:
+                return found, kept
             async with gate:
-                return found, await loop.run_in_executor(None, self._probe_opened, found, seen)
+                before = previous.get(found.path)
+                return found, await loop.run_in_executor(None, self._look, found, before)
 
-        try:
-            looks = await asyncio.gather(*(look(f, seen) for f, seen in quick))
-        finally:
-            for _, seen in quick:
-                if isinstance(seen, _Opened):
-                    seen.close()
+        looks = await asyncio.gather(*(look(f, kept) for f, kept in quick))
         entries: dict[str, Entry] = {}
         for found, entry in looks:
             if entry is not None:
@@ -234,43 +213,45 @@ class ImageVolumes:
         self.entries = entries
         return changed
 
-    def _look_all(
+    def _unchanged_all(
         self, entries: Sequence[FoundEntry], previous: dict[str, Entry]
-    ) -> list[tuple[FoundEntry, Entry | _Opened | None]]:
-        """`_look` at every entry (a worker thread); the open descriptors of those to probe
-        are the caller's to close."""
-        looks: list[tuple[FoundEntry, Entry | _Opened | None]] = []
-        try:
-            for found in entries:
-                looks.append((found, self._look(found, previous.get(found.path))))
-        except BaseException:
-            for _, seen in looks:
-                if isinstance(seen, _Opened):
-                    seen.close()
-            raise
-        return looks
+    ) -> list[tuple[FoundEntry, Entry | None]]:
+        """Per entry, its last look when the entry is unchanged since (`_unchanged`), else None
+        (a worker thread): no descriptor is kept, however many entries there are."""
+        return [(found, self._unchanged(found, previous.get(found.path))) for found in entries]
 
-    def _look(self, found: FoundEntry, before: Entry | None) -> Entry | _Opened | None:
-        """Open one entry: `before` when unchanged since then, else the open entry to probe
-        (`_probe_opened`). None when the entry is refused (journalled once)."""
+    def _unchanged(self, found: FoundEntry, before: Entry | None) -> Entry | None:
+        """`before` when the entry still opens as the very file it was then; else None, and
+        `_look` opens, checks and probes it (refusals are journalled there)."""
+        if before is None:
+            return None
+        kind = IMAGE_DIRECTORY if found.kind == "dir" else IMAGE_FILE
+        try:
+            opened, source = open_entry(self.place, found.path, kind, found.rank)
+        except (UntrustedPath, OSError):
+            return None
+        try:
+            unchanged = before.stamp == _stamp(opened.st) and before.volume.source == source
+        finally:
+            os.close(opened.fd)
+        return before if unchanged else None
+
+    def _look(self, found: FoundEntry, before: Entry | None) -> Entry | None:
+        """Open and, unless unchanged since `before`, probe one entry (a worker thread). None
+        when the entry is refused (journalled once) or not a personality."""
         kind = IMAGE_DIRECTORY if found.kind == "dir" else IMAGE_FILE
         try:
             opened, source = open_entry(self.place, found.path, kind, found.rank)
         except (UntrustedPath, OSError) as exc:
             self._refuse(found.path, found.name, _reason(exc))
             return None
-        stamp = _stamp(opened.st)
-        if before is not None and before.stamp == stamp and before.volume.source == source:
-            os.close(opened.fd)
-            return before
-        return _Opened(opened, source, stamp)
-
-    def _probe_opened(self, found: FoundEntry, seen: _Opened) -> Entry | None:
-        """Probe an entry `_look` opened (a worker thread); None when it is not a personality."""
         try:
-            return self._probe(found, seen.opened, seen.source, seen.stamp)
+            stamp = _stamp(opened.st)
+            if before is not None and before.stamp == stamp and before.volume.source == source:
+                return before
+            return self._probe(found, opened, source, stamp)
         finally:
-            seen.close()
+            os.close(opened.fd)
 
     def _probe(
         self, found: FoundEntry, opened: Opened, source: ImageSource, stamp: tuple[int, ...]
