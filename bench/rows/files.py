@@ -34,7 +34,7 @@ from dbus_fast.aio import MessageBus
 
 from client import timed_switch
 from dataset import Recipe, file_stack_recipes, scale_recipes, updated
-from harness import Env
+from harness import NO_BUS, Env
 from profiling import profiled
 from progress import log
 from record import Benchmark, Json, Row, measured
@@ -162,7 +162,12 @@ def timed_start(env: Env, recipes: Sequence[Recipe], run: int, variant: Variant)
             env.root,
             RUN_DIR,
             udev_token=env.token,
-            env={"PERSONALITYD_LOG_LEVEL": "info", "NOTIFY_SOCKET": path, **variant},
+            env={
+                "PERSONALITYD_LOG_LEVEL": "info",
+                "DBUS_SYSTEM_BUS_ADDRESS": NO_BUS,  # never the host's bus
+                "NOTIFY_SOCKET": path,
+                **variant,
+            },
             name="personalityd",
         )
         started = time.monotonic()
