@@ -11,11 +11,11 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from progress import log
-from settings import BIG_FILES, DATA, HOT_FILES, LAYERS, STACK_FILES
+from settings import BIG_FILES, DATA, HOT_FILES, LAYERS, SCALE_FILES, SCALE_SPARE, STACK_FILES
 from testkit.images import pack_image
 
 IMAGES = DATA / "images"
@@ -36,13 +36,18 @@ class Recipe:
     shared: bool = False  # usr/lib/bench/shared.txt, the same bytes in every image
     etc: bool = False  # a few files under etc/ (so /etc is stacked too)
     deep: bool = False  # 100,000-file layout: two directory levels
+    release: int = 1  # another release of the same personality (other bytes, same name)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+        fields = dict(self.__dict__)
+        if fields["release"] == 1:  # the key of every first release stays what it was
+            del fields["release"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def image(self) -> Path:
-        return IMAGES / f"{self.name}.{self.fmt}"
+        suffix = "" if self.release == 1 else f"-r{self.release}"
+        return IMAGES / f"{self.name}{suffix}.{self.fmt}"
 
 
 def stack_recipes() -> list[Recipe]:
@@ -65,6 +70,23 @@ HOT = Recipe("hot", HOT_FILES, "squashfs")
 
 def hot_recipes() -> list[Recipe]:
     return [HOT]
+
+
+def updated(recipe: Recipe) -> Recipe:
+    """The next release of `recipe`: the same files, another IMAGE_VERSION (and image)."""
+    return replace(recipe, release=recipe.release + 1)
+
+
+def file_stack_recipes() -> list[Recipe]:
+    """Stack A (as image files), and the second release of its middle personality."""
+    first = stack_recipes()[:3]
+    return [*first, updated(first[1])]
+
+
+def scale_recipes() -> list[Recipe]:
+    """SCALE_FILES one-file personalities, plus SCALE_SPARE more moved in and out meanwhile."""
+    count = SCALE_FILES + SCALE_SPARE
+    return [Recipe(f"scl{i:04d}", 1, "squashfs") for i in range(count)]
 
 
 def layer_recipes() -> list[Recipe]:

@@ -76,8 +76,11 @@ class Env:
             ["mount", "-t", "tmpfs", "-o", "mode=0755", "run", self.root / "run"], check=True
         )
 
-    def start_daemon(self, *, dbus: bool = False, fresh: bool = True) -> Daemon:
-        """A daemon on the sandbox root, ready; on the private bus with `dbus`, else on none."""
+    def start_daemon(
+        self, *, dbus: bool = False, fresh: bool = True, extra_env: dict[str, str] | None = None
+    ) -> Daemon:
+        """A daemon on the sandbox root, ready; on the private bus with `dbus`, else on none.
+        `extra_env` is added to its environment (a PYTHONPATH there runs another tree)."""
         if fresh:
             self.fresh_root()
         else:
@@ -85,6 +88,7 @@ class Env:
         env = {
             "PERSONALITYD_LOG_LEVEL": "info",
             "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address if dbus else NO_BUS,
+            **(extra_env or {}),
         }
         daemon = Daemon(self.root, RUN_DIR, udev_token=self.token, env=env, name="personalityd")
         daemon.start(timeout=600)

@@ -3,7 +3,8 @@
     python bench/run.py [ROW ...]          (as root; `make bench`; BENCH_QUICK=1 for a short run)
     python bench/run.py --render           results.md again from results.json (and analysis.md)
 
-Rows: stack, switch, hotplug, index, readers, memory, spool, dbus, layers (default: all); one
+Rows: stack, switch, hotplug, index, readers, memory, spool, dbus, layers, files_cold,
+files_refresh, files_scale (default: all); one
 module each in bench/rows/. Writes bench/results.json and bench/results.md (`report.py`); with
 only some rows asked for, the others are kept from results.json. See docs/bench.md.
 """
@@ -23,7 +24,7 @@ from harness import Env
 from progress import log
 from record import Benchmark, Meta, Row, not_measured
 from report import load, merged, write_results
-from rows import dbus, hotplug, index, layers, memory, readers, spool, stack, switch
+from rows import dbus, files, hotplug, index, layers, memory, readers, spool, stack, switch
 from settings import QUICK
 from testkit.namespace import reexec_unshared
 
@@ -41,6 +42,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         spool.BENCHMARK,
         dbus.BENCHMARK,
         layers.BENCHMARK,
+        files.BENCHMARK_COLD,
+        files.BENCHMARK_REFRESH,
+        files.BENCHMARK_SCALE,
     )
 }
 
@@ -58,7 +62,7 @@ def recipes_for(wanted: Sequence[str]) -> list[Recipe]:
     needed: dict[str, Recipe] = {}
     for name in wanted:
         for recipe in BENCHMARKS[name].recipes():
-            needed.setdefault(recipe.name, recipe)
+            needed.setdefault(str(recipe.image), recipe)
     return list(needed.values())
 
 

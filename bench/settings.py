@@ -25,3 +25,6 @@ DBUS_SECONDS = 5.0 if QUICK else 10.0
 DBUS_RUNS = 2 if QUICK else RUNS
 DBUS_CLIENTS = 10
 LAYERS = 500
+SCALE_FILES = 1_000  # image files in one search path (files_scale)
+SCALE_SPARE = 20  # more, moved in and out of it while ListPersonalities is measured
+SCALE_SECONDS = 5.0 if QUICK else 10.0

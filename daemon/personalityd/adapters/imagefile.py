@@ -36,7 +36,9 @@ from personalityd.adapters.probe import (
     NotAPersonality,
     ProbeResult,
     Refuse,
+    may_hold_xattrs,
     probe_tree,
+    probe_tree_indexed,
     volume_mount_options,
 )
 from personalityd.adapters.trustedpath import Opened, UntrustedPath, Want, open_trusted
@@ -214,7 +216,9 @@ def probe_loop(
     scratch: str,
 ) -> ProbeResult:
     """Probe the tree on the loop device; the content key is the loop's (the same for any loop
-    over the same unchanged file and byte range).
+    over the same unchanged file and byte range). Through a detached mount of a filesystem
+    image, the walk also makes the volume's index (ProbeResult.index; adapters/probe.py
+    `scan_and_index`), which a later mount may use while its content key is this one.
 
     Read through the daemon's own mount of the loop when there is one (an attached volume),
     else through a detached mount that nobody sees; a "usr" partition's tree through a
@@ -222,6 +226,7 @@ def probe_loop(
     device = held.device
     options = (*volume_mount_options(device.fs_type, tuple(mount_options)), "noexec")
     before = held.content_key()
+    index = None
     try:
         existing = mounted_from_device(read_mountinfo(), device.devnum)
         if existing:
@@ -229,23 +234,32 @@ def probe_loop(
             if held.layout.tree == USR_TREE:
                 tree = os.path.dirname(tree)
             manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
+        elif held.layout.tree == USR_TREE:
+            with (
+                mounts.mount_block_device(
+                    device.devnode, device.fs_type, options, f"probe of {device.devnode}"
+                ) as detached,
+                _usr_tree(detached, scratch) as tree,
+            ):
+                manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
         else:
+            # Read before the mount, within the content keys taken around the probe: what
+            # the kernel mounts is what was read here.
+            xattrs = may_hold_xattrs(device)
             with mounts.mount_block_device(
                 device.devnode, device.fs_type, options, f"probe of {device.devnode}"
             ) as detached:
-                if held.layout.tree == USR_TREE:
-                    with _usr_tree(detached, scratch) as tree:
-                        manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
-                else:
-                    tree = f"/proc/self/fd/{detached.fd}"
-                    manifest, refusal = probe_tree(tree, mount_options, hierarchies, refuse)
+                tree = f"/proc/self/fd/{detached.fd}"
+                manifest, refusal, index = probe_tree_indexed(
+                    tree, mount_options, hierarchies, refuse, xattrs
+                )
     except OSError as exc:
         raise EntryFailed(
             f"cannot mount {held.layout.fs_type} from it: {exc.strerror or exc}"
         ) from exc
     if held.content_key() != before:
         raise NotAPersonality("its content changed while it was checked")
-    return ProbeResult(manifest, before, refusal)
+    return ProbeResult(manifest, before, refusal, index)
 
 
 @contextlib.contextmanager

@@ -163,6 +163,23 @@ def release_free_memory() -> None:
     trim(0)
 
 
+def dir_marks(path: str | bytes) -> tuple[bool, bool]:
+    """(opaque, holds xattr whiteouts) for a directory, from its overlay xattrs."""
+    return _dir_marks(path)
+
+
+def entry_kind(entry: os.DirEntry[bytes], xwhiteouts: bool) -> str:
+    """The index kind of one directory entry (`xwhiteouts`: its directory is marked for
+    xattr whiteouts); for a directory, DIR (its opaque mark is `dir_marks`)."""
+    if entry.is_file(follow_symlinks=False):
+        return WHITEOUT if xwhiteouts and _is_xattr_whiteout(entry) else FILE
+    if entry.is_dir(follow_symlinks=False):
+        return DIR
+    if entry.is_symlink():
+        return SYMLINK
+    return _other_kind(entry.stat(follow_symlinks=False))
+
+
 def _dir_marks(path: str | bytes) -> tuple[bool, bool]:
     """(opaque, holds xattr whiteouts) for a directory, from its overlay xattrs."""
     try:

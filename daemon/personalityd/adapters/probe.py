@@ -32,9 +32,10 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from personalityd.adapters import blockdev, mounts
+from personalityd.adapters.indexer import DIR, OPAQUE_DIR, dir_marks, entry_kind
 from personalityd.adapters.medium import content_key
 from personalityd.adapters.mountinfo import mounted_from_device, read_mountinfo
 from personalityd.core.errors import PersonalityError
@@ -44,6 +45,7 @@ from personalityd.core.manifest import (
     parse_manifest,
 )
 from personalityd.core.model import BlockDevice, Manifest
+from personalityd.core.packed import PackedTree, PackedTreeBuilder
 
 MAX_MANIFEST_SIZE = 64 * 1024
 SUPPORTED_FS_TYPES = ("squashfs", "erofs", "ext4", "ext3", "ext2", "xfs", "btrfs", "vfat")
@@ -88,6 +90,9 @@ class ProbeResult:
     content: str = ""
     # Why the trust boundary refuses the volume (naming the first offending path), or None.
     refusal: str | None = None
+    # The index of its hierarchies made by the same walk (`scan_and_index`), or None: valid
+    # for a mount of the volume only while that mount's content key is `content`.
+    index: dict[str, PackedTree] | None = field(default=None, compare=False, repr=False)
 
 
 def printable(text: bytes | str) -> str:
@@ -183,6 +188,162 @@ def scan_tree(tree: str, *, nosuid: bool, nodev: bool, xattrs: bool = True) -> s
                 f"cannot read {describe_path(rel)} in the volume: {exc.strerror}"
             ) from exc
     return None
+
+
+# A directory of the walk: its path, and when it is inside a hierarchy being indexed, where
+# it goes in that index: (builder, path relative to the hierarchy, own kind or None for the
+# hierarchy's top, holds xattr whiteouts).
+_InIndex = tuple[PackedTreeBuilder, bytes, str | None, bool] | None
+
+
+class _IndexUnsure(Exception):
+    """Something only the index needed could not be read: the walk goes on as a plain scan,
+    and the volume is indexed by its own walk at attach (which reports the error then)."""
+
+
+def scan_and_index(
+    tree: str,
+    hierarchies: Sequence[str],
+    *,
+    nosuid: bool,
+    nodev: bool,
+    xattrs: bool = True,
+) -> tuple[str | None, dict[str, PackedTree] | None]:
+    """`scan_tree`, and from the same walk the index of each hierarchy the volume provides,
+    exactly as adapters/indexer.py `index_volume_packed` makes it: (refusal, index).
+
+    The refusal is scan_tree's, found in the same order (the same first offending path). The
+    index is None when there is a refusal, when the walk is not needed for one (neither
+    `nosuid` nor `nodev`), when hierarchies nest (`/usr` and `/usr/local`), or when something
+    only the index reads fails. With `xattrs` False (the filesystem provably has none,
+    `may_hold_xattrs`) no directory is asked for its overlay marks either: it has none.
+    Raises NotAPersonality naming the path when a directory cannot be read."""
+    if not (nosuid or nodev):
+        return None, None
+    walk = _ScanAndIndex(tree, hierarchies, nosuid, nodev, xattrs)
+    refusal = walk.run()
+    if refusal is not None or not walk.indexing:
+        return refusal, None
+    return None, {h: walk.builders[h].build() for h in hierarchies if h in walk.builders}
+
+
+class _ScanAndIndex:
+    """The walk of `scan_and_index`: scan_tree's order and checks, plus the index."""
+
+    def __init__(
+        self, tree: str, hierarchies: Sequence[str], nosuid: bool, nodev: bool, xattrs: bool
+    ) -> None:
+        self.top = os.fsencode(tree)
+        self.prefix = len(self.top)
+        self.nosuid, self.nodev, self.xattrs = nosuid, nodev, xattrs
+        self.tops = {os.fsencode(h.strip("/")): h for h in hierarchies}
+        nested = any(a != b and b.startswith(a + b"/") for a in self.tops for b in self.tops)
+        self.indexing = bool(self.tops) and not nested and b"" not in self.tops
+        self.builders: dict[str, PackedTreeBuilder] = {}
+        self.stack: list[tuple[bytes, _InIndex]] = [(self.top, None)]
+
+    def run(self) -> str | None:
+        stack = self.stack
+        while stack:
+            directory, place = stack.pop()
+            depth = len(stack)
+            try:
+                refusal = self._directory(directory, place)
+            except _IndexUnsure:
+                self.indexing = False
+                del stack[depth:]  # this directory is scanned again, as a plain scan
+                stack.append((directory, None))
+                continue
+            except OSError as exc:
+                where = exc.filename if isinstance(exc.filename, str | bytes) else directory
+                rel = os.fsencode(where)[self.prefix :]
+                raise NotAPersonality(
+                    f"cannot read {describe_path(rel)} in the volume: {exc.strerror}"
+                ) from exc
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _directory(self, directory: bytes, place: _InIndex) -> str | None:
+        indexed = place is not None and self.indexing
+        names: list[bytes] = []
+        kinds: list[str] = []
+        nosuid, nodev, push = self.nosuid, self.nodev, self.stack.append
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if indexed:
+                    try:
+                        kind = entry_kind(entry, place[3])  # type: ignore[index]
+                    except OSError as exc:
+                        raise _IndexUnsure from exc
+                    names.append(entry.name)
+                if entry.is_file(follow_symlinks=False):
+                    if indexed:
+                        kinds.append(kind)
+                    if nosuid:
+                        refusal = self._file(entry.path)
+                        if refusal is not None:
+                            return refusal
+                elif entry.is_dir(follow_symlinks=False):
+                    child = self._child_place(entry, place) if self.indexing else None
+                    if indexed:
+                        kinds.append(child[2] if child and child[2] else DIR)
+                    push((entry.path, child))
+                else:
+                    if indexed:
+                        kinds.append(kind)
+                    if nodev and not entry.is_symlink():
+                        st = entry.stat(follow_symlinks=False)
+                        refusal = _device_refusal(entry.path[self.prefix :], st)
+                        if refusal is not None:
+                            return refusal
+        if place is not None and self.indexing:
+            place[0].add_dir(place[1], place[2], names, "".join(kinds))
+        return None
+
+    def _file(self, path: bytes) -> str | None:
+        """What `nosuid` refuses in the regular file `path`, or None."""
+        mode = os.lstat(path).st_mode
+        if mode & _SETID:
+            return _setid_refusal(path[self.prefix :], mode)
+        if not self.xattrs:
+            return None
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTR_ERRNOS:
+                raise
+            self.xattrs = False  # the filesystem has no xattrs at all
+            return None
+        if CAPABILITY_XATTR in names:
+            return (
+                f"it holds a file with file capabilities, "
+                f"{describe_path(path[self.prefix :])} ({CAPABILITY_XATTR}); " + _NOSUID_TAIL
+            )
+        return None
+
+    def _child_place(self, entry: os.DirEntry[bytes], place: _InIndex) -> _InIndex:
+        """Where the directory `entry` goes in an index: below its parent's, or the top of a
+        new one when it is a hierarchy; None outside every hierarchy. Raises _IndexUnsure."""
+        if place is None:
+            hierarchy = self.tops.get(entry.path[self.prefix + 1 :])
+            if hierarchy is None:
+                return None
+            builder = self.builders[hierarchy] = PackedTreeBuilder()
+            return builder, b"", None, self._marks(entry.path)[1]
+        builder, rel, _, _ = place
+        opaque, xwhiteouts = self._marks(entry.path)
+        name = entry.name
+        own = OPAQUE_DIR if opaque else DIR
+        return builder, rel + b"/" + name if rel else name, own, xwhiteouts
+
+    def _marks(self, path: bytes) -> tuple[bool, bool]:
+        if not self.xattrs:
+            return False, False
+        try:
+            return dir_marks(path)
+        except OSError as exc:
+            raise _IndexUnsure from exc
 
 
 def _setid_refusal(rel: bytes, mode: int) -> str:
@@ -357,13 +518,37 @@ def probe_tree(
     """The manifest of the volume mounted at `tree`, and why it may not be stacked: a
     symlinked hierarchy, then `refuse(tree)` (the protected paths), then the walk for what
     `nosuid` and `nodev` forbid (`scan_tree`); the first answer wins, None when none."""
+    manifest, refusal = _manifest_and_early_refusal(tree, hierarchies, refuse)
+    if refusal is None:
+        nosuid, nodev = "nosuid" in mount_options, "nodev" in mount_options
+        refusal = scan_tree(tree, nosuid=nosuid, nodev=nodev, xattrs=xattrs)
+    return manifest, refusal
+
+
+def probe_tree_indexed(
+    tree: str,
+    mount_options: Sequence[str],
+    hierarchies: Sequence[str] = DEFAULT_HIERARCHIES,
+    refuse: Refuse | None = None,
+    xattrs: bool = True,
+) -> tuple[Manifest, str | None, dict[str, PackedTree] | None]:
+    """`probe_tree`, with the walk also indexing the hierarchies (`scan_and_index`): the
+    same manifest and refusal, and the index or None."""
+    manifest, refusal = _manifest_and_early_refusal(tree, hierarchies, refuse)
+    if refusal is not None:
+        return manifest, refusal, None
+    nosuid, nodev = "nosuid" in mount_options, "nodev" in mount_options
+    refusal, index = scan_and_index(tree, hierarchies, nosuid=nosuid, nodev=nodev, xattrs=xattrs)
+    return manifest, refusal, index
+
+
+def _manifest_and_early_refusal(
+    tree: str, hierarchies: Sequence[str], refuse: Refuse | None
+) -> tuple[Manifest, str | None]:
     manifest = read_manifest(tree)
     refusal = symlinked_hierarchy(tree, hierarchies)
     if refusal is None and refuse is not None:
         refusal = refuse(tree)
-    if refusal is None:
-        nosuid, nodev = "nosuid" in mount_options, "nodev" in mount_options
-        refusal = scan_tree(tree, nosuid=nosuid, nodev=nodev, xattrs=xattrs)
     return manifest, refusal
 
 

@@ -24,7 +24,7 @@ import errno
 import json
 import os
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -55,9 +55,11 @@ from personalityd.core.model import (
     OsRelease,
     Volume,
 )
+from personalityd.core.packed import PackedTree
 
 log = structlog.get_logger()
 
+VolumeIndex = dict[str, PackedTree]  # hierarchy -> index, as stack/indexes.py keeps them
 RefusalSink = Callable[[str, str | None, str], object]  # device or path, name, reason
 PROBES_AT_ONCE = 4  # entries probed side by side (each is mostly kernel work)
 
@@ -70,6 +72,9 @@ class Entry:
     content: str  # the content key of what was probed
     stamp: tuple[int, ...]  # the target's inode, size and times when it was probed
     failure: str | None = None  # why it cannot be used (listed as failed), or None
+    # The index the probe's walk made (valid for a mount whose content key is `content`),
+    # until a loop device is made of the entry: it then goes with that loop.
+    index: VolumeIndex | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Bound:
     held: HeldLoop
     volume: Volume
     content: str  # the content key it was checked with
+    index: VolumeIndex | None = None  # the probe's index, until `take_index` hands it on
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -135,6 +141,15 @@ class ImageVolumes:
         bound = self.loops.get(volume.device.identity)
         return None if bound is None else bound.held.content_key()
 
+    def take_index(self, volume: Volume) -> tuple[VolumeIndex, str] | None:
+        """The index the probe made of the file an attached `volume` is a loop of, with the
+        content key it is valid for (once: the caller keeps it); None when there is none."""
+        bound = self.loops.get(volume.device.identity)
+        if bound is None or bound.index is None:
+            return None
+        index, bound.index = bound.index, None
+        return index, bound.content
+
     def checked_content(self, volume: Volume) -> str | None:
         bound = self.loops.get(volume.device.identity)
         if bound is not None:
@@ -164,14 +179,20 @@ class ImageVolumes:
                     "image_entry_duplicate", name=loser.name, ignored=loser.path, used=winner.path
                 )
         previous = {e.volume.source.entry: e for e in self.entries.values() if e.volume.source}
+        # One worker thread opens every entry and keeps those unchanged since their last look
+        # (a thread hop per entry would keep the event loop, and readers, waiting); only the
+        # new or changed ones are looked at again and probed, side by side.
+        quick = await loop.run_in_executor(None, self._unchanged_all, result.entries, previous)
         gate = asyncio.Semaphore(PROBES_AT_ONCE)
 
-        async def look(found: FoundEntry) -> tuple[FoundEntry, Entry | None]:
+        async def look(found: FoundEntry, kept: Entry | None) -> tuple[FoundEntry, Entry | None]:
+            if kept is not None:
+                return found, kept
             async with gate:
                 before = previous.get(found.path)
                 return found, await loop.run_in_executor(None, self._look, found, before)
 
-        looks = await asyncio.gather(*(look(f) for f in result.entries))
+        looks = await asyncio.gather(*(look(f, kept) for f, kept in quick))
         entries: dict[str, Entry] = {}
         for found, entry in looks:
             if entry is not None:
@@ -191,6 +212,29 @@ class ImageVolumes:
             log.info("image_gone", name=name)
         self.entries = entries
         return changed
+
+    def _unchanged_all(
+        self, entries: Sequence[FoundEntry], previous: dict[str, Entry]
+    ) -> list[tuple[FoundEntry, Entry | None]]:
+        """Per entry, its last look when the entry is unchanged since (`_unchanged`), else None
+        (a worker thread): no descriptor is kept, however many entries there are."""
+        return [(found, self._unchanged(found, previous.get(found.path))) for found in entries]
+
+    def _unchanged(self, found: FoundEntry, before: Entry | None) -> Entry | None:
+        """`before` when the entry still opens as the very file it was then; else None, and
+        `_look` opens, checks and probes it (refusals are journalled there)."""
+        if before is None:
+            return None
+        kind = IMAGE_DIRECTORY if found.kind == "dir" else IMAGE_FILE
+        try:
+            opened, source = open_entry(self.place, found.path, kind, found.rank)
+        except (UntrustedPath, OSError):
+            return None
+        try:
+            unchanged = before.stamp == _stamp(opened.st) and before.volume.source == source
+        finally:
+            os.close(opened.fd)
+        return before if unchanged else None
 
     def _look(self, found: FoundEntry, before: Entry | None) -> Entry | None:
         """Open and, unless unchanged since `before`, probe one entry (a worker thread). None
@@ -234,7 +278,7 @@ class ImageVolumes:
             self._refuse(source.target, None, _reason(exc))
             return None
         volume = self._volume(name, device, source, result)
-        return None if volume is None else Entry(volume, result.content, stamp)
+        return None if volume is None else Entry(volume, result.content, stamp, index=result.index)
 
     def _probe_held(self, held: HeldLoop) -> ProbeResult:
         place = self.place
@@ -311,7 +355,7 @@ class ImageVolumes:
             self._own.add((held.loop.devnode, held.loop.diskseq))
             try:
                 stamp = _stamp(opened.st)
-                volume, content = entry.volume, entry.content
+                volume, content, index = entry.volume, entry.content, entry.index
                 if stamp != entry.stamp or now != source:
                     # Not the file that was probed: probe this one, through its own loop.
                     log.info("image_changed_before_attach", name=name, path=source.entry)
@@ -320,13 +364,16 @@ class ImageVolumes:
                     if found is None:
                         held.close()
                         return None
-                    volume, content = found, result.content
+                    volume, content, index = found, result.content, result.index
                     self.entries[name] = Entry(
                         replace(found, device=file_stand_in(now, held.layout.fs_type)),
                         content,
                         stamp,
                     )
-                return Bound(held, replace(volume, device=held.device, source=now), content)
+                elif index is not None:
+                    self.entries[name] = replace(entry, index=None)  # it goes with the loop
+                attached = replace(volume, device=held.device, source=now)
+                return Bound(held, attached, content, index)
             except BaseException:
                 held.close()
                 raise

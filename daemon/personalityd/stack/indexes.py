@@ -34,6 +34,7 @@ class VolumeIndexes:
         self.hierarchies = tuple(hierarchies)
         self._by_identity: dict[str, VolumeIndex] = {}
         self._content: dict[str, str] = {}  # identity -> content key the index was made of
+        self._from_probe: set[str] = set()  # identities whose index the probe's walk made
 
     async def index(self, volume: Volume, path: str, content: str) -> VolumeIndex:
         """The index of `volume` mounted at `path`, whose content key is `content` (walked in
@@ -41,6 +42,10 @@ class VolumeIndexes:
         identity = volume.device.identity
         cached = self._by_identity.get(identity)
         if cached is not None and self._content.get(identity) == content:
+            if identity in self._from_probe:
+                self._from_probe.discard(identity)
+                entries = sum(map(len, cached.values()))
+                log.info("volume_indexed", name=volume.name, entries=entries, by="probe")
             return cached
         self.forget(identity)
         loop = asyncio.get_running_loop()
@@ -51,6 +56,15 @@ class VolumeIndexes:
         log.info("volume_indexed", name=volume.name, entries=sum(map(len, index.values())))
         return index
 
+    def seed(self, volume: Volume, index: VolumeIndex, content: str) -> None:
+        """An index of `volume` made elsewhere (by the probe's walk of the same file), valid
+        for a mount whose content key is `content`: `index` uses it for such a mount only,
+        and walks any other."""
+        identity = volume.device.identity
+        self._by_identity[identity] = index
+        self._content[identity] = content
+        self._from_probe.add(identity)
+
     def cached(self, volume: Volume) -> VolumeIndex | None:
         """The index of `volume` if it was made (at its mount), else None."""
         return self._by_identity.get(volume.device.identity)
@@ -58,6 +72,7 @@ class VolumeIndexes:
     def forget(self, identity: str) -> None:
         self._by_identity.pop(identity, None)
         self._content.pop(identity, None)
+        self._from_probe.discard(identity)
 
     def provides(self, volumes: Mapping[str, Volume]) -> Callable[[str, str], bool]:
         """`provided(name, hierarchy)` for the planner, from the cached indexes."""

@@ -251,6 +251,11 @@ async def _attach_images(stack: Stack, volumes: Sequence[Volume]) -> bool:
     for name, outcome in outcomes.items():
         if isinstance(outcome, EntryFailed):
             raise VolumeFailed(MountFailed(str(outcome), volume=name, cause=str(outcome)))
+        # The probe's walk indexed the file this loop reads: `index_checked` uses that index
+        # only if the mount's content key, taken after mounting, is the probe's.
+        probed = images.take_index(outcome)
+        if probed is not None:
+            stack.indexes.seed(outcome, *probed)
     return bool(outcomes)
 
 
