@@ -215,9 +215,11 @@ class Daemon:
             log.info("dbus_ready")
             try:
                 await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # untyped in dbus-fast
+                log.warning("dbus_disconnected")
+            except Exception as exc:  # dbus-fast hands on its reader's error: EOFError, OSError
+                log.warning("dbus_disconnected", error=str(exc) or type(exc).__name__)
             finally:
                 bus.disconnect()
-            log.warning("dbus_disconnected")
             warned = False
 
     async def _service_hooks(self) -> ServiceHooks:

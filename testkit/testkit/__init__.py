@@ -24,4 +24,5 @@ machine. One module per job:
     stack      what a user observes of a stack after faults and load (stress checks)
     dbus       a private system bus, calls on the Manager interface, collected signals
     users      a temporary member of the `personality` group
+    sysext     the real systemd-sysext on a sandbox root: images, merge, what it merged
 """

@@ -118,10 +118,18 @@ class Engine:
             ref = self.layout.base_ref(h)
             target = self.layout.hierarchy(h)
             os.makedirs(target, exist_ok=True)
-            if mounts_at(entries, ref):
+            ours = [e for e in mounts_at(entries, target) if is_our_overlay(e)]
+            kept = mounts_at(entries, ref)
+            if kept and (ours or _same_directory(ref, target)):
                 mounts.set_attributes_at(ref, mounts.MOUNT_ATTR_RDONLY)
                 continue
-            ours = [e for e in mounts_at(entries, target) if is_our_overlay(e)]
+            if kept:
+                # Nothing of ours is stacked and the hierarchy no longer shows what an earlier
+                # run bound (a systemd-sysext merge unmerged since): kept, the stale base would
+                # come back under the next stack, and hold the old merge's mounts.
+                log.info("base_reference_renewed", hierarchy=h)
+                for _ in kept:
+                    mounts.unmount(ref)
             if ours:
                 log.warning("base_reference_lost", hierarchy=h, stacked=len(ours))
                 for _ in ours:
@@ -477,3 +485,9 @@ def _unmount_all(entries: Sequence[MountEntry], path: str) -> None:
         except OSError as exc:
             log.warning("unmount_failed", path=path, error=str(exc))
             return
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """Whether two paths show the same directory (of the same mounted filesystem)."""
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

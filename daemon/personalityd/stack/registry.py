@@ -43,6 +43,22 @@ WRITABLE_FS_TYPES = ("ext4", "xfs", "btrfs")  # can hold an overlay upper
 RefusalSink = Callable[[str, str | None, str], object]  # device, name, reason
 
 
+def _superseded(device: BlockDevice) -> bool:
+    """Whether the kernel has changed `device`'s medium since the event that describes it (its
+    DISKSEQ is higher now). udev handles events late and reads the device as it is then: an
+    event of a loop device configured and released since (the daemon's own probes, a killed
+    run's loops) can carry the backing file of a newer configuration and no filesystem type.
+    Every change of DISKSEQ has an event of its own, which tells what the device is now."""
+    if device.diskseq <= 0:
+        return False
+    try:
+        with open(f"/sys/dev/block/{device.devnum[0]}:{device.devnum[1]}/diskseq") as f:
+            now = int(f.read().strip())
+    except (OSError, ValueError):
+        return False  # gone (its remove event follows), or a kernel without DISKSEQ
+    return now > device.diskseq
+
+
 def protected_check(config: Config) -> Refuse:
     """Why a mounted tree may not be stacked by `volumes.protected_paths`, or None."""
     return functools.partial(
@@ -150,6 +166,8 @@ class VolumeRegistry:
         """A device was added or changed. Returns True when volumes or writable changed."""
         if self.images is not None and self.images.owns(device):
             return False  # one of our loop devices: its entry's, not a volume of its own
+        if _superseded(device):
+            return False
         previous = self._by_devnode.get(device.devnode)
         unchanged = previous is not None and previous.identity == device.identity
         if unchanged and self._still_matches(device) and not await self._content_changed(device):
