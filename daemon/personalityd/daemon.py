@@ -56,9 +56,10 @@ def sysext_notice(hierarchies: list[str]) -> str:
     where = ", ".join(hierarchies)
     return (
         f"systemd-sysext has extensions merged on {where}: personalityd stacks over that "
-        "merge, and `systemd-sysext refresh` or `unmerge` fails while personalities are "
-        "stacked on top of it; to move the extensions over, run `systemd-sysext unmerge` and "
-        "set images.sysext_paths = true, which serves the same image files"
+        "merge, and while personalities are stacked on top of it `systemd-sysext refresh` "
+        "cannot mount a new merge (overlay nesting) and `unmerge` leaves it in place; to move "
+        "the extensions over, run `systemd-sysext unmerge` and set images.sysext_paths = true, "
+        "which serves the same image files"
     )
 
 
