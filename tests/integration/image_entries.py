@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from testkit.processes import run
+from testkit.sysext import install_sysext
 
 SEARCH_DIR = "/var/lib/personalities"  # one of the default images.search_paths
 RUN_DIR = "/run/personalities"  # another, before SEARCH_DIR in precedence
@@ -27,12 +27,23 @@ def search_dir(root: Path, rel: str = SEARCH_DIR) -> Path:
 def install(image: Path, directory: Path, name: str) -> Path:
     """Copy `image` to `directory/name` as root 0644: written under a dot name, then renamed in
     (so the daemon never sees half a file)."""
-    target = directory / name
-    tmp = directory / f".{name}.part"
-    shutil.copyfile(image, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    return target
+    return install_sysext(image, directory, name)
+
+
+def mkdirs(path: Path, mode: int = 0o755) -> Path:
+    """`path` and its missing parents, `path` with `mode`."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
+    return path
+
+
+def write(path: Path, content: bytes = b"image", mode: int = 0o644) -> Path:
+    """A file of `content` with `mode` (its directory made 0755 if missing)."""
+    if not path.parent.is_dir():
+        mkdirs(path.parent)
+    path.write_bytes(content)
+    os.chmod(path, mode)
+    return path
 
 
 def losetup_rows() -> list[dict[str, Any]]:

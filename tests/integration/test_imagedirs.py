@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from image_entries import mkdirs, write
 from structlog.testing import capture_logs
 
 from personalityd.adapters.imagedirs import (
@@ -29,20 +30,6 @@ SEARCH_PATHS = (
     "/usr/lib/personalities",
 )
 USER = 1000
-
-
-def mkdirs(path: Path, mode: int = 0o755) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, mode)
-    return path
-
-
-def write(path: Path, content: bytes = b"image", mode: int = 0o644) -> Path:
-    if not path.parent.is_dir():
-        mkdirs(path.parent)
-    path.write_bytes(content)
-    os.chmod(path, mode)
-    return path
 
 
 def file_id(path: Path) -> tuple[int, int]:

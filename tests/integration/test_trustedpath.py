@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from image_entries import mkdirs, write
 
 from personalityd.adapters.trustedpath import (
     MAX_SYMLINKS,
@@ -30,20 +31,6 @@ from personalityd.adapters.trustedpath import (
 pytestmark = pytest.mark.integration
 
 USER = 1000
-
-
-def mkdirs(path: Path, mode: int = 0o755) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, mode)
-    return path
-
-
-def write(path: Path, content: bytes = b"image", mode: int = 0o644) -> Path:
-    if not path.parent.is_dir():
-        mkdirs(path.parent)
-    path.write_bytes(content)
-    os.chmod(path, mode)
-    return path
 
 
 @pytest.fixture
