@@ -83,6 +83,7 @@ class Manager:
         self._callers = 0  # front-end calls inside attach/detach/switch/refresh
         self._subscribers: list[Callable[[StackEvent], object]] = []
         self._notices: tuple[str, ...] = ()
+        self._listing: tuple[tuple[object, ...], list[PersonalityInfo]] | None = None
 
     # -- ManagerAPI: reading ---------------------------------------------------------------
 
@@ -128,6 +129,29 @@ class Manager:
         return unsubscribe
 
     def list_personalities(self) -> list[PersonalityInfo]:
+        """Every known personality, by name; made again only when what it shows changed (with
+        a thousand image files, readers ask far more often than anything changes)."""
+        key = self._listing_key()
+        if self._listing is not None and _same_listing_key(self._listing[0], key):
+            return list(self._listing[1])
+        infos = self._list_personalities()
+        self._listing = (key, infos)
+        return list(infos)
+
+    def _listing_key(self) -> tuple[object, ...]:
+        """What the listing is made of: the volumes dict itself (replaced, never changed in
+        place), the snapshot (replaced at each change), and copies of the small rest."""
+        state = self.state
+        return (
+            self.registry.volumes,
+            state.snapshot,
+            state.desired,
+            tuple(state.draining.items()),
+            tuple(self.registry.failed.items()),
+            tuple((n, m.path) for n, m in self.engine.volumes.items()),
+        )
+
+    def _list_personalities(self) -> list[PersonalityInfo]:
         volumes = self.registry.volumes
         draining = self.state.draining
         states = personality_state(
@@ -431,6 +455,12 @@ class Manager:
             if self.present != present:
                 live = self.state.snapshot.live
                 self._notify(StackEvent(self.generation, live, (), (), stack_changed=False))
+
+
+def _same_listing_key(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """The volumes and the snapshot by identity (cheap, and they are replaced whenever they
+    change), the rest by value."""
+    return a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
 
 
 def _fail(job: Job, error: PersonalityError) -> None:

@@ -328,7 +328,7 @@ class VolumeRegistry:
         """Put `volume` (the same personality, judged again) in the place of the current one."""
         if self.devices.get(name) is not None and self.volumes.get(name) is self.devices[name]:
             self.devices[name] = volume
-        self.volumes[name] = volume
+        self.volumes = {**self.volumes, name: volume}  # a new dict: readers may cache by it
         if volume.source is not None and self.images is not None:
             self.images.replace(volume)
 
