@@ -1,6 +1,6 @@
 """OpenPGP test keys and SHA256SUMS files, made with the real gpg and sha256sum.
 
-For `images.verify` (DESIGN.md section 10): a key signs SHA256SUMS into SHA256SUMS.gpg and
+For `images.verify` (docs/images.md): a key signs SHA256SUMS into SHA256SUMS.gpg and
 exports its public half as the daemon's import keyring (`import-pubring.pgp`).
 
 Every key has a GnuPG home of its own (never root's ~/.gnupg). gpg 2.2 starts a gpg-agent

@@ -1,5 +1,5 @@
 """kill -9 of the daemon at random moments while it attaches image files through loop devices
-of its own (DESIGN section 10), and a restart each time.
+of its own (docs/images.md), and a restart each time.
 
 Image files sit in a search path; random attach, detach and switch requests (spool), entries
 replaced by rename, and `personalityctl refresh` run while a background killer sends SIGKILL at

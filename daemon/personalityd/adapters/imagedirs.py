@@ -1,6 +1,6 @@
 """The search paths of image files and directories: what they offer, and when that changes.
 
-`scan_search_paths` lists every search directory (DESIGN.md section 10) and checks every
+`scan_search_paths` lists every search directory (docs/images.md) and checks every
 candidate entry through adapters/trustedpath.py (so a search directory inside a stacked
 hierarchy is read from the base, through `views`). Precedence for one name: the search paths
 in order, then within one directory core/imagenames.py's order. Only a trusted entry takes a

@@ -1,6 +1,6 @@
 """What an image file holds, read from its open file descriptor: filesystem, byte range, tree.
 
-An image entry (DESIGN section 10) is a squashfs, erofs or ext4 filesystem image, or a GPT disk
+An image entry (docs/images.md) is a squashfs, erofs or ext4 filesystem image, or a GPT disk
 image whose DPS "root" or "usr" partition for the host's architecture holds the filesystem.
 Everything is read with pread on the descriptor the daemon verified and will loop, never by
 path, so the layout found is the layout of the bytes that get attached.

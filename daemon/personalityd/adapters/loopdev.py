@@ -1,6 +1,6 @@
 """Read-only loop devices made from an open file descriptor, and the status of loop devices.
 
-The daemon attaches an image file itself (DESIGN section 10): it opens the file, verifies what
+The daemon attaches an image file itself (docs/images.md): it opens the file, verifies what
 it read through that descriptor, and loops exactly that descriptor with `LOOP_CONFIGURE`, so the
 device holds the bytes that were verified even if the path is replaced meanwhile. No `losetup`
 runs. The device is set up read-only and with autoclear: the kernel releases it as soon as its
@@ -241,7 +241,7 @@ def _backing_stat(fd: int) -> os.stat_result:
             f"cannot set up a loop device for {_fd_text(fd)}: "
             "it is neither a regular file nor a block device",
         )
-    # A volume is never opened for writing (DESIGN section 3), not even through its loop.
+    # A volume is never opened for writing (docs/security.md), not even through its loop.
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
         raise OSError(
             errno.EPERM,

@@ -1,6 +1,6 @@
 """Verifying image files before they become loop devices: digest, SHA256SUMS, gpgv.
 
-`images.verify` (DESIGN.md section 10): under "checksum" the file's SHA-256 must be the one
+`images.verify` (docs/images.md): under "checksum" the file's SHA-256 must be the one
 that the SHA256SUMS beside it lists; under "signed" SHA256SUMS.gpg must also be a good
 detached OpenPGP signature of that SHA256SUMS, by a key of the import keyring, the
 convention of systemd-importd and systemd-sysupdate.

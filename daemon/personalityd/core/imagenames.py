@@ -2,7 +2,7 @@
 
 An entry is an image file `NAME.raw`, `NAME.sysext.raw`, `NAME.squashfs`, `NAME.erofs` or
 `NAME.img`, a symlink with such a name (the systemd-sysupdate layout `NAME.raw ->
-NAME_1.2.raw`), or a directory `NAME` holding the tree (DESIGN.md section 10). Everything
+NAME_1.2.raw`), or a directory `NAME` holding the tree (docs/images.md). Everything
 else in a search directory is not an entry: dotfiles (so `.#web.raw` and other names an
 editor or a download tool writes first), temporary names (`web.raw.tmp`, `web.raw~`), names
 that break the personality name rule (core/names.py).

@@ -1,6 +1,6 @@
 """SHA256SUMS listings: the `sha256sum` format that systemd-sysupdate reads, as data.
 
-`images.verify` (DESIGN.md section 10) looks an image file up in the `SHA256SUMS` beside it.
+`images.verify` (docs/images.md) looks an image file up in the `SHA256SUMS` beside it.
 The syntax is systemd-sysupdate's (src/sysupdate/sysupdate-resource.c), so one file serves
 both tools: every line is `<64 hex digits><space><space or *><name>` and ends in a newline;
 the name is a relative path with no `.`, `..` or empty component (so no leading `./`); no
