@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from personalityd.adapters.verify import (
     file_digest,
     missing_keyring_message,
 )
-from personalityd.core.model import IMAGE_DIRECTORY, IMAGE_FILE, BlockDevice, ImageSource
+from personalityd.core.model import IMAGE_DIRECTORY, BlockDevice, ImageSource
 
 MAX_SUMS_SIZE = 1024 * 1024
 USR_TREE = "usr"  # a GPT "usr" partition: its root is what goes under usr/
@@ -75,7 +74,7 @@ class Place:
     architecture: str
     mount_options: tuple[str, ...]
     hierarchies: tuple[str, ...]
-    scratch: str = "/run/personalityd/probe"  # a private directory for probes
+    scratch: str  # a private directory for probes (under the runtime directory)
 
     def relative(self, logical: str) -> str:
         """`<root>/var/lib/x` -> `/var/lib/x` (what open_trusted takes)."""
@@ -311,26 +310,3 @@ def probe_directory(place: Place, opened: Opened, refuse: Refuse | None) -> Prob
 def file_stand_in(source: ImageSource, fs_type: str) -> BlockDevice:
     """The device an image file is listed with while not attached: its path."""
     return BlockDevice(devnode=source.target, devnum=(0, 0), properties={"ID_FS_TYPE": fs_type})
-
-
-def is_regular(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode)
-
-
-__all__ = [
-    "IMAGE_DIRECTORY",
-    "IMAGE_FILE",
-    "EntryFailed",
-    "HeldLoop",
-    "NotAPersonality",
-    "Place",
-    "UntrustedPath",
-    "attach_file",
-    "directory_device",
-    "directory_key",
-    "file_stand_in",
-    "open_entry",
-    "probe_directory",
-    "probe_loop",
-    "verify_file",
-]
