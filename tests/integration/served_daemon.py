@@ -3,7 +3,9 @@ there (`serve`), read back (`listing`, `read`), and the three volumes most of th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,19 @@ async def listing(bus: MessageBus) -> dict[str, tuple[str, str, str, str]]:
     """ListPersonalities as name -> (state, version, device, mount point)."""
     (rows,) = await call_ok(bus, "ListPersonalities")
     return {row[0]: tuple(row[1:]) for row in rows}
+
+
+async def wait_listed(
+    bus: MessageBus, name: str, state: str, timeout: float = 120
+) -> tuple[str, str, str, str]:
+    """Poll ListPersonalities until `name` has `state`; its row (state, version, device, mp)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await listing(bus)
+        if name in rows and rows[name][0] == state:
+            return rows[name]
+        assert time.monotonic() < deadline, f"{name} never {state}: {rows}"
+        await asyncio.sleep(0.1)
 
 
 def read(root: Path, rel: str) -> bytes:

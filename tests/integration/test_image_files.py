@@ -1,4 +1,4 @@
-"""Personalities from image files and directory trees in search paths (DESIGN section 10),
+"""Personalities from image files and directory trees in search paths (docs/images.md),
 end to end: the daemon finds the entries (live, through inotify), lists them, attaches them
 through loop devices of its own made from the opened file, and releases those again.
 
@@ -8,7 +8,6 @@ the journal, spool results.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from image_entries import RUN_DIR, install, is_flag, loops_backed_under, search_dir
 from sandbox_view import REFUSED, Images, ok, read
-from served_daemon import Serve, connection, listing
+from served_daemon import Serve, connection, listing, wait_listed
 
 from testkit.contract import BUS, PATH
 from testkit.daemon import Daemon
@@ -32,20 +31,6 @@ from testkit.processes import run
 
 RELEASE_DIR = "usr/lib/extension-release.d"
 WEB = {"usr/bin/web-tool": "#!/bin/sh\necho web\n", "etc/web.conf": "web = 1\n"}
-
-
-async def wait_listed(
-    bus: MessageBus, name: str, state: str, timeout: float = 120
-) -> tuple[str, str, str, str]:
-    """Poll ListPersonalities until `name` has `state`; its row (state, version, device, mp)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        rows = await listing(bus)
-        if name in rows and rows[name][0] == state:
-            return rows[name]
-        assert loop.time() < deadline, f"{name} never {state}: {rows}"
-        await asyncio.sleep(0.1)
 
 
 async def test_image_file_is_found_attached_and_released(

@@ -1,4 +1,4 @@
-"""From systemd-sysext to personalityd (DESIGN section 10, `images.sysext_paths`), against the
+"""From systemd-sysext to personalityd (`images.sysext_paths`, docs/images.md), against the
 real systemd-sysext of this machine (systemd 252) on the same sandbox root.
 
 - Migration: the images `systemd-sysext merge` accepts, in its own directories, are served by
@@ -14,18 +14,16 @@ described in testkit/testkit/sysext.py.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dbus_fast.aio import MessageBus
 from image_entries import install, search_dir
 from sandbox_view import Images, ok, read, stacked_overlays
-from served_daemon import Serve, listing
+from served_daemon import Serve, wait_listed
 
 from testkit.daemon import Daemon
 from testkit.dbus import get_property
@@ -174,19 +172,6 @@ async def test_the_directories_systemd_sysext_merges_are_served_unchanged(
         finally:
             daemon.stop()
     assert "Traceback" not in daemon.log_text()
-
-
-async def wait_listed(
-    bus: MessageBus, name: str, state: str, timeout: float = 120
-) -> tuple[str, str, str, str]:
-    """Poll ListPersonalities until `name` has `state`; its row (state, version, device, mp)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = await listing(bus)
-        if name in rows and rows[name][0] == state:
-            return rows[name]
-        assert time.monotonic() < deadline, f"{name} never {state}: {rows}"
-        await asyncio.sleep(0.1)
 
 
 def personalityctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
