@@ -60,6 +60,8 @@ ROOTFS_PACKAGES = (
     "python3-pyudev",
     "python3-systemd",
     "procps",
+    # The Debian stacks test asks the web stack for its PHP page from inside.
+    "curl",
 )
 # Bump to rebuild cached rootfs tarballs when the way they are made changes.
 ROOTFS_RECIPE = "1"
