@@ -59,6 +59,7 @@ class _FollowUp:
     arriving: tuple[Volume, ...]  # whose services to start, then their personality@ unit
     answer: Callable[[], None]
     units_only: tuple[str, ...] = ()  # start-up: personality@ units of the restored stack
+    answer_only: bool = False  # a change that stacked nothing: its answer, in turn
 
 
 class Follower:
@@ -228,6 +229,15 @@ class Follower:
 
     # -- the follower's task ---------------------------------------------------------------
 
+    def answer_after(self, answer: Callable[[], None]) -> None:
+        """Answer a change that stacked nothing new once the follow-ups queued before it are
+        done: an attach of a personality being restored at boot returns after its services
+        started, like the change that stacked it."""
+        if self.services is None:
+            answer()
+        else:
+            self._queue.put_nowait(_FollowUp((), answer, answer_only=True))
+
     def start_units(self, names: Sequence[str]) -> None:
         """At start-up (after READY): `personality@NAME.service` for the stacked `names`."""
         if self.services is not None and names:
@@ -246,6 +256,8 @@ class Follower:
     async def _follow(self, item: _FollowUp) -> None:
         services = self.services
         assert services is not None
+        if item.answer_only:
+            return
         if not item.units_only:
             try:
                 await services.reload()
@@ -265,7 +277,8 @@ class Follower:
         try:
             result = await self.services.start(unit)
         except Exception as exc:
-            log.error("service_start_failed", unit=unit, personality=personality, error=str(exc))
+            error = str(exc) or type(exc).__name__  # a job timeout says nothing else
+            log.error("service_start_failed", unit=unit, personality=personality, error=error)
             return
         if result == "done":
             log.info("service_started", unit=unit, personality=personality, result=result)

@@ -521,7 +521,7 @@ class Change:
         if desired_before != state.desired_names():
             live = self.before.live
             self.stack.notify(StackEvent(self.generation, live, (), (), stack_changed=False))
-        self._answer()
+        self.stack.follower.answer_after(self._answer)  # after earlier changes' services
 
     async def publish(self) -> None:
         stack, state, plan = self.stack, self.stack.state, self.plan
