@@ -82,6 +82,7 @@ class Follower:
         self._stopping: set[str] = set()  # names whose personality@ unit we are stopping
         self._queue: asyncio.Queue[_FollowUp] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
+        self._current: _FollowUp | None = None
 
     # -- before the swap (in the consumer) -------------------------------------------------
 
@@ -163,7 +164,11 @@ class Follower:
     ) -> list[ToolFailure]:
         """Apply the declarations, then hand the services and the answer to the follower's
         task (or answer now, without systemd). The failures, for a trial to judge."""
-        failures = await self.apply_declarations(generation, arriving, gone, mounted)
+        try:
+            failures = await self.apply_declarations(generation, arriving, gone, mounted)
+        except Exception:  # the swap is done: whatever happened here, callers get answers
+            log.exception("declarations_crashed", generation=generation)
+            failures = []
         if self.services is None:
             answer()
         else:
@@ -190,7 +195,7 @@ class Follower:
             self._libraries[name] = outcome.libraries
             if not outcome.empty:
                 declared.append(outcome)
-        libraries_left = any(self._libraries.pop(name, False) for name in gone)
+        libraries_left = any([self._libraries.pop(name, False) for name in gone])
         runs = plan_runs(self.root, declared, libraries_left)
         if runs:
             failures += await loop.run_in_executor(None, apply_runs, self.tools, runs)
@@ -245,13 +250,21 @@ class Follower:
 
     async def run(self) -> None:
         while True:
-            item = await self._queue.get()
+            item = self._current = await self._queue.get()
             try:
                 await self._follow(item)
             except Exception:
                 log.exception("follow_up_failed")
             finally:
                 item.answer()  # (a second call answers nothing: futures are set once)
+                self._current = None
+
+    def flush(self) -> None:
+        """The daemon stops: answer every change still waiting for its services now."""
+        if self._current is not None:
+            self._current.answer()
+        while not self._queue.empty():
+            self._queue.get_nowait().answer()
 
     async def _follow(self, item: _FollowUp) -> None:
         services = self.services
