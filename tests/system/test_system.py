@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 from nspawn import (
     DEMO_LIBRARY,
@@ -268,6 +269,29 @@ def test_declarations_and_personality_unit_follow_the_stack(container: Container
     assert container.is_active("demo-app.service") == "inactive"
     container.wait_active("demo-web.service", "inactive", timeout=30)
     assert status(container)["desired"] == []
+    wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+
+
+def test_a_volume_that_goes_away_stops_its_unit_and_stays_desired(container: Container) -> None:
+    container.run("personalityctl", "attach", "demo", timeout=200)
+    container.wait_active("personality@demo.service", timeout=60)
+    container.run("systemctl", "start", "demo-app.service", timeout=60)
+    # The volume goes away as the daemon sees it: a `remove` uevent for its loop device (the
+    # host's uevent file, bound in; the container's loop devices are web's, then demo's).
+    uevent = f"/run/pdtest-uevent/{Path(container.loops[1]).name}"
+    container.sh(f"echo remove > {uevent}")
+    wait_until(lambda: attached(container) == [], 60, "demo to leave the live stack")
+    for unit in ("personality@demo.service", "demo-app.service", "demo-web.service"):
+        container.wait_active(unit, "inactive", timeout=30)
+    # The unit's ExecStop detached nothing: demo is still desired, pending its volume.
+    assert status(container)["desired"] == ["demo"]
+
+    container.sh(f"echo add > {uevent}")
+    wait_until(lambda: attached(container) == ["demo"], 60, "demo to be stacked again")
+    container.wait_active("personality@demo.service", timeout=60)
+    assert container.is_active("demo-web.service") == "active"
+    container.run("personalityctl", "detach", "demo", timeout=200)
+    container.wait_active("personality@demo.service", "inactive", timeout=30)
     wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
 
 

@@ -79,6 +79,9 @@ class Follower:
         self.services = services
         self.live = live
         self._libraries: dict[str, bool] = {}  # stacked name -> ships libraries
+        # Stacked name -> its PERSONALITY_SERVICES: a volume that went away has no manifest
+        # left in the registry, and its services must still be stopped.
+        self._services: dict[str, tuple[str, ...]] = {}
         self._stopping: set[str] = set()  # names whose personality@ unit we are stopping
         self._queue: asyncio.Queue[_FollowUp] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
@@ -104,7 +107,10 @@ class Follower:
             await self._stop_personality_unit(name)
         for name in gone:
             volume = volumes.get(name)
-            for unit in reversed(volume.manifest.services if volume is not None else ()):
+            units = self._services.pop(name, ())
+            if volume is not None:
+                units = tuple(dict.fromkeys((*units, *volume.manifest.services)))
+            for unit in reversed(units):
                 try:
                     result = await self.services.stop(unit)
                     log.info("service_stopped", unit=unit, personality=name, result=result)
@@ -164,6 +170,7 @@ class Follower:
     ) -> list[ToolFailure]:
         """Apply the declarations, then hand the services and the answer to the follower's
         task (or answer now, without systemd). The failures, for a trial to judge."""
+        self.remember(arriving)
         try:
             failures = await self.apply_declarations(generation, arriving, gone, mounted)
         except Exception:  # the swap is done: whatever happened here, callers get answers
@@ -174,6 +181,11 @@ class Follower:
         else:
             self._queue.put_nowait(_FollowUp(tuple(arriving), answer))
         return failures
+
+    def remember(self, stacked: Sequence[Volume]) -> None:
+        """The services of personalities now stacked (also those adopted at start)."""
+        for volume in stacked:
+            self._services[volume.name] = volume.manifest.services
 
     async def apply_declarations(
         self,
