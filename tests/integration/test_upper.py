@@ -252,3 +252,29 @@ def test_the_writable_volume_appearing_and_going_away_with_nothing_attached(
     loop_devices.attach(writable_image, read_only=False)
     wait_until(lambda: (sandbox_root / "etc/admin.conf").exists(), daemon)
     assert read(sandbox_root, "etc/admin.conf") == b"on the volume\n"
+
+
+def test_an_orphan_that_cannot_be_moved_stays_in_place_and_the_detach_goes_on(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    journal: JournalReader,
+) -> None:
+    """`orphans` on the volume is a file (a stray one, or a full volume would fail the same
+    way): the move fails, the writes stay where they were, visible, and the log says so."""
+    loop_devices.attach(image("numpy", NUMPY))
+    daemon.update_config({"writable": {"fallback": "tmpfs"}})
+    daemon.start()
+    ok(daemon.request({"action": "attach", "personality": "numpy"}))
+    pyc = _pyc(sandbox_root, "numpy")
+    (daemon.runtime_dir / "volatile/orphans").write_text("in the way\n")
+
+    result = ok(daemon.request({"action": "detach", "personality": "numpy"}))
+
+    assert result["attached"] == []
+    assert pyc.read_bytes() == b"compiled numpy"  # kept in place, in the upper and in view
+    assert not (sandbox_root / DIST / "numpy/__init__.py").exists()
+    log = daemon.log_text()
+    assert "event=orphan_not_moved path=/usr/lib/python3" in log, log[-3000:]
+    assert journal.entries(ORPHAN, min_count=0, timeout=2) == []
