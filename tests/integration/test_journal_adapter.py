@@ -64,7 +64,9 @@ def test_orphan_entry_read_back() -> None:
     orphan = Orphan("/usr", b"lib/python3/dist-packages/numpy", "numpy")
     on_volume = f"orphans/{generation}/_usr/lib/python3/dist-packages/numpy"
     assert Journal().orphan_moved(orphan, generation, on_volume)
-    entries = read_journal(f"MESSAGE_ID={MESSAGE_ID_ORPHAN}", f"PERSONALITY_GENERATION={generation}")
+    entries = read_journal(
+        f"MESSAGE_ID={MESSAGE_ID_ORPHAN}", f"PERSONALITY_GENERATION={generation}"
+    )
     assert len(entries) == 1
     entry = entries[0]
     assert entry["PRIORITY"] == "5"
