@@ -15,7 +15,9 @@ mount, spool results, state.json and conflicts.json, the journal.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,11 @@ def _stacked(root: Path) -> dict[str, int]:
     return {h: len(stacked_overlays(root, h)) for h in ("/usr", "/etc")}
 
 
+def _face(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
 def _reboot(daemon: Daemon, root: Path) -> None:
     """What a reboot does to the sandbox: the daemon stops, every mount is gone (the stack,
     the volumes, the writable volume's mount), /run starts empty; the devices stay."""
@@ -76,9 +83,14 @@ def test_a_write_to_etc_with_nothing_attached_stays_through_every_change(
     else:
         daemon.update_config({"writable": {"fallback": "tmpfs"}})
         where = daemon.runtime_dir / "volatile"
+    etc = sandbox_root / "etc"
+    os.chown(etc, 0, 100)
+    os.chmod(etc, 0o751)  # not what a new upper directory gets
+    face = _face(etc)
     daemon.start()
-    # Stacked from the start, with nothing attached: the upper over the base.
+    # Stacked from the start, with nothing attached: the upper over the base, with its face.
     assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}
+    assert _face(etc) == face
     state = json.loads((daemon.state_dir / "state.json").read_text())
     assert state["desired"] == []
     report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
@@ -115,10 +127,12 @@ def test_a_write_to_etc_with_nothing_attached_stays_through_every_change(
     written("after a restart with nothing attached")
     # The base itself never changed.
     assert (daemon.runtime_dir / "base/_etc/base.conf").read_text() == BASE_CONF
+    assert _face(etc) == face
     if upper == "volume":
         _reboot(daemon, sandbox_root)
         written("after a reboot")
         assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}
+        assert _face(etc) == face
 
 
 def test_without_an_upper_a_hierarchy_nobody_provides_stays_the_base(
