@@ -197,7 +197,9 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
     assert (moved / "_etc/numpy/local.cfg").read_text() == "admin's numpy setting\n"
     assert not (volume / "upper/_usr" / IN_USR / "numpy").exists()
     assert not (volume / "upper/_etc/numpy").exists()
-    entries = journal.entries(ORPHAN, min_count=2, PERSONALITY_GENERATION=generation)
+    pid = daemon.pid
+    assert pid is not None
+    entries = journal.entries(ORPHAN, min_count=2, PERSONALITY_GENERATION=generation, _PID=pid)
     by_path = {e["PERSONALITY_PATH"]: e for e in entries}
     assert sorted(by_path) == ["/etc/numpy", f"/{DIST}/numpy"]
     entry = by_path[f"/{DIST}/numpy"]
@@ -242,7 +244,8 @@ def test_a_yanked_volume_leaves_no_orphans_in_view(
     moved = daemon.runtime_dir / "volatile/orphans" / str(_generation(daemon))
     pyc = moved / "_usr/lib/python3/dist-packages/numpy/__pycache__/__init__.cpython-311.pyc"
     assert pyc.read_bytes() == b"compiled numpy"
-    entries = journal.entries(ORPHAN, PERSONALITY_NAME="numpy")
+    assert daemon.pid is not None
+    entries = journal.entries(ORPHAN, PERSONALITY_NAME="numpy", _PID=daemon.pid)
     assert [e["PERSONALITY_PATH"] for e in entries] == ["/usr/lib/python3"]
 
 
@@ -291,4 +294,5 @@ def test_an_orphan_that_cannot_be_moved_stays_in_place_and_the_detach_goes_on(
     assert not (sandbox_root / DIST / "numpy/__init__.py").exists()
     log = daemon.log_text()
     assert "event=orphan_not_moved path=/usr/lib/python3" in log, log[-3000:]
-    assert journal.entries(ORPHAN, min_count=0, timeout=2) == []
+    assert daemon.pid is not None
+    assert journal.entries(ORPHAN, min_count=0, timeout=2, _PID=daemon.pid) == []
