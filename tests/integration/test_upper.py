@@ -213,9 +213,14 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
     assert read(sandbox_root, f"{DIST}/numpy/__init__.py") == b"# numpy\n"
     assert not (sandbox_root / DIST / "numpy/__pycache__").exists()
     assert not (sandbox_root / "etc/numpy/local.cfg").exists()
-    # The daemon never deletes them, also not at a restart or later changes.
+    # After a restart (the stack adopted as it was), a detach moves new writes aside too; the
+    # daemon never deletes what it moved before.
     daemon.restart()
+    _pyc(sandbox_root, "numpy").write_bytes(b"compiled again")
     ok(daemon.request({"action": "detach", "personality": "numpy"}))
+    assert not (sandbox_root / DIST / "numpy").exists()
+    again = volume / "orphans" / str(_generation(daemon)) / "_usr" / IN_USR
+    assert (again / "numpy/__pycache__/__init__.cpython-311.pyc").read_bytes() == b"compiled again"
     assert pyc.read_bytes() == b"compiled numpy"
     # The conflicts report means what it meant: scipy alone has none.
     report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
