@@ -254,6 +254,12 @@ def listings(draw: st.DrawFn) -> list[Listed]:
     return listing
 
 
+def _is_version_beside(filename: str, link: str, name: str) -> bool:
+    suffix = link[len(name) :]
+    version = filename.removeprefix(name + "_")
+    return filename.endswith(suffix) and version != filename and version[:1].isdigit()
+
+
 @given(listings(), st.randoms())
 def test_select_entries_properties(listing: list[Listed], random: Random) -> None:
     candidates = select_entries(listing)
@@ -270,14 +276,18 @@ def test_select_entries_properties(listing: list[Listed], random: Random) -> Non
     for item in listing:
         is_entry = listed_name(item) is not None
         assert (item in offered) == (is_entry and item.filename not in absorbed)
-    # An absorbed name is the same-directory target of another symlink entry.
+    # An absorbed name is the same-directory target of another symlink entry, or a version
+    # beside a symlink entry (`web_1.raw` beside `web.raw -> ...`, systemd-sysupdate's layout).
     for filename in absorbed:
         assert any(
             item.kind == "symlink"
             and item.filename != filename
-            and listed_name(item) is not None
+            and (name := listed_name(item)) is not None
             and item.link_target is not None
-            and same_directory_target(item.link_target) == filename
+            and (
+                same_directory_target(item.link_target) == filename
+                or _is_version_beside(filename, item.filename, name)
+            )
             for item in listing
         )
     # The order of the listing does not matter.
