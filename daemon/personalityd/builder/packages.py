@@ -179,7 +179,7 @@ def _unit_text(upper: Path, base: Path, unit: str) -> str:
 def _derived_version(requested: list[str], installed: list[aptout.Installed]) -> str:
     by_name = {p.package: p.version for p in installed}
     if len(requested) == 1 and requested[0] in by_name:
-        return by_name[requested[0]].replace("~", ".")
+        return by_name[requested[0]]
     digest = hashlib.sha256("\n".join(f"{p.package}={p.version}" for p in installed).encode())
     return digest.hexdigest()[:12]
 
@@ -250,8 +250,11 @@ def _finish_tree(req: PackageBuild, tree: Path, report: BuildReport) -> None:
         raise BuildError("the packages left nothing a personality carries (usr/, etc/, opt/)")
 
 
-def build_packages(req: PackageBuild, progress: Progress = _quiet) -> BuildReport:
-    """Build the image `req` asks for; BuildError (one line) when it cannot."""
+def build_packages(
+    req: PackageBuild, progress: Progress = _quiet, waiting: Progress = _quiet
+) -> BuildReport:
+    """Build the image `req` asks for; BuildError (one line) when it cannot. `progress` hears
+    of each step, `waiting` that another build holds the download cache."""
     _check_request(req)
     output = req.output.absolute()
     report = BuildReport(req.name, str(output), req.fmt, base=str(req.base))
@@ -265,7 +268,7 @@ def build_packages(req: PackageBuild, progress: Progress = _quiet) -> BuildRepor
         layout = _workspace(req, scratch)
         run = apt.chroot_runner(layout)
         args = _local_debs(req.packages, Path(layout.debs))
-        with _cache_lock(req.cache_dir, progress):
+        with _cache_lock(req.cache_dir, waiting):
             if apt.update_if_stale(run, Path(layout.lists)):
                 progress("updated the package lists")
             actions = apt.simulate(run, args)
@@ -278,7 +281,7 @@ def build_packages(req: PackageBuild, progress: Progress = _quiet) -> BuildRepor
                 raise BuildError(
                     f"nothing to install: {' '.join(req.packages)} already in the base"
                 )
-            progress(f"installing {len(actions)} packages")
+            progress(f"installing {len(actions)} package(s)")
             apt.install(run, args)
         installed = aptout.installed_by_build(
             _read(req.base / "var/lib/dpkg/status"),

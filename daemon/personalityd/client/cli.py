@@ -304,10 +304,14 @@ def verb_build_packages(args: argparse.Namespace) -> int:
     )
 
     def progress(message: str) -> None:
-        print(f"{PROG}: {message}", file=sys.stderr)
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+    def steps(message: str) -> None:  # what it is doing, for someone watching
+        if sys.stderr.isatty():
+            progress(message)
 
     try:
-        report = build_packages(req, progress)
+        report = build_packages(req, steps, waiting=progress)
     except BuildError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

@@ -200,7 +200,10 @@ def _strip_setid(entry: Entry, dest: str, result: Plan) -> None:
 def plan(entries: Sequence[Entry]) -> Plan:
     """Sort the upper's entries (any order) into what the image carries; see the module doc."""
     result = Plan()
-    ordered = sorted(entries, key=lambda e: e.path.split("/"))
+    # Entries moved under usr/ come after usr/'s own: on a path both have, usr/ wins.
+    ordered = sorted(
+        entries, key=lambda e: (e.path.split("/")[0] in USR_MERGED_TOPS, e.path.split("/"))
+    )
     kept_files: dict[str, Entry] = {}
     kept_dirs: dict[str, Entry] = {}
     has_children: set[str] = set()
