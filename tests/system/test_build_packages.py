@@ -261,6 +261,34 @@ def test_nothing_protected_no_package_database_no_set_id(
     assert entries["etc/nginx/sites-enabled/default"].startswith("l")
 
 
+def test_declarations_apply_with_the_bases_systemd(
+    service_build: tuple[Path, dict[str, Any], str], base: Path, workdir: Path
+) -> None:
+    """The image unpacked over a copy of the base, then systemd-sysusers and systemd-tmpfiles
+    (the base's, in a chroot) with the image's files: the user exists and /var is made."""
+    image, _, _ = service_build
+    root = workdir / "applied"
+    run("cp", "-a", "--reflink=auto", base, root, timeout=600)
+    try:
+        run("unsquashfs", "-q", "-f", "-d", root, image, timeout=300)
+        run("chroot", root, "systemd-sysusers", "/usr/lib/sysusers.d/svc.conf")
+        run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t proc proc "$1/proc" && chroot "$1" systemd-tmpfiles --create '
+            "/usr/lib/tmpfiles.d/svc.conf", "sh", root)  # fmt: skip
+        passwd = (root / "etc/passwd").read_text()
+        assert any(line.startswith("memcache:") for line in passwd.splitlines())
+        page = root / "var/www/html/index.nginx-debian.html"
+        assert "nginx" in page.read_text()
+        log_dir = (root / "var/log/nginx").stat()
+        adm = next(
+            ln for ln in (root / "etc/group").read_text().splitlines() if ln.startswith("adm:")
+        )
+        assert log_dir.st_gid == int(adm.split(":")[2])
+        assert (root / "var/lib/nginx").is_dir()
+    finally:
+        shutil.rmtree(root)
+
+
 def test_json_lists_packages_with_versions(
     service_build: tuple[Path, dict[str, Any], str],
 ) -> None:
