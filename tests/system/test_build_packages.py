@@ -115,11 +115,12 @@ def make_deb(directory: Path, name: str, version: str = "1.0", **fields: str) ->
     root = directory / f"{name}_{version}"
     (root / "DEBIAN").mkdir(parents=True)
     files = json.loads(fields.pop("files", "{}"))
+    modes = json.loads(fields.pop("modes", "{}"))
     for rel, content in files.items():
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
-        target.chmod(0o755 if "/bin/" in rel else 0o644)
+        target.chmod(int(modes.get(rel, "755" if "/bin/" in rel else "644"), 8))
     postinst = fields.pop("postinst", "")
     control = {
         "Package": name,
@@ -352,11 +353,28 @@ def test_local_deb_that_cannot_be_satisfied(base: Path, out: Path, tmp_path: Pat
     assert not image.exists()
 
 
-def test_local_deb_and_a_second_build_waits_for_the_cache(
+# security.capability with cap_net_raw permitted and effective (struct vfs_cap_data, revision 2)
+CAP_NET_RAW = "0x02000001, 1 << 13, 0, 0, 0"
+SET_CAPABILITY = (
+    '#!/bin/sh\nset -e\npython3 -c \'import os, struct; os.setxattr("/usr/bin/hello-local", '
+    f'"security.capability", struct.pack("<5I", {CAP_NET_RAW}))\'\n'
+)
+
+
+def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     base: Path, base_digest: str, out: Path, tmp_path: Path
 ) -> None:
-    deb = make_deb(tmp_path, "hello-local", files=json.dumps(
-        {"usr/bin/hello-local": "#!/bin/sh\necho hello\n"}))  # fmt: skip
+    """A local .deb with a set-user-ID file, and a postinst that gives a file capabilities:
+    both removed and listed. Meanwhile another holder of the cache lock makes the build wait."""
+    deb = make_deb(
+        tmp_path,
+        "hello-local",
+        files=json.dumps(
+            {"usr/bin/hello-local": "#!/bin/sh\necho hello\n", "usr/bin/hello-suid": "x\n"}
+        ),
+        modes=json.dumps({"usr/bin/hello-suid": "4755"}),
+        postinst=SET_CAPABILITY,
+    )
     image = out / "hello.squashfs"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as lock:
@@ -376,7 +394,13 @@ def test_local_deb_and_a_second_build_waits_for_the_cache(
     assert proc.returncode == 0, stderr
     assert "waiting for another build" in stderr
     assert "Wrote" in stdout
+    assert "set-id bits removed: usr/bin/hello-suid (was 4755)" in stdout
+    assert "file capabilities removed: usr/bin/hello-local" in stdout
     assert cat(image, "usr/bin/hello-local") == "#!/bin/sh\necho hello\n"
+    assert listing(image)["usr/bin/hello-suid"] == "-rwxr-xr-x"
+    unpacked = tmp_path / "unpacked"
+    run("unsquashfs", "-q", "-d", unpacked, image, "usr/bin/hello-local")
+    assert "security.capability" not in os.listxattr(unpacked / "usr/bin/hello-local")
     manifest = cat(image, "usr/lib/extension-release.d/extension-release.hello")
     assert "IMAGE_VERSION=7\n" in manifest
     assert "PERSONALITY_SERVICES" not in manifest

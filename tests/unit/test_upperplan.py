@@ -77,7 +77,7 @@ def test_plan_keeps_strips_and_lists() -> None:
     entries = [
         d("usr", in_base=DIR),
         d("usr/bin", in_base=DIR),
-        Entry("usr/bin/ping", FILE, 0o4755, capability=True),
+        Entry("usr/bin/ping", FILE, 0o4755),
         f("usr/bin/new"),
         f("usr/bin/bash", in_base=FILE),  # a base file replaced
         Entry("usr/bin/gone", WHITEOUT, 0),
@@ -109,8 +109,6 @@ def test_plan_keeps_strips_and_lists() -> None:
         "usr/bin/ping",
     ]
     assert plan.enabled == ["nginx.service", "a.socket"]
-    assert plan.setid_removed == [("usr/bin/ping", 0o4755)]
-    assert plan.caps_removed == ["usr/bin/ping"]
     assert plan.overridden == ["usr/bin/bash"]
     assert plan.deletions == ["etc/ssl/", "usr/bin/gone"]
     assert ("usr/bin/gone", up.R_WHITEOUT) in plan.dropped

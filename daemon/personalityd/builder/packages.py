@@ -32,7 +32,7 @@ from typing import Final
 
 from personalityd.builder import apt, sandbox
 from personalityd.builder.report import BuildReport
-from personalityd.builder.trees import copy_tree_over, strip_setid
+from personalityd.builder.trees import copy_tree_over, strip_privileges
 from personalityd.builder.upper import place, read_upper, write_file
 from personalityd.client.build import (
     BuildError,
@@ -234,18 +234,15 @@ def _assemble(req: PackageBuild, layout: sandbox.Layout, report: BuildReport) ->
     report.dropped = [{"path": p, "reason": r} for p, r in dropped]
     report.deletions_dropped = result.deletions
     report.overridden_base_files = result.overridden
-    report.capabilities_removed = result.caps_removed
-    report.setid_removed = [{"path": p, "mode": f"{m:04o}"} for p, m in result.setid_removed]
     return tree
 
 
 def _finish_tree(req: PackageBuild, tree: Path, report: BuildReport) -> None:
     for extra in req.trees:
         copy_tree_over(extra, tree)
-    seen = {item["path"] for item in report.setid_removed}
-    for path, mode in strip_setid(tree):
-        if path not in seen:
-            report.setid_removed.append({"path": path, "mode": f"{mode:04o}"})
+    setid, caps = strip_privileges(tree)
+    report.setid_removed = [{"path": p, "mode": f"{m:04o}"} for p, m in sorted(setid)]
+    report.capabilities_removed = sorted(caps)
     if not any((tree / d).is_dir() for d in upperplan.CARRIED_TOPS):
         raise BuildError("the packages left nothing a personality carries (usr/, etc/, opt/)")
 

@@ -113,6 +113,10 @@ def set_up(layout: Layout) -> None:
     _mount("--make-rprivate", "/")
     _mount("--bind", layout.base, layout.lower)
     _mount("-o", "remount,bind,ro", layout.lower)
+    # The bind is not recursive: a base of '/' is its root file system as it is below any
+    # mount (a personality stack on /usr included). A /usr of its own cannot be used.
+    if not os.path.exists(os.path.join(layout.lower, "usr/bin/dpkg")):
+        raise SystemExit(f"sandbox: {layout.base}/usr is not on the base's root file system")
     options = (
         f"lowerdir={layout.lower},upperdir={layout.upper},workdir={layout.work},"
         "redirect_dir=off,metacopy=off,index=off,xino=off"

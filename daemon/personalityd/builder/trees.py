@@ -10,6 +10,8 @@ from pathlib import Path
 from personalityd.client.build import BuildError
 from personalityd.core.upperplan import ACCOUNT_FILES, CARRIED_TOPS, PROTECTED
 
+CAPABILITY_XATTR = "security.capability"
+
 
 def _check_extra(extra: Path) -> None:
     """Refuse what a site tree may not bring: protected paths, the account files, device
@@ -48,14 +50,22 @@ def copy_tree_over(extra: Path, tree: Path) -> None:
         raise BuildError(f"--tree {extra}: {detail}")
 
 
-def strip_setid(tree: Path) -> list[tuple[str, int]]:
-    """Remove set-user-ID and set-group-ID bits of files below `tree`: (path, old mode)."""
-    found = []
+def strip_privileges(tree: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """Remove set-user-ID and set-group-ID bits and `security.capability` attributes of the
+    files below `tree`: ([(path, old mode)], [paths that had capabilities])."""
+    setid: list[tuple[str, int]] = []
+    caps: list[str] = []
     for dirpath, _dirnames, filenames in os.walk(tree):
         for name in filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = os.path.relpath(full, tree)
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 os.chmod(full, stat.S_IMODE(st.st_mode) & 0o1777)
-                found.append((os.path.relpath(full, tree), stat.S_IMODE(st.st_mode)))
-    return found
+                setid.append((rel, stat.S_IMODE(st.st_mode)))
+            if CAPABILITY_XATTR in os.listxattr(full, follow_symlinks=False):
+                os.removexattr(full, CAPABILITY_XATTR, follow_symlinks=False)
+                caps.append(rel)
+    return setid, caps

@@ -4,8 +4,7 @@ Reading: every entry of the upper with lstat and its overlay marks (`trusted.ove
 a whiteout is a 0:0 character device), `security.capability`, and what the base has at the
 same path. Writing: the kept files are hard-linked from the upper into the image tree (the
 upper is scratch, and on the same file system), directories are made with their modes,
-symlinks copied; set-id bits and file capabilities are removed, and no overlay attribute
-comes along.
+symlinks copied; no overlay attribute comes along.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Final
 from personalityd.core.upperplan import DIR, FILE, OTHER, SYMLINK, WHITEOUT, Entry
 
 OPAQUE_XATTR: Final = "trusted.overlay.opaque"
-CAPABILITY_XATTR: Final = "security.capability"
 OVERLAY_XATTR_PREFIX: Final = "trusted.overlay."
 
 
@@ -71,7 +69,6 @@ def read_upper(upper: Path, base: Path) -> Iterator[Entry]:
                 gid=st.st_gid,
                 target=os.readlink(full) if kind == SYMLINK else "",
                 opaque=kind == DIR and _xattr(full, OPAQUE_XATTR) == b"y",
-                capability=kind == FILE and _xattr(full, CAPABILITY_XATTR) is not None,
                 in_base=in_base,
                 base_meta=base_meta,
             )
@@ -87,7 +84,7 @@ def _make_parents(tree: Path, rel: str) -> Path:
 
 def _clean_xattrs(path: Path) -> None:
     for name in os.listxattr(path, follow_symlinks=False):
-        if name.startswith(OVERLAY_XATTR_PREFIX) or name == CAPABILITY_XATTR:
+        if name.startswith(OVERLAY_XATTR_PREFIX):
             os.removexattr(path, name, follow_symlinks=False)
 
 
@@ -98,14 +95,12 @@ def place(upper: Path, tree: Path, items: Iterable[tuple[Entry, str]]) -> None:
         target = _make_parents(tree, dest)
         if entry.kind == DIR:
             target.mkdir(exist_ok=True)
-            os.chmod(target, entry.mode & ~stat.S_ISUID & 0o7777)
+            os.chmod(target, entry.mode)
             _clean_xattrs(target)
         elif entry.kind == SYMLINK:
             os.symlink(entry.target, target)
         elif entry.kind == FILE:
             os.link(source, target, follow_symlinks=False)
-            if entry.mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(target, entry.mode & 0o1777)
             _clean_xattrs(target)
 
 

@@ -9,17 +9,16 @@ overlay's upper directory into one of these routes:
 - `enable`: a unit enablement link (`etc/systemd/system/*.wants/UNIT`), which names a service;
 - `drop`: never shipped, with the reason.
 
-`plan()` applies the routes to the whole upper: set-id bits and file capabilities are removed
-and listed, deletions of base files (whiteouts, opaque directories) are dropped and listed,
-directories that hold nothing kept are left out, and files of the base the personality
-replaces are listed.
+`plan()` applies the routes to the whole upper: deletions of base files (whiteouts, opaque
+marks on directories the base has) are dropped and listed, directories that hold nothing kept
+are left out, and files of the base the personality replaces are listed. (Set-id bits and file
+capabilities are removed from the finished tree by the builder, `builder/trees.py`.)
 
 Pure: the entries are read by the builder (`builder/upper.py`).
 """
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -101,7 +100,6 @@ class Entry:
     gid: int = 0
     target: str = ""  # a symlink's target
     opaque: bool = False  # trusted.overlay.opaque
-    capability: bool = False  # security.capability
     in_base: str | None = None  # the kind of the base's entry at the same path, if any
     base_meta: tuple[int, int, int] | None = None  # the base's (mode, uid, gid) there
 
@@ -119,8 +117,6 @@ class Plan:
     var: list[Entry] = field(default_factory=list)
     enabled: list[str] = field(default_factory=list)  # unit names, in path order
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    setid_removed: list[tuple[str, int]] = field(default_factory=list)  # (image path, old mode)
-    caps_removed: list[str] = field(default_factory=list)
     deletions: list[str] = field(default_factory=list)  # whiteouts and opaque marks not carried
     overridden: list[str] = field(default_factory=list)  # base files the image replaces
 
@@ -189,14 +185,6 @@ def route(entry: Entry) -> Route:
     return Route(DROP, reason=R_OUTSIDE)
 
 
-def _strip_setid(entry: Entry, dest: str, result: Plan) -> None:
-    setid = entry.mode & (stat.S_ISUID | stat.S_ISGID)
-    if entry.kind == FILE and setid:
-        result.setid_removed.append((dest, entry.mode))
-    if entry.capability:
-        result.caps_removed.append(dest)
-
-
 def plan(entries: Sequence[Entry]) -> Plan:
     """Sort the upper's entries (any order) into what the image carries; see the module doc."""
     result = Plan()
@@ -235,7 +223,6 @@ def plan(entries: Sequence[Entry]) -> Plan:
     for dest in sorted(set(kept_files) | needed, key=lambda p: p.split("/")):
         entry = kept_files.get(dest) or kept_dirs[dest]
         result.keep.append((entry, dest))
-        _strip_setid(entry, dest, result)
         if entry.kind != DIR and entry.in_base is not None:
             result.overridden.append(dest)
     return result
