@@ -332,6 +332,13 @@ def test_unknown_package(base: Path, base_digest: str, out: Path) -> None:
     assert snapshot(base) == base_digest
 
 
+def test_packages_the_base_has_already(base: Path, out: Path) -> None:
+    image = out / "p.squashfs"
+    line = _one_line_failure(build(base, image, "--packages", "python3", "--name", "p"))
+    assert line == "personalityctl: nothing to install: python3 already in the base"
+    assert not image.exists()
+
+
 def test_postinst_that_fails(base: Path, base_digest: str, out: Path, tmp_path: Path) -> None:
     deb = make_deb(tmp_path, "badpost", postinst="#!/bin/sh\necho failing >&2\nexit 1\n",
                    files=json.dumps({"usr/share/badpost/x": "x\n"}))  # fmt: skip

@@ -41,6 +41,7 @@ CHROOT_ENV: Final = {
     "DEBIAN_FRONTEND": "noninteractive",
     "DEBCONF_NONINTERACTIVE_SEEN": "true",
 }
+FAILURE_PREFIX: Final = "personalityd-sandbox: "
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 
 
@@ -62,7 +63,7 @@ class Layout:
 def _mount(*args: str) -> None:
     proc = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"sandbox: mount {' '.join(args)}: {proc.stderr.strip()}")
+        raise SystemExit(f"{FAILURE_PREFIX}mount {' '.join(args)}: {proc.stderr.strip()}")
 
 
 def _inside(merged: str, path: str) -> str:
@@ -116,7 +117,7 @@ def set_up(layout: Layout) -> None:
     # The bind is not recursive: a base of '/' is its root file system as it is below any
     # mount (a personality stack on /usr included). A /usr of its own cannot be used.
     if not os.path.exists(os.path.join(layout.lower, "usr/bin/dpkg")):
-        raise SystemExit(f"sandbox: {layout.base}/usr is not on the base's root file system")
+        raise SystemExit(f"{FAILURE_PREFIX}{layout.base}/usr is not on the base's root file system")
     options = (
         f"lowerdir={layout.lower},upperdir={layout.upper},workdir={layout.work},"
         "redirect_dir=off,metacopy=off,index=off,xino=off"
@@ -187,5 +188,5 @@ if __name__ == "__main__":
     if len(sys.argv) < 3:
         raise SystemExit("usage: python -m personalityd.builder.sandbox LAYOUT-JSON COMMAND...")
     if not Path(json.loads(sys.argv[1])["merged"]).is_dir():
-        raise SystemExit("sandbox: no such directory: merged")
+        raise SystemExit(f"{FAILURE_PREFIX}no such directory: merged")
     main(sys.argv[1:])
