@@ -290,6 +290,43 @@ def test_declarations_apply_with_the_bases_systemd(
         shutil.rmtree(root)
 
 
+PROBE = """
+import sys
+from personalityd.adapters.probe import probe_tree
+from personalityd.adapters.protected import protected_in_tree
+from personalityd.core.protected import DEFAULT_PROTECTED_PATHS
+def refuse(tree):
+    return protected_in_tree(tree, DEFAULT_PROTECTED_PATHS, ("/usr", "/etc"))
+manifest, refusal = probe_tree(sys.argv[1], ("ro", "nodev", "nosuid"), refuse=refuse)
+print(manifest.name, refusal)
+"""
+
+
+def probe(image: Path, scratch: Path) -> list[str]:
+    """[name, refusal] of the image mounted read-only (in a private mount namespace) and
+    probed as the daemon probes a volume under its default mount options."""
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "daemon"), env.get("PYTHONPATH", "")])
+    script = 'mount -o loop,ro "$1" "$2" && exec "$3" -c "$4" "$2"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         str(image), str(mnt), sys.executable, PROBE],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split(None, 1)
+
+
+def test_the_daemons_probe_accepts_the_image(
+    service_build: tuple[Path, dict[str, Any], str], tmp_path: Path
+) -> None:
+    """No protected path, set-id file, file capability or device node: nothing refused."""
+    image, _, _ = service_build
+    assert probe(image, tmp_path) == ["svc", "None\n"]
+
+
 def test_json_lists_packages_with_versions(
     service_build: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -408,6 +445,7 @@ def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     unpacked = tmp_path / "unpacked"
     run("unsquashfs", "-q", "-d", unpacked, image, "usr/bin/hello-local")
     assert "security.capability" not in os.listxattr(unpacked / "usr/bin/hello-local")
+    assert probe(image, tmp_path) == ["hello", "None\n"]
     manifest = cat(image, "usr/lib/extension-release.d/extension-release.hello")
     assert "IMAGE_VERSION=7\n" in manifest
     assert "PERSONALITY_SERVICES" not in manifest
