@@ -185,6 +185,16 @@ def site_tree(workdir: Path) -> Path:
     (tree / "etc/nginx/sites-available/default").write_text("# the site's own\n")
     (tree / "usr/share/site").mkdir(parents=True)
     (tree / "usr/share/site/hello.txt").write_text("hello from --tree\n")
+    # A site unit, ordered after nginx, enabled the usual way: it joins PERSONALITY_SERVICES.
+    units = tree / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    (units / "aaa-site.service").write_text(
+        "[Unit]\nAfter=nginx.service\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    wants = tree / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "aaa-site.service").symlink_to("/usr/lib/systemd/system/aaa-site.service")
     return tree
 
 
@@ -214,14 +224,12 @@ def test_manifest_names_the_base_and_the_services(
     fields = dict(line.split("=", 1) for line in manifest.splitlines())
     assert fields["ID"] == "debian"
     assert fields["VERSION_ID"] == "12"
-    assert fields["PERSONALITY_SERVICES"].strip('"').split() == [
-        "memcached.service",
-        "nginx.service",
-    ]
+    services = ["memcached.service", "nginx.service", "aaa-site.service"]
+    assert fields["PERSONALITY_SERVICES"].strip('"').split() == services
     assert "memcached" in fields["PERSONALITY_DESCRIPTION"]
     assert "nginx" in fields["PERSONALITY_DESCRIPTION"]
     assert fields["IMAGE_VERSION"] == report["image_version"]
-    assert report["services"] == ["memcached.service", "nginx.service"]
+    assert report["services"] == services
 
 
 def test_users_become_sysusers_and_var_becomes_tmpfiles(
@@ -346,6 +354,9 @@ def test_tree_is_copied_over_the_packages(
     image, _, _ = service_build
     assert cat(image, "etc/nginx/sites-available/default") == "# the site's own\n"
     assert cat(image, "usr/share/site/hello.txt") == "hello from --tree\n"
+    entries = listing(image)
+    assert "usr/lib/systemd/system/aaa-site.service" in entries
+    assert not [p for p in entries if ".wants" in p]
 
 
 # -- failures ---------------------------------------------------------------------------------
