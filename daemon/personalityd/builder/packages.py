@@ -91,7 +91,7 @@ def _local_debs(packages: tuple[str, ...], debs: Path) -> list[str]:
     """apt-get arguments: names as they are, local .deb files copied into `debs`."""
     args = []
     for package in packages:
-        if "/" in package or package.endswith(".deb"):
+        if package.endswith(".deb") or package.startswith(("/", "./", "../")):
             path = Path(package)
             if not path.is_file():
                 raise BuildError(f"{package}: no such .deb file")
@@ -132,8 +132,9 @@ def _cache_lock(cache: Path, progress: Progress) -> Iterator[None]:
 
 
 def _workspace(req: PackageBuild, scratch: Path) -> sandbox.Layout:
-    lists = req.cache_dir / "lists" / _lists_key(req.base)
-    archives = req.cache_dir / "archives"
+    cache = req.cache_dir.absolute()
+    lists = cache / "lists" / _lists_key(req.base)
+    archives = cache / "archives"
     for d in (lists / "partial", archives / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     for sub in ("lower", "upper", "work", "merged", "debs", "tree"):
@@ -200,7 +201,7 @@ def _requested_names(run: apt.Runner, args: list[str]) -> list[str]:
             code, out = run(["dpkg-deb", "--field", arg, "Package"])
             names.append(out.strip() if code == 0 and out.strip() else Path(arg).name)
         else:
-            names.append(arg.split("=", 1)[0])
+            names.append(arg.split("=", 1)[0].split("/", 1)[0])  # pkg=version, pkg/release
     return names
 
 

@@ -136,7 +136,10 @@ def set_up(layout: Layout) -> None:
     if layout.debs:
         _mount("--bind", "-o", "ro", layout.debs, _mkdirs(_inside(m, DEBS_IN_CHROOT)))
     policy = _inside(m, "usr/sbin/policy-rc.d")
-    with open(policy, "w", encoding="utf-8") as f:
+    if os.path.lexists(policy):  # the base's own (or a link): replaced in the overlay only
+        os.unlink(policy)
+    fd = os.open(policy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(POLICY_RC_D)
     os.chmod(policy, 0o755)
 
