@@ -18,8 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from personalityd.core import messages
-from personalityd.core.messages import SYSLOG_IDENTIFIER, conflict_message, mask_message
+from personalityd.core.messages import (
+    SYSLOG_IDENTIFIER,
+    conflict_message,
+    mask_message,
+    orphan_message,
+)
 from personalityd.core.model import Conflict, ConflictReport, Mask
+from personalityd.core.orphans import Orphan
 
 Sendv = Callable[..., object]
 
@@ -192,6 +198,20 @@ class Journal:
             },
         )
 
+    def orphan_moved(self, o: Orphan, generation: int, on_volume: str) -> bool:
+        return self.send(
+            orphan_message(o, on_volume),
+            messages.MESSAGE_ID_ORPHAN,
+            PRIORITY_NOTICE,
+            {
+                "PERSONALITY_PATH": o.path,
+                "PERSONALITY_NAME": o.name,
+                "PERSONALITY_GENERATION": generation,
+                "PERSONALITY_HIERARCHY": o.hierarchy,
+                "PERSONALITY_ORPHAN": on_volume,
+            },
+        )
+
     def stack_changed(
         self,
         generation: int,
@@ -253,6 +273,24 @@ class Journal:
             messages.MESSAGE_ID_CHANGE_FAILED,
             PRIORITY_ERR,
             {"PERSONALITY_REQUESTED": requested, "PERSONALITY_REASON": reason},
+        )
+
+    def declaration_failed(
+        self, personality: str, tool: str, command: str, reason: str, generation: int
+    ) -> bool:
+        """A personality's declaration that its tool failed to apply (the stack stays)."""
+        whose = f" of '{personality}'" if personality else ""
+        return self.send(
+            f"Declarations{whose} not applied at generation {generation}: {reason}",
+            messages.MESSAGE_ID_DECLARATION_FAILED,
+            PRIORITY_ERR,
+            {
+                "PERSONALITY_NAME": personality,
+                "PERSONALITY_TOOL": tool,
+                "PERSONALITY_COMMAND": command,
+                "PERSONALITY_REASON": reason,
+                "PERSONALITY_GENERATION": generation,
+            },
         )
 
     def report_stack(

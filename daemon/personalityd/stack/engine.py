@@ -14,8 +14,9 @@ Two things the swap keeps, whatever the volumes say:
 - the mounts below the hierarchy: what a lookup below it reaches now (a bind mount on
   `/etc/resolv.conf`, a filesystem on `/usr/local`, a mount made on the stacked view) is
   cloned, with what is mounted inside it, onto the new overlay at the same path before the
-  overlay is swapped in. On the last detach the mounts that the base beneath does not hold
-  already are put back on the base. A mount whose path the new stack lacks is set aside
+  overlay is swapped in. On the last detach of a stack without an upper (with one, the
+  hierarchy stays stacked: the upper over the base) the mounts that the base beneath does not
+  hold already are put back on the base. A mount whose path the new stack lacks is set aside
   (in this process) and carried again when the path is back.
 """
 
@@ -257,11 +258,13 @@ class Engine:
         wanted: dict[str, OverlaySpec | None] = {}
         for h in self.config.hierarchies:
             names = plan.layers.get(h, ())
-            if not names:
-                wanted[h] = None
-                continue
-            layers = tuple(self.layout.layer_dir(n, h) for n in names)
             base, upper_dir = self.layout.base_ref(h), upper.upper_dir(h)
+            if not names and upper_dir is None:
+                wanted[h] = None  # read-only and nothing to stack: the base itself
+                continue
+            # With an upper, every hierarchy is stacked, with or without personalities: a
+            # write lands in one place and shows in every later generation.
+            layers = tuple(self.layout.layer_dir(n, h) for n in names)
             # The overlay's root directory is the upper's, or else the top layer's.
             if upper_dir is None and face_of(layers[0]) != face_of(base):
                 layers = (self.layout.meta(h), *layers)

@@ -3,12 +3,14 @@
 - prepare: mount the live volumes, check that each mount shows what was probed (else probe it
   again and plan again), index them, plan, compute the conflict report, and build each
   changed hierarchy's new overlay as a detached mount where nobody sees it;
-- commit: persist the state, stop the services of leaving personalities, then swap each
-  hierarchy (the new overlay beneath the old one, then the old top lazily unmounted);
+- commit: persist the state, stop the units of leaving personalities (stack/follower.py),
+  then swap each hierarchy (the new overlay beneath the old one, then the old top lazily
+  unmounted);
 - undo: every step records its undo as it is made; a failure runs them newest first, so
   nothing visible changes;
 - publish: release leaving volumes, write the runtime record and `conflicts.json`, journal
-  the report, replace the readers' snapshot, signal subscribers, answer the callers.
+  the report, replace the readers' snapshot, signal subscribers, apply the declarations; the
+  follower answers the callers once the services of the joining personalities started.
 
 Only the manager's consumer runs a change, one at a time. Blocking work (walks, mounts,
 fsync) runs in worker threads so readers are answered meanwhile; only the consumer touches
@@ -27,12 +29,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from personalityd.adapters.declarations import ToolFailure
 from personalityd.adapters.imagefile import EntryFailed
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.mounts import Detached
 from personalityd.adapters.probe import symlinked_hierarchy
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
-from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
 from personalityd.core.errors import Incompatible, MountFailed, NoSuchPersonality, PersonalityError
 from personalityd.core.model import (
@@ -46,7 +48,9 @@ from personalityd.core.model import (
 )
 from personalityd.core.planner import check_layer_limit, plan_stack
 from personalityd.core.protected import index_lookup, protected_violation
+from personalityd.stack import orphans
 from personalityd.stack.engine import Engine
+from personalityd.stack.follower import Follower
 from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
 from personalityd.stack.registry import VolumeRegistry
@@ -74,6 +78,9 @@ class StackState:
     snapshot: Snapshot
     upper: Upper = NO_UPPER
     draining: dict[str, str] = field(default_factory=dict)  # name -> device still held
+    # The indexes of the live stack, by name: what a personality that leaves provided, even
+    # when its device is gone (its orphans, stack/orphans.py).
+    indexed: dict[str, VolumeIndex] = field(default_factory=dict)
 
     def desired_names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.desired)
@@ -88,7 +95,7 @@ class Stack:
     indexes: VolumeIndexes
     registry: VolumeRegistry
     journal: Journal
-    hooks: ServiceHooks
+    follower: Follower  # declarations and services around the swap (stack/follower.py)
     state: StackState
     notify: Callable[[StackEvent], None]
     # Live volumes' identity -> (the index judged, why it touches a protected path or None),
@@ -400,7 +407,10 @@ class Change:
         self._mounts: list[int] = []  # undo tokens of the volume mounts this change made
         self._built_items: dict[str, Detached | str] = {}
         self._built = 0  # undo token of releasing them
+        self.moved: list[orphans.Moved] = []  # orphans moved aside (stack/orphans.py)
+        self._moved = 0  # undo token of putting them back
         self.swap_ms = 0.0
+        self.declaration_failures: list[ToolFailure] = []  # for a trial to judge
 
     async def run(self) -> bool:
         """Prepare, commit and publish; True when the live stack changed. On failure nothing
@@ -452,10 +462,37 @@ class Change:
             None, indexes.conflict_report, self.plan, self.volumes
         )
         self.wanted = engine.specs_for(self.plan, self.upper)
+        # Before the new overlay is built, so that it never sees them (stack/orphans.py).
+        self.moved = moved = await loop.run_in_executor(None, self._move_orphans)
+        if moved:
+            self._moved = self.undo.add("put the orphans back", lambda: orphans.put_back(moved))
         built = await loop.run_in_executor(None, engine.build, self.wanted, self.generation)
         self._built_items = built
         self._built = self.undo.add("release the built overlays", lambda: engine.release(built))
         return True
+
+    def _move_orphans(self) -> list[orphans.Moved]:
+        """Move aside what the upper holds under directories that leave the stack with the
+        personalities that leave it (in a worker thread)."""
+        stack, before = self.stack, self.before.live
+        leaving = [n for n in before if n not in self.plan.live]
+        if self.upper.root is None or not leaving:
+            return []
+        indexed = stack.state.indexed
+        old = [(n, indexed[n]) for n in reversed(before) if n in indexed]
+        new: dict[str, list[tuple[str, VolumeIndex]]] = {}
+        for h, names in self.plan.layers.items():
+            for n in names:
+                index = stack.indexes.cached(self.volumes[n])
+                if index is not None:
+                    new.setdefault(h, []).append((n, index))
+        layout, hierarchies = stack.engine.layout, stack.config.hierarchies
+        try:
+            found = orphans.find(layout, self.upper, hierarchies, old, new, leaving)
+        except OSError as exc:
+            log.warning("orphans_not_looked_for", error=str(exc))
+            return []
+        return orphans.move_aside(self.upper, self.generation, found)
 
     def _drop_probed_again(self, checked: Checked, devnodes: dict[str, str]) -> None:
         """A volume that, probed again, is no longer part of the live stack (refused, now
@@ -477,11 +514,11 @@ class Change:
         except OSError as exc:
             raise MountFailed(f"cannot save the state: {exc}", cause=str(exc)) from exc
         self.undo.add("restore the saved state", lambda: self._restore(previous))
-        leaving = self._leaving()
-        if stack.hooks.before_swap is not None and leaving:
-            await _maybe_await(stack.hooks.before_swap(leaving))
+        gone = self._gone()
+        if gone:
+            await stack.follower.before_swap(gone, stack.registry.volumes, stack.engine.volumes)
         # From here the overlays and the volume mounts belong to the swap.
-        self.undo.discard(self._built, *self._mounts)
+        self.undo.discard(self._built, self._moved, *self._mounts)
         started = time.monotonic()
         try:
             stack.engine.swap(self.wanted, self._built_items)
@@ -490,9 +527,9 @@ class Change:
             raise MountFailed(f"swapping in the new stack failed: {exc}", cause=str(exc)) from exc
         self.swap_ms = (time.monotonic() - started) * 1000
 
-    def _leaving(self) -> list[Volume]:
-        volumes = self.stack.registry.volumes
-        return [v for n, v in volumes.items() if n in self.before.live and n not in self.plan.live]
+    def _gone(self) -> list[str]:
+        """The names that leave the live stack, for any reason (a yanked volume too)."""
+        return [n for n in self.before.live if n not in self.plan.live]
 
     def _persist(self, generation: int) -> None:
         state = self.stack.state
@@ -519,10 +556,11 @@ class Change:
         if desired_before != state.desired_names():
             live = self.before.live
             self.stack.notify(StackEvent(self.generation, live, (), (), stack_changed=False))
-        self._answer()
+        self.stack.follower.answer_after(self._answer)  # after earlier changes' services
 
     async def publish(self) -> None:
         stack, state, plan = self.stack, self.stack.state, self.plan
+        mounted = dict(stack.engine.volumes)  # the leaving ones too, for the follower
         for name in list(stack.engine.volumes):
             if name not in plan.live:
                 gone = stack.engine.unmount_volume(name)
@@ -534,6 +572,7 @@ class Change:
         await asyncio.get_running_loop().run_in_executor(None, self._record)
         state.upper = self.upper
         state.snapshot = Snapshot(self.generation, plan.live, self.report)
+        state.indexed = _indexed(stack, self.volumes, plan.live)
         if self.upper.kind == "tmpfs":
             log.warning("writable_volatile", reason="no writable volume; writes go to a tmpfs")
         log.info(
@@ -557,14 +596,19 @@ class Change:
         stack.engine.clean_work_dirs(self.upper, self.generation)
         stack.engine.release_writable(self.upper)
         arriving = [self.volumes[n] for n in plan.live if n not in before]
-        if stack.hooks.after_change is not None:  # reloads even when only leaving
-            await _maybe_await(stack.hooks.after_change(arriving))
-        self._answer()
+        # Declarations now; services, then the answers, in the follower's task.
+        self.declaration_failures = await stack.follower.after_swap(
+            self.generation, arriving, self._gone(), mounted, self._answer
+        )
 
     def _record(self) -> None:
         """The files and journal entries of the change (in a worker thread)."""
         stack = self.stack
         stack.engine.write_record(self.generation)
+        for moved in self.moved:
+            stack.journal.orphan_moved(moved.orphan, moved.generation, moved.on_volume)
+        for again in orphans.written_again(self.moved):
+            log.warning("orphan_written_again", path=again.orphan.path, moved_to=again.target)
         runtime = stack.config.runtime_path
         try:
             write_conflict_report(runtime, self.generation, self.plan.live, self.report)
@@ -603,12 +647,17 @@ async def adopt(stack: Stack) -> bool:
     state = stack.state
     state.upper = upper
     state.snapshot = Snapshot(state.snapshot.generation, plan.live, report)
+    state.indexed = _indexed(stack, volumes, plan.live)
     runtime = stack.config.runtime_path
     write_conflict_report(runtime, state.snapshot.generation, plan.live, report)
     log.info("stack_restored", generation=state.snapshot.generation, attached=" ".join(plan.live))
     return True
 
 
-async def _maybe_await(result: object) -> None:
-    if asyncio.iscoroutine(result):
-        await result
+def _indexed(
+    stack: Stack, volumes: dict[str, Volume], live: Sequence[str]
+) -> dict[str, VolumeIndex]:
+    """The cached index of each live personality, by name."""
+    found = {n: stack.indexes.cached(volumes[n]) for n in live if n in volumes}
+    return {n: index for n, index in found.items() if index is not None}
+
