@@ -315,14 +315,16 @@ CAP_NET_RAW = "0x02000001, 1 << 13, 0, 0, 0"
 SET_CAPABILITY = (
     '#!/bin/sh\nset -e\npython3 -c \'import os, struct; os.setxattr("/usr/bin/hello-local", '
     f'"security.capability", struct.pack("<5I", {CAP_NET_RAW}))\'\n'
+    "rm /etc/issue.net\n"  # a file of the base deleted: a whiteout in the upper
 )
 
 
 def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     base: Path, base_digest: str, out: Path, tmp_path: Path
 ) -> None:
-    """A local .deb with a set-user-ID file, and a postinst that gives a file capabilities:
-    both removed and listed. Meanwhile another holder of the cache lock makes the build wait."""
+    """A local .deb with a set-user-ID file, and a postinst that gives a file capabilities and
+    deletes a file of the base: all removed (the deletion not carried) and listed. Meanwhile
+    another holder of the cache lock makes the build wait."""
     deb = make_deb(
         tmp_path,
         "hello-local",
@@ -353,8 +355,12 @@ def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     assert "Wrote" in stdout
     assert "set-id bits removed: usr/bin/hello-suid (was 4755)" in stdout
     assert "file capabilities removed: usr/bin/hello-local" in stdout
+    assert "deletions of base files not carried: 1" in stdout
     assert cat(image, "usr/bin/hello-local") == "#!/bin/sh\necho hello\n"
-    assert listing(image)["usr/bin/hello-suid"] == "-rwxr-xr-x"
+    entries = listing(image)
+    assert entries["usr/bin/hello-suid"] == "-rwxr-xr-x"
+    assert "etc/issue.net" not in entries
+    assert not [p for p, mode in entries.items() if mode[0] in "cb"]
     unpacked = tmp_path / "unpacked"
     run("unsquashfs", "-q", "-d", unpacked, image, "usr/bin/hello-local")
     assert "security.capability" not in os.listxattr(unpacked / "usr/bin/hello-local")
