@@ -73,6 +73,10 @@ def _check_request(req: PackageBuild) -> None:
     if not req.packages:
         raise BuildError("--packages needs at least one package")
     check_spec(ImageSpec(name=req.name, image_version=req.image_version))
+    if os.geteuid() != 0:
+        raise BuildError(
+            "build --packages needs root (it mounts an overlay and runs dpkg in a chroot)"
+        )
     if not (req.base / "usr/bin/apt-get").exists() or not (req.base / "usr/bin/dpkg").exists():
         raise BuildError(f"{req.base}: no apt-get and dpkg there (a Debian-family base is needed)")
     for ch in ",:":
