@@ -68,6 +68,8 @@ ROOTFS_RECIPE = "1"
 # Content of the test personalities, checked through the stack.
 WEB_INDEX = "hello from the web personality\n"
 DEMO_STATE = "demo-web running from the demo personality"
+# Set to 1 to keep a session's run directory (rootfs, logs) for a look after the run.
+KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -1,0 +1,461 @@
+"""The three Debian stacks (web, datascience, gameserver): their images, built with
+`personalityctl build --packages` against the system test's rootfs, and the container that runs
+them with a writable volume.
+
+Used by `tests/system/test_debian_stacks.py` and by `make demo-debian` (`demo/debian.py`).
+
+- Images are built on the host against the unpacked rootfs (with the package installed), which
+  the builder only reads. Downloaded packages are cached in `.cache/apt`, built images in
+  `.cache/stacks/<name>-<key>.img` with what the builder printed (`.build.json`) and the
+  image's file list (`.files.json`). The key covers the rootfs tarball (its own key names the
+  suite, mirror and package list), the stack's packages, the builder's source files and the
+  site tree's content, so a warm run builds nothing.
+- The container has one more loop device than the personality volumes: an ext4 image labelled
+  `personality-data`, the writable volume, matched by the default `writable.match`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from nspawn import REPO, Container, install_deb, run, unpack_rootfs, write_file
+
+APT_CACHE = REPO / ".cache" / "apt"
+IMAGE_CACHE = REPO / ".cache" / "stacks"
+TREES = Path(__file__).resolve().parent / "stacks"
+HIERARCHIES = ("usr", "etc")
+WRITABLE_LABEL = "personality-data"
+# Bump when the way images or their file lists are made changes outside the builder.
+RECIPE = "1"
+
+WEB_PORT = 8080
+WEB_URL = f"http://127.0.0.1:{WEB_PORT}/row.php"
+WEB_ROW = "row: hello from mariadb through php-fpm\n"
+WEB_SERVICES = ("mariadb.service", "php8.2-fpm.service", "nginx.service", "stack-web-seed.service")
+GAME_SERVICE = "minetest-server.service"
+GAME_PORT = 30000
+# The session's container (for the journal excerpt of a failed test) and the units it shows.
+STACKS_CONTAINER_KEY = pytest.StashKey[Container]()
+STACKS_UNITS = (
+    "personalityd.service",
+    "personality@*",
+    *WEB_SERVICES,
+    GAME_SERVICE,
+    "page-check.service",
+)
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    packages: tuple[str, ...]
+    tree: Path | None
+    description: str
+
+
+STACKS: dict[str, Stack] = {
+    "web": Stack(
+        "web",
+        ("nginx", "php-fpm", "php-mysql", "mariadb-server"),
+        TREES / "web",
+        "Web Server Stack (nginx, PHP, MariaDB)",
+    ),
+    "datascience": Stack(
+        "datascience",
+        ("python3-numpy", "python3-pandas", "jupyter-notebook", "r-base-core"),
+        None,
+        "Data Science Stack (Python, R, Jupyter)",
+    ),
+    "gameserver": Stack("gameserver", ("minetest-server",), None, "Game Server Stack (Minetest)"),
+}
+
+
+# A file list entry: kind ("dir", "file", "symlink", "other") and, for files the SHA-256 of
+# the content, for symlinks the target.
+Entry = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class BuiltStack:
+    stack: Stack
+    image: Path
+    info: dict[str, object]  # what `build --json` printed
+    files: dict[str, Entry]  # "/usr/..." -> entry, for the stacked hierarchies
+
+    @property
+    def name(self) -> str:
+        return self.stack.name
+
+    def services(self) -> list[str]:
+        value = self.info.get("services", [])
+        assert isinstance(value, list), self.info
+        return [str(v) for v in value]
+
+
+# --------------------------------------------------------------------------------------------
+# cache keys
+
+
+def _digest_files(paths: Sequence[Path], relative_to: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(str(path.relative_to(relative_to)).encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def builder_sources_digest() -> str:
+    """The builder's code: every personalityd module that the client and builder packages
+    import, read from this checkout."""
+    probe = (
+        "import importlib, importlib.util, pkgutil, sys\n"
+        "for top in ('personalityd.client', 'personalityd.builder'):\n"
+        "    if importlib.util.find_spec(top) is None:\n"
+        "        continue\n"
+        "    p = importlib.import_module(top)\n"
+        "    for m in pkgutil.walk_packages(p.__path__, top + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None)\n"
+        "    if f and m.__name__.startswith('personalityd'):\n"
+        "        print(f)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=builder_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, f"importing the builder failed: {proc.stderr[-2000:]}"
+    out = proc.stdout
+    daemon = REPO / "daemon"
+    files = sorted({Path(line) for line in out.split() if line})
+    outside = [f for f in files if daemon not in f.parents]
+    assert not outside, f"builder modules imported from outside {daemon}: {outside}"
+    return _digest_files(files, daemon)
+
+
+def tree_digest(tree: Path | None) -> str:
+    h = hashlib.sha256()
+    if tree is None:
+        return ""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted([*dirnames, *filenames]):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            h.update(f"{path.relative_to(tree)}\0{st.st_mode:o}\0".encode())
+            if path.is_symlink():
+                h.update(os.readlink(path).encode())
+            elif path.is_file():
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def image_key(stack: Stack, rootfs: Path, builder: str) -> str:
+    parts = [RECIPE, rootfs.name, stack.packages, builder, tree_digest(stack.tree)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# building
+
+
+def builder_env() -> dict[str, str]:
+    """The builder runs from this checkout (not from whatever the venv has installed)."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
+
+
+def builder_command(stack: Stack, base: Path, output: Path) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-c",
+        "from personalityd.client.cli import main; raise SystemExit(main())",
+        "build",
+        "--packages",
+        *stack.packages,
+        "--name",
+        stack.name,
+        "-o",
+        str(output),
+        "--base",
+        str(base),
+        "--cache-dir",
+        str(APT_CACHE),
+        "--json",
+    ]
+    if stack.tree is not None:
+        cmd += ["--tree", str(stack.tree)]
+    return cmd
+
+
+def build_stacks(
+    base: Path, rootfs: Path, names: Sequence[str] = tuple(STACKS)
+) -> dict[str, BuiltStack]:
+    """Each stack's image, from the cache or built now (under a lock: one build at a time)."""
+    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+    APT_CACHE.mkdir(parents=True, exist_ok=True)
+    builder = builder_sources_digest()
+    built = {}
+    with open(IMAGE_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in names:
+            built[name] = _cached_or_built(STACKS[name], base, rootfs, builder)
+    return built
+
+
+def _cached_or_built(stack: Stack, base: Path, rootfs: Path, builder: str) -> BuiltStack:
+    key = image_key(stack, rootfs, builder)
+    image = IMAGE_CACHE / f"{stack.name}-{key}.img"
+    info_file = image.with_suffix(".build.json")
+    files_file = image.with_suffix(".files.json")
+    if not (image.exists() and info_file.exists() and files_file.exists()):
+        for old in IMAGE_CACHE.glob(f"{stack.name}-*"):
+            old.unlink()
+        partial = image.with_name(f".{image.name}.{os.getpid()}")
+        partial.unlink(missing_ok=True)
+        proc = subprocess.run(
+            builder_command(stack, base, partial),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=builder_env(),
+            check=False,
+        )
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise AssertionError(
+                f"building the {stack.name} stack failed (exit {proc.returncode}):\n"
+                f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+            )
+        try:
+            info = json.loads(proc.stdout)
+        except ValueError:
+            raise AssertionError(
+                f"build --json printed no JSON for {stack.name}:\n{proc.stdout[-2000:]}"
+            ) from None
+        files = list_image(partial, IMAGE_CACHE / f".extract-{os.getpid()}")
+        files_file.write_text(json.dumps(files))
+        info_file.write_text(json.dumps(info, indent=2))
+        partial.rename(image)
+    info = json.loads(info_file.read_text())
+    files = {
+        path: (kind, value) for path, (kind, value) in json.loads(files_file.read_text()).items()
+    }
+    return BuiltStack(stack, image, info, files)
+
+
+def list_image(image: Path, scratch: Path) -> dict[str, Entry]:
+    """Every entry of the image under the stacked hierarchies, from an extracted copy."""
+    with open(image, "rb") as f:
+        head = f.read(2048)
+    shutil.rmtree(scratch, ignore_errors=True)  # only ever an extracted copy: no mounts
+    if head[:4] == b"hsqs":
+        run("unsquashfs", "-quiet", "-no-progress", "-d", scratch, image, timeout=900)
+    elif head[1024:1028] == bytes.fromhex("e2e1f5e0"):
+        run("fsck.erofs", f"--extract={scratch}", image, timeout=900)
+    else:
+        raise AssertionError(f"{image}: neither squashfs nor erofs")
+    try:
+        return tree_entries(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def tree_entries(root: Path) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    for hierarchy in HIERARCHIES:
+        top = root / hierarchy
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [*dirnames, *filenames]:
+                path = Path(dirpath) / name
+                rel = "/" + str(path.relative_to(root))
+                if path.is_symlink():
+                    entries[rel] = ("symlink", os.readlink(path))
+                elif path.is_dir():
+                    entries[rel] = ("dir", "")
+                elif path.is_file():
+                    entries[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+                else:
+                    entries[rel] = ("other", "")
+    return entries
+
+
+def expected_conflicts(order: Sequence[BuiltStack]) -> dict[str, dict[str, object]]:
+    """The conflicts of these stacks attached in this order (last on top): paths that two or
+    more provide, not all as directories; the winner is the topmost."""
+    paths: set[str] = set()
+    for built in order:
+        paths.update(built.files)
+    conflicts: dict[str, dict[str, object]] = {}
+    for path in sorted(paths):
+        providers = [b for b in reversed(order) if path in b.files]  # top first
+        if len(providers) < 2:
+            continue
+        entries = [b.files[path] for b in providers]
+        if all(kind == "dir" for kind, _ in entries):
+            continue
+        kinds = {kind for kind, _ in entries}
+        identical = len(set(entries)) == 1 and kinds <= {"file", "symlink"}
+        conflicts[path] = {
+            "winner": providers[0].name,
+            "shadowed": [b.name for b in providers[1:]],
+            "identical": identical,
+        }
+    return conflicts
+
+
+# --------------------------------------------------------------------------------------------
+# the container's root and devices
+
+
+def prepare_root(tarball: Path, dest: Path, deb: Path) -> Path:
+    root = unpack_rootfs(tarball, dest)
+    install_deb(root, deb)
+    return root
+
+
+def make_writable_image(path: Path, size_mb: int = 2048) -> Path:
+    """A sparse ext4 image labelled `personality-data` (the writable volume)."""
+    with open(path, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    run("mkfs.ext4", "-q", "-L", WRITABLE_LABEL, path)
+    return path
+
+
+def link_or_copy(source: Path, dest: Path) -> Path:
+    """`dest` as a hard link to `source` (same filesystem), else a copy."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+    return dest
+
+
+@dataclass
+class Loops:
+    """Loop devices this session attached, detached by name (while still backed by our file)."""
+
+    attached: dict[str, Path]
+
+    def attach(self, image: Path, read_only: bool) -> str:
+        args = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)]
+        dev = run(*args).stdout.strip()
+        self.attached[dev] = image
+        return dev
+
+    def cleanup(self) -> None:
+        for dev, image in list(self.attached.items()):
+            backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
+            with contextlib.suppress(OSError):
+                if backing.read_text().strip() == str(image):
+                    run("losetup", "-d", dev, check=False)
+            del self.attached[dev]
+
+
+@contextlib.contextmanager
+def loops() -> Iterator[Loops]:
+    held = Loops({})
+    try:
+        yield held
+    finally:
+        held.cleanup()
+
+
+def configure(root: Path, volumes: Mapping[str, str], writable: str) -> None:
+    """Configuration of the stacks' container (none of it ships in the package)."""
+    kernels = "|".join(Path(dev).name for dev in volumes.values())
+    write_file(
+        root,
+        "/etc/udev/rules.d/70-personalityd-stacks-test.rules",
+        f'SUBSYSTEM=="block", KERNEL=="{kernels}", ENV{{PERSONALITYD_VOLUME}}="1"\n',
+    )
+    # The writable volume is found by the default writable.match (its label).
+    write_file(
+        root,
+        "/etc/personalityd/personalityd.toml.d/50-stacks-test.toml",
+        '[volumes]\nmatch = [{ PERSONALITYD_VOLUME = "1" }]\n',
+    )
+    assert Path(writable).name not in kernels.split("|")
+    for unit in (
+        "systemd-udevd.service",
+        "systemd-udevd-kernel.socket",
+        "systemd-udevd-control.socket",
+    ):
+        write_file(
+            root,
+            f"/etc/systemd/system/{unit}.d/50-system-test.conf",
+            "[Unit]\nConditionPathIsReadWrite=\n",
+        )
+    write_file(
+        root,
+        "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",
+        "[Unit]\nConditionPathIsReadWrite=\n\n"
+        "[Service]\nExecStart=\nExecStart=/usr/local/sbin/system-test-coldplug\n",
+    )
+    write_file(
+        root,
+        "/usr/local/sbin/system-test-coldplug",
+        "#!/bin/sh\n"
+        "# The host's uevent files of the test's loop devices, bound in by the test.\n"
+        "for f in /run/pdtest-uevent/*; do\n"
+        '    [ -e "$f" ] && echo add > "$f"\n'
+        "done\n"
+        "exit 0\n",
+        mode=0o755,
+    )
+    # A unit that needs the web stack and asks for its PHP page once (its first request).
+    write_file(
+        root,
+        "/etc/systemd/system/page-check.service",
+        "[Unit]\n"
+        "Description=stacks test: the web stack's PHP page, asked once\n"
+        "Requires=personality@web.service\n"
+        "After=personality@web.service\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart=/usr/bin/curl --silent --show-error --fail --max-time 20 "
+        f"--output /run/page-check.out {WEB_URL}\n",
+    )
+
+
+def udp_listening(container: Container, port: int) -> bool:
+    """Whether a UDP socket (v4 or v6) is bound to `port` (from /proc/net/udp*)."""
+    text = container.sh("cat /proc/net/udp /proc/net/udp6 2>/dev/null").stdout
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[1]:
+            with contextlib.suppress(ValueError):
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+# The files process argv[1] maps from /usr or /etc that are not on the base (as its read-only
+# reference shows it): an overlay of some generation, current or lazily unmounted.
+MAPPED_FROM_STACK = """\
+import os, sys
+base = {h: os.stat(f"/run/personalityd/base/_{h}").st_dev for h in ("usr", "etc")}
+for line in open(f"/proc/{sys.argv[1]}/maps"):
+    fields = line.split(maxsplit=5)
+    if len(fields) == 6 and fields[5].startswith(("/usr/", "/etc/")):
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        if os.makedev(major, minor) != base[fields[5][1:4]]:
+            print(fields[5].strip())
+"""
