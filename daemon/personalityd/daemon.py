@@ -24,7 +24,7 @@ from personalityd.adapters.mountinfo import read_mountinfo, sysext_merges
 from personalityd.adapters.selfexec import run_from_base
 from personalityd.adapters.spool import ensure_spool_dirs
 from personalityd.adapters.state import load_state
-from personalityd.adapters.systemd import ServiceHooks, connect_service_hooks
+from personalityd.adapters.systemd import ServiceManager, connect_service_manager
 from personalityd.adapters.udev import UdevMonitor
 from personalityd.config import Config
 from personalityd.core.errors import ConfigError, PersonalityError
@@ -117,15 +117,8 @@ class Daemon:
             protected_check(config),
         )
         registry = VolumeRegistry(config, self.base, journal.volume_refused, images)
-        hooks = await self._service_hooks()
-        manager = Manager(
-            config,
-            engine,
-            registry,
-            journal,
-            state,
-            hooks=hooks,
-        )
+        services = await self._service_manager()
+        manager = Manager(config, engine, registry, journal, state, services=services)
         if sysext:
             notice = sysext_notice(sysext)
             log.warning("sysext_merged", hierarchies=" ".join(sysext), notice=notice)
@@ -139,6 +132,7 @@ class Daemon:
             await manager.start()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(manager.run())
+                tasks.create_task(manager.follower.run())
                 tasks.create_task(self._forward_udev(monitor, manager))
                 tasks.create_task(self._forward_images(watcher, manager))
                 tasks.create_task(manager.watch_draining())
@@ -147,6 +141,9 @@ class Daemon:
                 tasks.create_task(self._watchdog())
                 self._install_signals()
                 notify.ready()
+                # Units that depend on a personality (Requires=personality@NAME.service) find
+                # it active for every personality restored at start (stack/follower.py).
+                manager.follower.start_units(manager.attached)
                 notify.status(self._status_line(manager))
                 manager.subscribe(lambda _event: notify.status(self._status_line(manager)))
                 log.info(
@@ -223,15 +220,14 @@ class Daemon:
                 bus.disconnect()
             warned = False
 
-    async def _service_hooks(self) -> ServiceHooks:
+    async def _service_manager(self) -> ServiceManager | None:
         if self.config.manage_services == "no":
-            return ServiceHooks()
+            return None
         if self.config.manage_services == "auto" and (
             str(self.config.root) != "/" or not Path("/run/systemd/system").is_dir()
         ):
-            return ServiceHooks()
-
-        return await connect_service_hooks()
+            return None
+        return await connect_service_manager()
 
 
 class _Stop(Exception):

@@ -102,7 +102,7 @@ class MemoryManager:
         self._rebuild()
         return True
 
-    async def detach(self, caller: Caller, name: str) -> bool:
+    async def detach(self, caller: Caller, name: str, *, from_unit: bool = False) -> bool:
         self._authorize("detach", caller)
         check_name(name)
         if name not in self._desired:

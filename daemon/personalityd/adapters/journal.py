@@ -255,6 +255,24 @@ class Journal:
             {"PERSONALITY_REQUESTED": requested, "PERSONALITY_REASON": reason},
         )
 
+    def declaration_failed(
+        self, personality: str, tool: str, command: str, reason: str, generation: int
+    ) -> bool:
+        """A personality's declaration that its tool failed to apply (the stack stays)."""
+        whose = f" of '{personality}'" if personality else ""
+        return self.send(
+            f"Declarations{whose} not applied at generation {generation}: {reason}",
+            messages.MESSAGE_ID_DECLARATION_FAILED,
+            PRIORITY_ERR,
+            {
+                "PERSONALITY_NAME": personality,
+                "PERSONALITY_TOOL": tool,
+                "PERSONALITY_COMMAND": command,
+                "PERSONALITY_REASON": reason,
+                "PERSONALITY_GENERATION": generation,
+            },
+        )
+
     def report_stack(
         self, generation: int, attached: Sequence[str], report: ConflictReport
     ) -> None:

@@ -1,37 +1,35 @@
-"""The service manager, over D-Bus: reload after a stack change, start and stop the units a
-personality lists in PERSONALITY_SERVICES. Used only on a systemd host with root = "/".
+"""The service manager, over D-Bus: reload, start and stop units and wait for their jobs, a
+unit's state and the system's (stack/follower.py decides what to start and stop). Used only
+on a systemd host with root = "/".
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import structlog
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-
-from personalityd.core.model import Volume
 
 log = structlog.get_logger()
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 JOB_TIMEOUT = 90.0
 # JobRemoved can be read in the same batch as the StartUnit/StopUnit reply, before the caller
 # has the job path to wait for; results of jobs nobody waits for (yet) are kept this long.
 FINISHED_JOBS_KEPT = 256
 
 
-@dataclass
-class ServiceHooks:
-    """Called around swaps on a systemd host (see connect_service_hooks); no-ops elsewhere."""
-
-    before_swap: Callable[[Sequence[Volume]], object] | None = None
-    after_change: Callable[[Sequence[Volume]], object] | None = None
+class SystemdError(RuntimeError):
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name  # the D-Bus error name
 
 
 class ServiceManager:
@@ -69,12 +67,19 @@ class ServiceManager:
             while len(self._finished) > FINISHED_JOBS_KEPT:
                 self._finished.popitem(last=False)
 
-    async def _call(self, member: str, signature: str, body: list[object]) -> Message:
+    async def _call(
+        self,
+        member: str,
+        signature: str,
+        body: list[object],
+        path: str = SYSTEMD_PATH,
+        interface: str = SYSTEMD_MANAGER,
+    ) -> Message:
         reply = await self.bus.call(
             Message(
                 destination=SYSTEMD,
-                path=SYSTEMD_PATH,
-                interface=SYSTEMD_MANAGER,
+                path=path,
+                interface=interface,
                 member=member,
                 signature=signature,
                 body=body,
@@ -83,8 +88,28 @@ class ServiceManager:
         if reply is None or reply.message_type == MessageType.ERROR:
             detail = reply.body[0] if reply is not None and reply.body else "no reply"
             name = reply.error_name if reply is not None else ""
-            raise RuntimeError(f"systemd {member} failed: {name}: {detail}")
+            raise SystemdError(f"systemd {member} failed: {name}: {detail}", name or "")
         return reply
+
+    async def unit_state(self, unit: str) -> str:
+        """The unit's ActiveState (`active`, `activating`, `deactivating`, `inactive`,
+        `failed`, ...); `inactive` for a unit systemd has not loaded."""
+        try:
+            reply = await self._call("GetUnit", "s", [unit])
+        except SystemdError as exc:
+            if exc.name == NO_SUCH_UNIT:
+                return "inactive"
+            raise
+        path = str(reply.body[0])
+        state = await self._call("Get", "ss", [SYSTEMD_UNIT, "ActiveState"], path, PROPERTIES)
+        return str(state.body[0].value)
+
+    async def system_state(self) -> str:
+        """The manager's SystemState: `stopping` once a shutdown has begun."""
+        reply = await self._call(
+            "Get", "ss", [SYSTEMD_MANAGER, "SystemState"], interface=PROPERTIES
+        )
+        return str(reply.body[0].value)
 
     async def reload(self) -> None:
         await self._call("Reload", "", [])
@@ -109,46 +134,14 @@ class ServiceManager:
         return await self._run_job("StopUnit", unit)
 
 
-async def connect_service_hooks() -> ServiceHooks:
-    """Hooks for the manager; without a reachable systemd, hooks that do nothing."""
+async def connect_service_manager() -> ServiceManager | None:
+    """The service manager on the system bus, subscribed to job ends; None (logged) when
+    systemd cannot be reached."""
     try:
         bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
         manager = ServiceManager(bus)
         await manager.subscribe()
     except Exception as exc:
         log.warning("systemd_unavailable", error=str(exc))
-        return ServiceHooks()
-
-    async def before_swap(leaving: Sequence[Volume]) -> None:
-        for volume in leaving:
-            for unit in reversed(volume.manifest.services):
-                try:
-                    result = await manager.stop(unit)
-                    log.info("service_stopped", unit=unit, personality=volume.name, result=result)
-                except Exception as exc:
-                    log.error("service_stop_failed", unit=unit, error=str(exc))
-
-    starting: set[asyncio.Task[None]] = set()
-
-    async def start_and_log(unit: str, personality: str) -> None:
-        try:
-            result = await manager.start(unit)
-            log.info("service_started", unit=unit, personality=personality, result=result)
-        except Exception as exc:
-            log.error("service_start_failed", unit=unit, error=str(exc))
-
-    async def after_change(arriving: Sequence[Volume]) -> None:
-        try:
-            await manager.reload()
-        except Exception as exc:
-            log.error("systemd_reload_failed", error=str(exc))
-        # Start jobs are queued, not awaited: a unit ordered After=personalityd.service waits
-        # for our READY, and the first stack is restored before READY; the consumer must not
-        # wait on it (stops before a swap, in contrast, are awaited: the files must stay).
-        for volume in arriving:
-            for unit in volume.manifest.services:
-                task = asyncio.create_task(start_and_log(unit, volume.name))
-                starting.add(task)
-                task.add_done_callback(starting.discard)
-
-    return ServiceHooks(before_swap=before_swap, after_change=after_change)
+        return None
+    return manager

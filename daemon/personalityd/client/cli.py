@@ -27,6 +27,7 @@ from personalityd.client.build import (
 from personalityd.client.connection import Client, CliError
 from personalityd.core.names import (
     OPTION_FORCE,
+    OPTION_FROM_UNIT,
     OPTION_TIMEOUT,
     SIG_NAMES,
     SIG_OPTIONS,
@@ -202,8 +203,9 @@ async def verb_attach(client: Client, args: argparse.Namespace) -> int:
 
 
 async def verb_detach(client: Client, args: argparse.Namespace) -> int:
+    options = {OPTION_FROM_UNIT: Variant("b", True)} if args.from_unit else {}
     (changed,) = await client.call(
-        "Detach", "s" + SIG_OPTIONS, [args.name, {}], timeout=CHANGE_TIMEOUT
+        "Detach", "s" + SIG_OPTIONS, [args.name, options], timeout=CHANGE_TIMEOUT
     )
     print(f"Detached {args.name}." if changed else f"{args.name} is not attached.")
     return 0
@@ -337,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detach a personality from the stack (nothing to do if it is not there).",
     )
     detach.add_argument("name", metavar="NAME")
+    detach.add_argument(
+        "--from-unit",
+        action="store_true",
+        help="for the ExecStop of personality@NAME.service: change nothing when the daemon "
+        "itself stops that unit or the system shuts down",
+    )
     detach.set_defaults(dbus_verb=verb_detach)
 
     switch = verbs.add_parser(

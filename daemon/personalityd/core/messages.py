@@ -12,6 +12,10 @@ MESSAGE_ID_VOLUME_REFUSED = "18d0afe90a164b398024e69871a6bc44"
 MESSAGE_ID_CHANGE_FAILED = "091e1791abd44213b5aa028ad69c8fce"
 MESSAGE_ID_MASK = "727c1463be574032988019655f1f0294"
 
+# A declaration of a personality (sysusers.d, tmpfiles.d, the linker's cache) that its tool
+# failed to apply after a swap (docs/journal.md).
+MESSAGE_ID_DECLARATION_FAILED = "eb76d494c8d94ecdbe827d8221d1e6dc"
+
 # At most this many conflict entries per stack change, and as many mask entries; the summary
 # says how many of each were left out.
 MAX_CONFLICT_ENTRIES = 1000

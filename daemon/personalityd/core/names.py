@@ -63,4 +63,6 @@ SIG_STACK_CHANGED: Final = "tas"  # generation, attached (bottom first)
 # Options of Attach/Detach/Switch and the variant signature each must have.
 OPTION_TIMEOUT: Final = "timeout"  # u: seconds to wait for a missing volume
 OPTION_FORCE: Final = "force"  # b: skip the compatibility check
-OPTION_SIGNATURES: Final = {OPTION_TIMEOUT: "u", OPTION_FORCE: "b"}
+# b (Detach): the ExecStop of personality@NAME.service (docs/system.md)
+OPTION_FROM_UNIT: Final = "from_unit"
+OPTION_SIGNATURES: Final = {OPTION_TIMEOUT: "u", OPTION_FORCE: "b", OPTION_FROM_UNIT: "b"}

@@ -21,7 +21,7 @@ from personalityd.adapters.groups import DEFAULT_GROUPS, lookup_group_gids
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.mounts import device_busy
 from personalityd.adapters.state import PersistedState
-from personalityd.adapters.systemd import ServiceHooks
+from personalityd.adapters.systemd import ServiceManager
 from personalityd.adapters.udev import DeviceEvent, enumerate_block_devices
 from personalityd.config import Config
 from personalityd.core.access import SPOOL, Caller, authorize
@@ -31,6 +31,7 @@ from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.planner import personality_state
 from personalityd.log import CallerLog
 from personalityd.stack.engine import Engine
+from personalityd.stack.follower import Follower, base_tools
 from personalityd.stack.indexes import VolumeIndexes
 from personalityd.stack.registry import VolumeRegistry
 from personalityd.stack.transaction import (
@@ -66,15 +67,18 @@ class Manager:
         registry: VolumeRegistry,
         journal: Journal,
         state: PersistedState,
-        hooks: ServiceHooks | None = None,
+        services: ServiceManager | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.registry = registry
         self.state = StackState(state.desired, state, Snapshot(generation=state.generation))
         self.indexes = VolumeIndexes(engine.layout, config.hierarchies)
+        tools = base_tools(config, engine.layout)
+        live = lambda: self.state.snapshot.live  # noqa: E731
+        self.follower = Follower(str(config.root), journal, tools, services, live)
         self.stack = Stack(
-            config, engine, self.indexes, registry, journal, hooks or ServiceHooks(),
+            config, engine, self.indexes, registry, journal, self.follower,
             self.state, self._notify,
         )  # fmt: skip
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
@@ -186,7 +190,16 @@ class Manager:
     ) -> bool:
         return await self._request(caller, Edit("attach", (name,), force), timeout)
 
-    async def detach(self, caller: Caller, name: str) -> bool:
+    async def detach(self, caller: Caller, name: str, *, from_unit: bool = False) -> bool:
+        """`from_unit`: the ExecStop of personality@NAME.service; it changes nothing when the
+        daemon itself stops that unit or the system shuts down (stack/follower.py), and is
+        then answered at once, never queued behind the change that stops the unit."""
+        if from_unit:
+            with self._call():
+                await self._authorize(caller, "Detach")
+                if await self.follower.unit_stop_is_ours(name):
+                    log.info("unit_stop_detach_skipped", name=name, caller=caller.description)
+                    return False
         return await self._request(caller, Edit("detach", (name,)), 0.0)
 
     async def switch(

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from personalityd.adapters.declarations import ToolFailure
 from personalityd.adapters.imagefile import EntryFailed
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.mounts import Detached
 from personalityd.adapters.probe import symlinked_hierarchy
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
-from personalityd.adapters.systemd import ServiceHooks
 from personalityd.config import Config
 from personalityd.core.errors import Incompatible, MountFailed, NoSuchPersonality, PersonalityError
 from personalityd.core.model import (
@@ -47,6 +47,7 @@ from personalityd.core.model import (
 from personalityd.core.planner import check_layer_limit, plan_stack
 from personalityd.core.protected import index_lookup, protected_violation
 from personalityd.stack.engine import Engine
+from personalityd.stack.follower import Follower
 from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
 from personalityd.stack.registry import VolumeRegistry
@@ -88,7 +89,7 @@ class Stack:
     indexes: VolumeIndexes
     registry: VolumeRegistry
     journal: Journal
-    hooks: ServiceHooks
+    follower: Follower  # declarations and services around the swap (stack/follower.py)
     state: StackState
     notify: Callable[[StackEvent], None]
     # Live volumes' identity -> (the index judged, why it touches a protected path or None),
@@ -401,6 +402,7 @@ class Change:
         self._built_items: dict[str, Detached | str] = {}
         self._built = 0  # undo token of releasing them
         self.swap_ms = 0.0
+        self.declaration_failures: list[ToolFailure] = []  # for a trial to judge
 
     async def run(self) -> bool:
         """Prepare, commit and publish; True when the live stack changed. On failure nothing
@@ -477,9 +479,9 @@ class Change:
         except OSError as exc:
             raise MountFailed(f"cannot save the state: {exc}", cause=str(exc)) from exc
         self.undo.add("restore the saved state", lambda: self._restore(previous))
-        leaving = self._leaving()
-        if stack.hooks.before_swap is not None and leaving:
-            await _maybe_await(stack.hooks.before_swap(leaving))
+        gone = self._gone()
+        if gone:
+            await stack.follower.before_swap(gone, stack.registry.volumes, stack.engine.volumes)
         # From here the overlays and the volume mounts belong to the swap.
         self.undo.discard(self._built, *self._mounts)
         started = time.monotonic()
@@ -490,9 +492,9 @@ class Change:
             raise MountFailed(f"swapping in the new stack failed: {exc}", cause=str(exc)) from exc
         self.swap_ms = (time.monotonic() - started) * 1000
 
-    def _leaving(self) -> list[Volume]:
-        volumes = self.stack.registry.volumes
-        return [v for n, v in volumes.items() if n in self.before.live and n not in self.plan.live]
+    def _gone(self) -> list[str]:
+        """The names that leave the live stack, for any reason (a yanked volume too)."""
+        return [n for n in self.before.live if n not in self.plan.live]
 
     def _persist(self, generation: int) -> None:
         state = self.stack.state
@@ -523,6 +525,7 @@ class Change:
 
     async def publish(self) -> None:
         stack, state, plan = self.stack, self.stack.state, self.plan
+        mounted = dict(stack.engine.volumes)  # the leaving ones too, for the follower
         for name in list(stack.engine.volumes):
             if name not in plan.live:
                 gone = stack.engine.unmount_volume(name)
@@ -557,9 +560,10 @@ class Change:
         stack.engine.clean_work_dirs(self.upper, self.generation)
         stack.engine.release_writable(self.upper)
         arriving = [self.volumes[n] for n in plan.live if n not in before]
-        if stack.hooks.after_change is not None:  # reloads even when only leaving
-            await _maybe_await(stack.hooks.after_change(arriving))
-        self._answer()
+        # Declarations now; services, then the answers, in the follower's task.
+        self.declaration_failures = await stack.follower.after_swap(
+            self.generation, arriving, self._gone(), mounted, self._answer
+        )
 
     def _record(self) -> None:
         """The files and journal entries of the change (in a worker thread)."""
@@ -608,7 +612,3 @@ async def adopt(stack: Stack) -> bool:
     log.info("stack_restored", generation=state.snapshot.generation, attached=" ".join(plan.live))
     return True
 
-
-async def _maybe_await(result: object) -> None:
-    if asyncio.iscoroutine(result):
-        await result

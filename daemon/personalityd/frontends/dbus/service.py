@@ -50,6 +50,7 @@ from personalityd.core.names import (
     INTERFACE,
     OBJECT_PATH,
     OPTION_FORCE,
+    OPTION_FROM_UNIT,
     OPTION_SIGNATURES,
     OPTION_TIMEOUT,
     check_name,
@@ -89,6 +90,7 @@ class ServeError(Exception):
 class CallOptions:
     timeout: float = 0.0
     force: bool = False
+    from_unit: bool = False
 
 
 def parse_options(
@@ -96,7 +98,7 @@ def parse_options(
 ) -> CallOptions:
     """Check an a{sv} options argument; raise InvalidRequest (InvalidArgs) naming the culprit."""
     timeout = 0.0
-    force = False
+    force = from_unit = False
     for key, variant in options.items():
         if key not in known:
             allowed = ", ".join(sorted(known)) or "none"
@@ -110,7 +112,9 @@ def parse_options(
             timeout = float(variant.value)
         elif key == OPTION_FORCE:
             force = bool(variant.value)
-    return CallOptions(timeout=timeout, force=force)
+        elif key == OPTION_FROM_UNIT:
+            from_unit = bool(variant.value)
+    return CallOptions(timeout=timeout, force=force, from_unit=from_unit)
 
 
 def check_names(names: Sequence[str]) -> list[str]:
@@ -255,10 +259,10 @@ class ManagerInterface(ServiceInterface):
         return await self._manager.attach(caller, name, timeout=opts.timeout, force=opts.force)
 
     async def _detach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
-        parse_options(options, "Detach", ())
+        opts = parse_options(options, "Detach", (OPTION_FROM_UNIT,))
         check_name(name)
         caller = await caller_from_bus(*call)
-        return await self._manager.detach(caller, name)
+        return await self._manager.detach(caller, name, from_unit=opts.from_unit)
 
     async def _switch(
         self, call: tuple[MessageBus, Message], names: list[str], options: Options

@@ -1,0 +1,286 @@
+"""What follows a swap: the personalities' declarations, their services, and the units
+`personality@NAME.service` that other units depend on (docs/system.md).
+
+- Before a swap that takes personalities out of the live stack (the consumer waits for it):
+  their `personality@NAME.service` is stopped, and with it every unit that requires it, then
+  their `PERSONALITY_SERVICES`; the stop jobs are waited for, so nothing of theirs runs when
+  their files go. The unit's own ExecStop (`personalityctl detach NAME --from-unit`) reaches
+  the daemon meanwhile: it is answered at once, without the queue (`unit_stop_is_ours`).
+- After the swap (the consumer waits for it too, it is quick and local): the declarations of
+  the personalities that joined (sysusers.d, tmpfiles.d), and the linker's cache when one that
+  joined or left ships libraries, each run with the base's own tool; a failure is journalled
+  and returned (the stack stays).
+- Then, in the follower's own task, never in the consumer: the service manager is reloaded,
+  the joining personalities' `PERSONALITY_SERVICES` are started and their jobs awaited; only
+  then are the callers of the change answered, so `personalityctl attach NAME` (the ExecStart
+  of `personality@NAME.service`) returns once the services run; then `personality@NAME` is
+  started for each joining NAME still stacked (a start through the unit just joins its own
+  job). At start-up, after READY, the same for every stacked personality.
+
+Without systemd (a sandbox root, no service manager) only the declarations are applied and
+callers are answered right after them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from personalityd.adapters.basetools import BaseTools
+from personalityd.adapters.declarations import ToolFailure, apply_runs, read_declarations
+from personalityd.adapters.journal import Journal
+from personalityd.adapters.systemd import ServiceManager
+from personalityd.config import Config
+from personalityd.core.declarations import Declarations, ToolRun, plan_runs
+from personalityd.core.model import Volume
+from personalityd.stack.layout import Layout, MountedVolume
+
+log = structlog.get_logger()
+
+RUNNING_STATES = frozenset({"active", "activating", "reloading"})
+
+
+def base_tools(config: Config, layout: Layout) -> BaseTools:
+    """The tools of the system the daemon runs on, below the hierarchies it stacks."""
+    references = {str(config.path(h)): layout.base_ref(h) for h in config.hierarchies}
+    return BaseTools(references, getattr(sys.implementation, "_multiarch", ""))
+
+
+def personality_unit(name: str) -> str:
+    return f"personality@{name}.service"
+
+
+@dataclass(frozen=True)
+class _FollowUp:
+    arriving: tuple[Volume, ...]  # whose services to start, then their personality@ unit
+    answer: Callable[[], None]
+    units_only: tuple[str, ...] = ()  # start-up: personality@ units of the restored stack
+
+
+class Follower:
+    """One per daemon; see the module docstring. `live` gives the current live stack."""
+
+    def __init__(
+        self,
+        root: str,
+        journal: Journal,
+        tools: BaseTools,
+        services: ServiceManager | None = None,
+        live: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
+        self.root = root
+        self.journal = journal
+        self.tools = tools
+        self.services = services
+        self.live = live
+        self._libraries: dict[str, bool] = {}  # stacked name -> ships libraries
+        self._stopping: set[str] = set()  # names whose personality@ unit we are stopping
+        self._queue: asyncio.Queue[_FollowUp] = asyncio.Queue()
+        self._starting: set[asyncio.Task[None]] = set()
+
+    # -- before the swap (in the consumer) -------------------------------------------------
+
+    async def before_swap(
+        self,
+        gone: Sequence[str],
+        volumes: Mapping[str, Volume],
+        mounted: Mapping[str, MountedVolume],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        for name in gone:
+            if name not in self._libraries and name in mounted:
+                self._libraries[name] = await loop.run_in_executor(
+                    None, self._ships_libraries, name, mounted[name].path
+                )
+        if self.services is None:
+            return
+        for name in gone:
+            await self._stop_personality_unit(name)
+        for name in gone:
+            volume = volumes.get(name)
+            for unit in reversed(volume.manifest.services if volume is not None else ()):
+                try:
+                    result = await self.services.stop(unit)
+                    log.info("service_stopped", unit=unit, personality=name, result=result)
+                except Exception as exc:
+                    log.error("service_stop_failed", unit=unit, personality=name, error=str(exc))
+
+    def _ships_libraries(self, name: str, tree: str) -> bool:
+        try:
+            return read_declarations(name, tree, self.tools.multiarch).libraries
+        except OSError:
+            return True  # cannot tell (a yanked device): make the cache again anyway
+
+    async def _stop_personality_unit(self, name: str) -> None:
+        assert self.services is not None
+        unit = personality_unit(name)
+        try:
+            state = await self.services.unit_state(unit)
+        except Exception as exc:
+            log.error("personality_unit_stop_failed", unit=unit, error=str(exc))
+            return
+        # `deactivating`: someone else stops it (systemctl stop), and its ExecStop waits for
+        # the very change we are in: waiting here would wait for ourselves.
+        if state not in RUNNING_STATES:
+            return
+        self._stopping.add(name)
+        try:
+            result = await self.services.stop(unit)
+            log.info("personality_unit_stopped", unit=unit, personality=name, result=result)
+        except Exception as exc:
+            log.error("personality_unit_stop_failed", unit=unit, error=str(exc))
+        finally:
+            self._stopping.discard(name)
+
+    async def unit_stop_is_ours(self, name: str) -> bool:
+        """Whether a detach from `personality@NAME.service`'s ExecStop is to change nothing:
+        the daemon itself stops that unit (NAME left the live stack), or the system is
+        shutting down (the desired list is kept for the next boot)."""
+        if name in self._stopping:
+            return True
+        if self.services is None:
+            return False
+        try:
+            return await self.services.system_state() == "stopping"
+        except Exception as exc:
+            log.warning("system_state_unknown", error=str(exc))
+            return False
+
+    # -- after the swap (in the consumer) --------------------------------------------------
+
+    async def after_swap(
+        self,
+        generation: int,
+        arriving: Sequence[Volume],
+        gone: Sequence[str],
+        mounted: Mapping[str, MountedVolume],
+        answer: Callable[[], None],
+    ) -> list[ToolFailure]:
+        """Apply the declarations, then hand the services and the answer to the follower's
+        task (or answer now, without systemd). The failures, for a trial to judge."""
+        failures = await self.apply_declarations(generation, arriving, gone, mounted)
+        if self.services is None:
+            answer()
+        else:
+            self._queue.put_nowait(_FollowUp(tuple(arriving), answer))
+        return failures
+
+    async def apply_declarations(
+        self,
+        generation: int,
+        arriving: Sequence[Volume],
+        gone: Sequence[str],
+        mounted: Mapping[str, MountedVolume],
+    ) -> list[ToolFailure]:
+        loop = asyncio.get_running_loop()
+        trees = {v.name: mounted[v.name].path for v in arriving if v.name in mounted}
+        found = await loop.run_in_executor(None, self._read_all, trees)
+        declared: list[Declarations] = []
+        failures: list[ToolFailure] = []
+        for name, outcome in found.items():
+            if isinstance(outcome, OSError):
+                run = ToolRun("", (), name)
+                failures.append(ToolFailure(run, f"cannot read its declarations: {outcome}"))
+                continue
+            self._libraries[name] = outcome.libraries
+            if not outcome.empty:
+                declared.append(outcome)
+        libraries_left = any(self._libraries.pop(name, False) for name in gone)
+        runs = plan_runs(self.root, declared, libraries_left)
+        if runs:
+            failures += await loop.run_in_executor(None, apply_runs, self.tools, runs)
+            failed = {id(f.run) for f in failures}
+            for run in runs:
+                if id(run) not in failed:
+                    log.info(
+                        "declarations_applied",
+                        personality=run.personality,
+                        command=run.describe(),
+                        generation=generation,
+                    )
+        for failure in failures:
+            run = failure.run
+            log.error(
+                "declaration_failed",
+                personality=run.personality,
+                tool=run.tool,
+                command=run.describe(),
+                reason=failure.reason,
+                generation=generation,
+            )
+            self.journal.declaration_failed(
+                run.personality, run.tool, run.describe(), failure.reason, generation
+            )
+        return failures
+
+    def _read_all(self, trees: Mapping[str, str]) -> dict[str, Declarations | OSError]:
+        found: dict[str, Declarations | OSError] = {}
+        for name, tree in trees.items():
+            try:
+                found[name] = read_declarations(name, tree, self.tools.multiarch)
+            except OSError as exc:
+                found[name] = exc
+        return found
+
+    # -- the follower's task ---------------------------------------------------------------
+
+    def start_units(self, names: Sequence[str]) -> None:
+        """At start-up (after READY): `personality@NAME.service` for the stacked `names`."""
+        if self.services is not None and names:
+            self._queue.put_nowait(_FollowUp((), lambda: None, tuple(names)))
+
+    async def run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                await self._follow(item)
+            except Exception:
+                log.exception("follow_up_failed")
+            finally:
+                item.answer()  # (a second call answers nothing: futures are set once)
+
+    async def _follow(self, item: _FollowUp) -> None:
+        services = self.services
+        assert services is not None
+        if not item.units_only:
+            try:
+                await services.reload()
+            except Exception as exc:
+                log.error("systemd_reload_failed", error=str(exc))
+            jobs = [(v.name, unit) for v in item.arriving for unit in v.manifest.services]
+            await asyncio.gather(*(self._start_service(n, u) for n, u in jobs))
+        item.answer()
+        for name in item.units_only or tuple(v.name for v in item.arriving):
+            if name in self.live():
+                task = asyncio.create_task(self._start_personality_unit(name))
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
+
+    async def _start_service(self, personality: str, unit: str) -> None:
+        assert self.services is not None
+        try:
+            result = await self.services.start(unit)
+        except Exception as exc:
+            log.error("service_start_failed", unit=unit, personality=personality, error=str(exc))
+            return
+        if result == "done":
+            log.info("service_started", unit=unit, personality=personality, result=result)
+        else:
+            log.error("service_start_failed", unit=unit, personality=personality, result=result)
+
+    async def _start_personality_unit(self, name: str) -> None:
+        """Not waited for by anyone: its ExecStart asks the daemon to attach NAME (answered
+        at once, NAME is stacked), and a start through the unit is this very job."""
+        assert self.services is not None
+        unit = personality_unit(name)
+        try:
+            result = await self.services.start(unit)
+        except Exception as exc:
+            log.error("personality_unit_start_failed", unit=unit, error=str(exc))
+            return
+        event = "personality_unit_started" if result == "done" else "personality_unit_start_failed"
+        log.info(event, unit=unit, personality=name, result=result)
