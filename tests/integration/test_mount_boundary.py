@@ -421,6 +421,44 @@ def test_mounts_below_a_hierarchy_stay_through_every_change_and_after_the_last_d
     subs.check("after attaching again")
 
 
+def test_mounts_below_a_hierarchy_stay_with_an_upper_stacked_from_the_start(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    tmp_path: Path,
+) -> None:
+    """With an upper (the tmpfs fallback) the hierarchies are stacked before anything is
+    attached and stay stacked after the last detach: the mounts below them (a container's
+    bind mount on etc/resolv.conf, tmpfs on usr/local) stay visible through every change,
+    one clone on the stack each, and writes beside them land in the upper."""
+    subs = Submounts(sandbox_root, tmp_path)
+    loop_devices.attach(image("web", {"usr/sbin/web": "w", "etc/web.conf": "w"}))
+    daemon.update_config({"writable": {"fallback": "tmpfs"}})
+    daemon.start()
+    subs.check("with nothing attached")
+    etc = sandbox_root / "etc"
+    assert any(m[0] == str(etc) and m[1] == "overlay" for m in mountinfo()), "not stacked"
+    stacked = {rel: subs.count(rel) for rel in subs.content}
+    (etc / "admin.conf").write_text("beside resolv.conf\n")
+
+    for request in (
+        {"action": "attach", "personality": "web"},
+        {"action": "detach", "personality": "web"},
+        {"action": "attach", "personality": "web"},
+    ):
+        ok(daemon.request(request))
+        subs.check(f"after {request['action']}")
+        assert {rel: subs.count(rel) for rel in subs.content} == stacked, request
+    daemon.restart()
+    subs.check("after a restart")
+    ok(daemon.request({"action": "detach", "personality": "web"}))
+    subs.check("after the last detach")
+    assert {rel: subs.count(rel) for rel in subs.content} == stacked
+    assert (etc / "admin.conf").read_text() == "beside resolv.conf\n"
+    assert (daemon.runtime_dir / "volatile/upper/_etc/admin.conf").is_file()
+
+
 def test_a_mount_whose_path_a_personality_removes_comes_back_with_the_path(
     daemon: Daemon,
     loop_devices: LoopDevices,

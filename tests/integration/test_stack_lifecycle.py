@@ -122,7 +122,11 @@ def test_writes_land_on_writable_volume_and_survive(
     upper = daemon.runtime_dir / "writable/upper/_etc"
     assert (upper / "local.conf").read_text() == "mine\n"
     ok(daemon.request({"action": "detach", "personality": "cfg-a"}))
-    assert read(sandbox_root, "etc/base.conf") == BASE_CONF.encode()  # the base itself is untouched
+    # The upper stays stacked with nothing attached: the writes still show, and the base
+    # itself (seen through the daemon's read-only reference to it) is untouched.
+    assert read(sandbox_root, "etc/local.conf") == b"mine\n"
+    assert read(sandbox_root, "etc/base.conf") == b"edited\n"
+    assert (daemon.runtime_dir / "base/_etc/base.conf").read_text() == BASE_CONF
     ok(daemon.request({"action": "switch", "personalities": ["cfg-b"]}))
     assert read(sandbox_root, "etc/local.conf") == b"mine\n"
     assert read(sandbox_root, "etc/base.conf") == b"edited\n"

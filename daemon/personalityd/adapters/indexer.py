@@ -180,6 +180,23 @@ def entry_kind(entry: os.DirEntry[bytes], xwhiteouts: bool) -> str:
     return _other_kind(entry.stat(follow_symlinks=False))
 
 
+def path_kind(path: str | bytes) -> str | None:
+    """The index kind of the entry at `path` as overlayfs reads an upper or lower layer
+    (OPAQUE_DIR for a directory marked opaque, WHITEOUT for a char device 0:0), or None when
+    there is nothing there. Other errors raise OSError."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        if e.errno in _ABSENT_ERRNOS:
+            return None
+        raise
+    if stat.S_ISDIR(st.st_mode):
+        return OPAQUE_DIR if _dir_marks(path)[0] else DIR
+    if stat.S_ISREG(st.st_mode):
+        return FILE
+    return _other_kind(st)
+
+
 def _dir_marks(path: str | bytes) -> tuple[bool, bool]:
     """(opaque, holds xattr whiteouts) for a directory, from its overlay xattrs."""
     try:

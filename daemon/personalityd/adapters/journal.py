@@ -18,8 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from personalityd.core import messages
-from personalityd.core.messages import SYSLOG_IDENTIFIER, conflict_message, mask_message
+from personalityd.core.messages import (
+    SYSLOG_IDENTIFIER,
+    conflict_message,
+    mask_message,
+    orphan_message,
+)
 from personalityd.core.model import Conflict, ConflictReport, Mask
+from personalityd.core.orphans import Orphan
 
 Sendv = Callable[..., object]
 
@@ -189,6 +195,20 @@ class Journal:
                 "PERSONALITY_MASK": m.mask,
                 "PERSONALITY_HIERARCHY": m.hierarchy,
                 "PERSONALITY_GENERATION": generation,
+            },
+        )
+
+    def orphan_moved(self, o: Orphan, generation: int, on_volume: str) -> bool:
+        return self.send(
+            orphan_message(o, on_volume),
+            messages.MESSAGE_ID_ORPHAN,
+            PRIORITY_NOTICE,
+            {
+                "PERSONALITY_PATH": o.path,
+                "PERSONALITY_NAME": o.name,
+                "PERSONALITY_GENERATION": generation,
+                "PERSONALITY_HIERARCHY": o.hierarchy,
+                "PERSONALITY_ORPHAN": on_volume,
             },
         )
 

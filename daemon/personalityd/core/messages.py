@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from personalityd.core.model import MASK_DELETED, Conflict, Mask
+from personalityd.core.orphans import Orphan
 
 SYSLOG_IDENTIFIER = "personalityd"
 
@@ -11,6 +12,7 @@ MESSAGE_ID_STACK_CHANGED = "745778a2970b4475acba70df8299437b"
 MESSAGE_ID_VOLUME_REFUSED = "18d0afe90a164b398024e69871a6bc44"
 MESSAGE_ID_CHANGE_FAILED = "091e1791abd44213b5aa028ad69c8fce"
 MESSAGE_ID_MASK = "727c1463be574032988019655f1f0294"
+MESSAGE_ID_ORPHAN = "ff355680e36e48609dc2bf9664415a79"
 
 # A declaration of a personality (sysusers.d, tmpfiles.d, the linker's cache) that its tool
 # failed to apply after a swap (docs/journal.md).
@@ -33,3 +35,11 @@ def mask_message(m: Mask) -> str:
     if m.mask == MASK_DELETED:
         return f"Mask on {m.path}: '{m.name}' deletes the base's entry (whiteout)"
     return f"Mask on {m.path}: '{m.name}' hides the base's directory (opaque directory)"
+
+
+def orphan_message(o: Orphan, on_volume: str) -> str:
+    """The journal MESSAGE for one orphan moved aside."""
+    return (
+        f"Orphan {o.path}: written under '{o.name}', which left the stack; "
+        f"moved aside to {on_volume} on the writable volume"
+    )

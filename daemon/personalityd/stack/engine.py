@@ -257,11 +257,13 @@ class Engine:
         wanted: dict[str, OverlaySpec | None] = {}
         for h in self.config.hierarchies:
             names = plan.layers.get(h, ())
-            if not names:
-                wanted[h] = None
-                continue
-            layers = tuple(self.layout.layer_dir(n, h) for n in names)
             base, upper_dir = self.layout.base_ref(h), upper.upper_dir(h)
+            if not names and upper_dir is None:
+                wanted[h] = None  # read-only and nothing to stack: the base itself
+                continue
+            # With an upper, every hierarchy is stacked, with or without personalities: a
+            # write lands in one place and shows in every later generation.
+            layers = tuple(self.layout.layer_dir(n, h) for n in names)
             # The overlay's root directory is the upper's, or else the top layer's.
             if upper_dir is None and face_of(layers[0]) != face_of(base):
                 layers = (self.layout.meta(h), *layers)

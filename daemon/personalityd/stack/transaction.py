@@ -46,6 +46,7 @@ from personalityd.core.model import (
 )
 from personalityd.core.planner import check_layer_limit, plan_stack
 from personalityd.core.protected import index_lookup, protected_violation
+from personalityd.stack import orphans
 from personalityd.stack.engine import Engine
 from personalityd.stack.follower import Follower
 from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
@@ -75,6 +76,9 @@ class StackState:
     snapshot: Snapshot
     upper: Upper = NO_UPPER
     draining: dict[str, str] = field(default_factory=dict)  # name -> device still held
+    # The indexes of the live stack, by name: what a personality that leaves provided, even
+    # when its device is gone (its orphans, stack/orphans.py).
+    indexed: dict[str, VolumeIndex] = field(default_factory=dict)
 
     def desired_names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.desired)
@@ -401,6 +405,8 @@ class Change:
         self._mounts: list[int] = []  # undo tokens of the volume mounts this change made
         self._built_items: dict[str, Detached | str] = {}
         self._built = 0  # undo token of releasing them
+        self.moved: list[orphans.Moved] = []  # orphans moved aside (stack/orphans.py)
+        self._moved = 0  # undo token of putting them back
         self.swap_ms = 0.0
         self.declaration_failures: list[ToolFailure] = []  # for a trial to judge
 
@@ -454,10 +460,37 @@ class Change:
             None, indexes.conflict_report, self.plan, self.volumes
         )
         self.wanted = engine.specs_for(self.plan, self.upper)
+        # Before the new overlay is built, so that it never sees them (stack/orphans.py).
+        self.moved = moved = await loop.run_in_executor(None, self._move_orphans)
+        if moved:
+            self._moved = self.undo.add("put the orphans back", lambda: orphans.put_back(moved))
         built = await loop.run_in_executor(None, engine.build, self.wanted, self.generation)
         self._built_items = built
         self._built = self.undo.add("release the built overlays", lambda: engine.release(built))
         return True
+
+    def _move_orphans(self) -> list[orphans.Moved]:
+        """Move aside what the upper holds under directories that leave the stack with the
+        personalities that leave it (in a worker thread)."""
+        stack, before = self.stack, self.before.live
+        leaving = [n for n in before if n not in self.plan.live]
+        if self.upper.root is None or not leaving:
+            return []
+        indexed = stack.state.indexed
+        old = [(n, indexed[n]) for n in reversed(before) if n in indexed]
+        new: dict[str, list[tuple[str, VolumeIndex]]] = {}
+        for h, names in self.plan.layers.items():
+            for n in names:
+                index = stack.indexes.cached(self.volumes[n])
+                if index is not None:
+                    new.setdefault(h, []).append((n, index))
+        layout, hierarchies = stack.engine.layout, stack.config.hierarchies
+        try:
+            found = orphans.find(layout, self.upper, hierarchies, old, new, leaving)
+        except OSError as exc:
+            log.warning("orphans_not_looked_for", error=str(exc))
+            return []
+        return orphans.move_aside(self.upper, self.generation, found)
 
     def _drop_probed_again(self, checked: Checked, devnodes: dict[str, str]) -> None:
         """A volume that, probed again, is no longer part of the live stack (refused, now
@@ -483,7 +516,7 @@ class Change:
         if gone:
             await stack.follower.before_swap(gone, stack.registry.volumes, stack.engine.volumes)
         # From here the overlays and the volume mounts belong to the swap.
-        self.undo.discard(self._built, *self._mounts)
+        self.undo.discard(self._built, self._moved, *self._mounts)
         started = time.monotonic()
         try:
             stack.engine.swap(self.wanted, self._built_items)
@@ -537,6 +570,7 @@ class Change:
         await asyncio.get_running_loop().run_in_executor(None, self._record)
         state.upper = self.upper
         state.snapshot = Snapshot(self.generation, plan.live, self.report)
+        state.indexed = _indexed(stack, self.volumes, plan.live)
         if self.upper.kind == "tmpfs":
             log.warning("writable_volatile", reason="no writable volume; writes go to a tmpfs")
         log.info(
@@ -569,6 +603,10 @@ class Change:
         """The files and journal entries of the change (in a worker thread)."""
         stack = self.stack
         stack.engine.write_record(self.generation)
+        for moved in self.moved:
+            stack.journal.orphan_moved(moved.orphan, moved.generation, moved.on_volume)
+        for again in orphans.written_again(self.moved):
+            log.warning("orphan_written_again", path=again.orphan.path, moved_to=again.target)
         runtime = stack.config.runtime_path
         try:
             write_conflict_report(runtime, self.generation, self.plan.live, self.report)
@@ -607,8 +645,16 @@ async def adopt(stack: Stack) -> bool:
     state = stack.state
     state.upper = upper
     state.snapshot = Snapshot(state.snapshot.generation, plan.live, report)
+    state.indexed = _indexed(stack, volumes, plan.live)
     runtime = stack.config.runtime_path
     write_conflict_report(runtime, state.snapshot.generation, plan.live, report)
     log.info("stack_restored", generation=state.snapshot.generation, attached=" ".join(plan.live))
     return True
 
+
+def _indexed(
+    stack: Stack, volumes: dict[str, Volume], live: Sequence[str]
+) -> dict[str, VolumeIndex]:
+    """The cached index of each live personality, by name."""
+    found = {n: stack.indexes.cached(volumes[n]) for n in live if n in volumes}
+    return {n: index for n, index in found.items() if index is not None}

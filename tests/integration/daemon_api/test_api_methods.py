@@ -300,14 +300,24 @@ async def test_writable_device_property(
         expected = "tmpfs"
     serve(daemon)
     assert await get_property(client, "WritableDevice") == expected
+    # The upper is stacked with nothing attached; Attached still lists personalities only.
+    assert await get_property(client, "Attached") == []
+    assert await get_property(client, "ConflictCount") == 0
+    (rows,) = await call_ok(client, "ListConflicts")
+    assert rows == []
     await call_ok(client, "Attach", "sa{sv}", "cfg", {})
     assert await get_property(client, "WritableDevice") == expected
+    assert await get_property(client, "Attached") == ["cfg"]
     result = await arun(*busctl(system_bus, "get-property", BUS, PATH, IFACE, "WritableDevice"))
     assert result.out.strip() == f's "{expected}"'
     # Writes really go there.
     (sandbox_root / "etc/local.conf").write_text("mine\n")
     assert read(sandbox_root, "etc/local.conf") == b"mine\n"
     assert read(sandbox_root, "etc/cfg.conf") == b"cfg\n"
+    await call_ok(client, "Detach", "sa{sv}", "cfg", {})
+    assert await get_property(client, "Attached") == []
+    assert await get_property(client, "WritableDevice") == expected
+    assert read(sandbox_root, "etc/local.conf") == b"mine\n"
 
 
 async def test_refresh_retries_a_volume_that_failed(
