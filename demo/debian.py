@@ -26,6 +26,9 @@ from debian_stacks import (
     WEB_SERVICES,
     WEB_URL,
     build_stacks,
+)
+from nspawn import Container, new_run_dir, rootfs_tarball, wait_until
+from stacks_machine import (
     configure,
     link_or_copy,
     loops,
@@ -33,7 +36,6 @@ from debian_stacks import (
     prepare_root,
     udp_listening,
 )
-from nspawn import Container, new_run_dir, rootfs_tarball, wait_until
 
 BOLD = "\033[1m"
 PLAIN = "\033[0m"

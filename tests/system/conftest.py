@@ -31,7 +31,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from debian_stacks import STACKS_CONTAINER_KEY, STACKS_UNITS
+from debian_stacks import STACKS_UNITS
 from nspawn import (
     DEMO_STATE,
     KEEP_ENV,
@@ -48,6 +48,7 @@ from nspawn import (
     unpack_rootfs,
     write_file,
 )
+from stacks_machine import STACKS_CONTAINER_KEY
 
 SYSTEM_TEST_ENV = "PERSONALITYD_SYSTEM_TEST"
 HERE = Path(__file__).resolve().parent

@@ -20,23 +20,25 @@ import pytest
 from debian_stacks import (
     GAME_PORT,
     GAME_SERVICE,
-    MAPPED_FROM_STACK,
-    STACKS_CONTAINER_KEY,
     WEB_ROW,
     WEB_SERVICES,
     WEB_URL,
     BuiltStack,
-    Loops,
     build_stacks,
-    configure,
     expected_conflicts,
+)
+from nspawn import KEEP_ENV, Container, new_run_dir, rootfs_tarball, wait_until
+from stacks_machine import (
+    MAPPED_FROM_STACK,
+    STACKS_CONTAINER_KEY,
+    Loops,
+    configure,
     link_or_copy,
     loops,
     make_writable_image,
     prepare_root,
     udp_listening,
 )
-from nspawn import KEEP_ENV, Container, new_run_dir, rootfs_tarball, wait_until
 
 ORPHAN_ID = "ff355680e36e48609dc2bf9664415a79"
 ALL = ("web", "datascience", "gameserver")
