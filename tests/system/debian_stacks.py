@@ -55,17 +55,20 @@ STACKS_UNITS = (
 @dataclass(frozen=True)
 class Stack:
     name: str
-    packages: tuple[str, ...]
-    tree: Path | None
+    packages: tuple[str, ...]  # from the Debian archive
+    tree: Path | None  # site configuration (--tree)
     description: str
+    # Our own packages, as source directories (DEBIAN/ and the files) for dpkg-deb --build.
+    local: tuple[Path, ...] = ()
 
 
 STACKS: dict[str, Stack] = {
     "web": Stack(
         "web",
         ("nginx", "php-fpm", "php-mysql", "mariadb-server"),
-        TREES / "web",
+        TREES / "web/tree",
         "Web Server Stack (nginx, PHP, MariaDB)",
+        local=(TREES / "web/stack-web-seed",),
     ),
     "datascience": Stack(
         "datascience",
@@ -162,7 +165,14 @@ def tree_digest(tree: Path | None) -> str:
 
 
 def image_key(stack: Stack, rootfs: Path, builder: str) -> str:
-    parts = [RECIPE, rootfs.name, stack.packages, builder, tree_digest(stack.tree)]
+    parts = [
+        RECIPE,
+        rootfs.name,
+        stack.packages,
+        builder,
+        tree_digest(stack.tree),
+        [tree_digest(source) for source in stack.local],
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -175,7 +185,17 @@ def builder_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
 
 
-def builder_command(stack: Stack, base: Path, output: Path) -> list[str]:
+def local_package(source: Path, dest_dir: Path) -> Path:
+    """`dpkg-deb --build` of one of our package source directories, into `dest_dir`."""
+    deb = dest_dir / f"{source.name}.deb"
+    deb.unlink(missing_ok=True)
+    run("dpkg-deb", "--root-owner-group", "--build", source, deb, timeout=120)
+    return deb
+
+
+def builder_command(
+    stack: Stack, base: Path, output: Path, local: Sequence[Path] = ()
+) -> list[str]:
     cmd = [
         sys.executable,
         "-c",
@@ -183,6 +203,7 @@ def builder_command(stack: Stack, base: Path, output: Path) -> list[str]:
         "build",
         "--packages",
         *stack.packages,
+        *(str(deb) for deb in local),
         "--name",
         stack.name,
         "-o",
@@ -223,8 +244,9 @@ def _cached_or_built(stack: Stack, base: Path, rootfs: Path, builder: str) -> Bu
             old.unlink()
         partial = image.with_name(f".{image.name}.{os.getpid()}")
         partial.unlink(missing_ok=True)
+        local = [local_package(source, IMAGE_CACHE) for source in stack.local]
         proc = subprocess.run(
-            builder_command(stack, base, partial),
+            builder_command(stack, base, partial, local),
             capture_output=True,
             text=True,
             timeout=1800,
