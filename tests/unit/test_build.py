@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalityd.client import build, cli
+from personalityd.client import build, buildverb, cli
 from personalityd.client.build import BuildError, ImageSpec
 from personalityd.core.osrelease import parse_os_release
 
@@ -144,8 +144,9 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(cli, "build_image", rec)
-    monkeypatch.setattr(cli, "read_base_os_release", lambda: {"ID": "debian", "VERSION_ID": "12"})
+    monkeypatch.setattr(buildverb, "build_image", rec)
+    base = {"ID": "debian", "VERSION_ID": "12"}
+    monkeypatch.setattr(buildverb, "read_base_os_release", lambda: base)
     return rec
 
 

@@ -10,20 +10,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 from dbus_fast import Variant
 
 from personalityd import __version__
-from personalityd.client.build import (
-    FORMATS,
-    BuildError,
-    ImageSpec,
-    base_identity,
-    build_image,
-    read_base_os_release,
-)
+from personalityd.client.buildverb import UsageError, add_build_verb
 from personalityd.client.connection import Client, CliError
 from personalityd.core.names import (
     OPTION_FORCE,
@@ -36,7 +28,7 @@ from personalityd.core.names import (
 PROG: Final = "personalityctl"
 CHANGE_TIMEOUT: Final = 120.0  # seconds for a stack change, on top of --wait
 UINT32_MAX: Final = 2**32 - 1
-READING_VERBS: Final = ("list", "status", "conflicts")
+READING_VERBS: Final = ("list", "status", "conflicts", "build")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -234,31 +226,6 @@ async def verb_refresh(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def verb_build(args: argparse.Namespace) -> int:
-    base_id, base_version_id = base_identity(read_base_os_release())
-    if args.os_id is not None:  # another base: take nothing from ours
-        os_id, version_id = args.os_id, args.version_id or ""
-    else:
-        os_id = base_id
-        version_id = args.version_id if args.version_id is not None else base_version_id
-    spec = ImageSpec(
-        name=args.name,
-        os_id=os_id,
-        version_id=version_id,
-        image_version=args.image_version or "",
-        description=args.description or "",
-        services=tuple(args.services.replace(",", " ").split()) if args.services else (),
-    )
-    try:
-        build_image(Path(args.dir), Path(args.output), spec, args.format)
-    except BuildError as exc:
-        raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"{exc.filename or args.output}: {exc.strerror}") from None
-    print(f"Wrote {args.output} ({args.format}): personality {spec.name}.")
-    return 0
-
-
 DBusVerb = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -369,38 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refresh.set_defaults(dbus_verb=verb_refresh)
 
-    build = verbs.add_parser(
-        "build",
-        help="Make a personality image from a directory tree.",
-        description="Make a personality image (squashfs or erofs) from DIR, a root-relative "
-        "tree such as DIR/usr/bin/tool, with its manifest "
-        "usr/lib/extension-release.d/extension-release.NAME. DIR is not modified.",
-    )
-    build.add_argument("dir", metavar="DIR")
-    build.add_argument("--name", required=True, help="the personality's name")
-    build.add_argument("-o", "--output", metavar="IMAGE", required=True, help="image to write")
-    build.add_argument("--format", choices=FORMATS, default="squashfs", help="(default: squashfs)")
-    build.add_argument(
-        "--version", dest="image_version", metavar="V", help="IMAGE_VERSION, shown as its version"
-    )
-    build.add_argument(
-        "--id",
-        dest="os_id",
-        metavar="ID",
-        help="the base's os-release ID it is made for (default: this system's, or _any)",
-    )
-    build.add_argument(
-        "--version-id",
-        metavar="V",
-        help="the base's VERSION_ID it is made for (default: this system's unless --id)",
-    )
-    build.add_argument("--description", metavar="TEXT", help="PERSONALITY_DESCRIPTION")
-    build.add_argument(
-        "--services",
-        metavar="UNITS",
-        help="units to start after attach and stop before detach, space- or comma-separated",
-    )
-    build.set_defaults(local_verb=verb_build)
+    add_build_verb(verbs)
     return parser
 
 
@@ -416,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             local_verb: Callable[[argparse.Namespace], int] = args.local_verb
             return local_verb(args)
         return asyncio.run(run_dbus_verb(args.dbus_verb, args))
+    except UsageError as exc:
+        parser.error(str(exc))
     except CliError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
