@@ -157,6 +157,7 @@ class Daemon:
                 notify.stopping()
                 log.info("daemon_stopping", attached=" ".join(manager.attached))
                 await manager.stop()
+                manager.follower.flush()
                 await asyncio.sleep(0.1)  # let the Busy replies of waiting callers go out
                 raise _Stop
         except* _Stop:

@@ -26,7 +26,7 @@ HOST_LIBRARY = Path(f"/usr/lib/{MULTIARCH}/libz.so.1")
 
 def fake_tool(marker: Path) -> bytes:
     """A program a personality might ship under a tool's name: it leaves `marker` if run."""
-    return f"#!/bin/sh\necho ran \"$0\" >> {marker}\nexit 0\n".encode()
+    return f'#!/bin/sh\necho ran "$0" >> {marker}\nexit 0\n'.encode()
 
 
 def cached_libraries(root: Path) -> str:
@@ -111,9 +111,7 @@ def test_a_failed_declaration_is_journalled_and_the_stack_stays(
     assert read(sandbox_root, "usr/share/broken/data") == b"still stacked\n"
     # The next declaration was still applied.
     assert (sandbox_root / "var/lib/broken").is_dir()
-    (entry,) = journal.entries(
-        DECLARATION_FAILED, PERSONALITY_NAME="broken", _PID=str(daemon.pid)
-    )
+    (entry,) = journal.entries(DECLARATION_FAILED, PERSONALITY_NAME="broken", _PID=str(daemon.pid))
     assert entry["PERSONALITY_TOOL"] == "systemd-sysusers"
     assert entry["PERSONALITY_GENERATION"] == str(result["generation"])
     assert entry["PERSONALITY_COMMAND"].startswith("systemd-sysusers --root=")

@@ -33,8 +33,11 @@ from pathlib import Path
 import pytest
 from debian_stacks import STACKS_UNITS
 from nspawn import (
+    DEMO_LIBRARY,
     DEMO_STATE,
     KEEP_ENV,
+    DEMO_USER,
+    FAKE_TOOL_MARKER,
     REPO,
     WEB_INDEX,
     Container,
@@ -120,6 +123,7 @@ def images(workdir: Path) -> dict[str, Path]:
         {"usr/share/web/index.html": WEB_INDEX},
         {**base, "PERSONALITY_DESCRIPTION": "static web content"},
     )
+    multiarch = "x86_64-linux-gnu"
     demo = build_image(
         workdir,
         "demo",
@@ -128,8 +132,17 @@ def images(workdir: Path) -> dict[str, Path]:
                 "[Unit]\n"
                 "Description=Demo web service shipped inside the demo personality\n\n"
                 "[Service]\n"
+                # Its directory comes from the personality's tmpfiles.d, applied before the
+                # service starts; the second of start-up makes a race with it visible.
+                "ExecStartPre=/bin/sh -c 'test -d /var/lib/demo && sleep 1'\n"
                 "ExecStart=/usr/lib/demo-web/run\n"
             ),
+            "usr/lib/sysusers.d/demo.conf": f'u {DEMO_USER} - "demo service" /var/lib/demo\n',
+            "usr/lib/tmpfiles.d/demo.conf": f"d /var/lib/demo 0750 {DEMO_USER} {DEMO_USER} -\n",
+            f"usr/lib/{multiarch}/{DEMO_LIBRARY}": Path(
+                f"/usr/lib/{multiarch}/{DEMO_LIBRARY}"
+            ).read_bytes(),
+            "usr/bin/systemd-sysusers": f"#!/bin/sh\ntouch {FAKE_TOOL_MARKER}\nexit 0\n",
             "usr/lib/demo-web/run": (
                 f"#!/bin/sh\necho '{DEMO_STATE}' > /run/demo-web.state\nexec sleep infinity\n"
             ),
@@ -214,6 +227,17 @@ def _configure(root: Path, loops: dict[str, str]) -> None:
         "ExecStart=/bin/sh -c "
         "'cat /usr/share/web/index.html > /run/app.out; exec sleep infinity'\n",
     )
+    # An application that needs the demo personality (and so its service).
+    write_file(
+        root,
+        "/etc/systemd/system/demo-app.service",
+        "[Unit]\n"
+        "Description=system test application using the demo personality\n"
+        "Requires=personality@demo.service\n"
+        "After=personality@demo.service\n\n"
+        "[Service]\n"
+        "ExecStart=/bin/sleep infinity\n",
+    )
     # What a unit ordered after personalityd sees at boot.
     write_file(
         root,
@@ -268,7 +292,13 @@ def pytest_runtest_makereport(
         units: tuple[str, ...] = STACKS_UNITS
     else:
         machine = item.config.stash.get(CONTAINER_KEY, None)
-        units = ("personalityd.service", "personality@*", "app.service", "demo-web.service")
+        units = (
+            "personalityd.service",
+            "personality@*",
+            "app.service",
+            "demo-web.service",
+            "demo-app.service",
+        )
     if machine is not None and machine.running:
         args = [arg for unit in units for arg in ("-u", unit)]
         report.sections.append(("container journal", machine.journal(*args, lines=150)))

@@ -70,6 +70,11 @@ WEB_INDEX = "hello from the web personality\n"
 DEMO_STATE = "demo-web running from the demo personality"
 # Set to 1 to keep a session's run directory (rootfs, logs) for a look after the run.
 KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
+# What the demo personality declares (sysusers.d, tmpfiles.d) and ships (a library, and a
+# systemd-sysusers of its own that leaves a marker if it is ever run).
+DEMO_USER = "demo-svc"
+DEMO_LIBRARY = "liblzo2.so.2"
+FAKE_TOOL_MARKER = "/run/personality-tool-ran"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -273,7 +278,7 @@ def sweep_stale_runs() -> None:
 
 
 def build_image(
-    workdir: Path, name: str, files: Mapping[str, str], manifest: Mapping[str, str]
+    workdir: Path, name: str, files: Mapping[str, str | bytes], manifest: Mapping[str, str]
 ) -> Path:
     """A squashfs personality image with `files` and the sysext manifest `manifest`."""
     tree = workdir / f"{name}.tree"
@@ -288,7 +293,10 @@ def build_image(
     for rel, content in files.items():
         path = tree / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
         if rel.startswith(("usr/bin/", "usr/lib/demo-web/")):
             os.chmod(path, 0o755)
     image = workdir / f"{name}.squashfs"

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
-from nspawn import DEMO_STATE, WEB_INDEX, Container, wait_until
+from nspawn import (
+    DEMO_LIBRARY,
+    DEMO_STATE,
+    DEMO_USER,
+    FAKE_TOOL_MARKER,
+    WEB_INDEX,
+    Container,
+    wait_until,
+)
 
 BUS_NAME = "org.personalityd.personality1"
 OBJECT_PATH = "/org/personalityd/personality1"
@@ -49,6 +58,33 @@ MAPPED_FROM_USR = textwrap.dedent(
                 print(fields[5].strip())
     """
 )
+
+
+# The files process argv[1] has open on the filesystem mounted at /usr.
+OPEN_FROM_USR = textwrap.dedent(
+    """\
+    import os, sys
+    dev = os.stat("/usr").st_dev
+    fds = f"/proc/{sys.argv[1]}/fd"
+    for fd in os.listdir(fds):
+        try:
+            if os.stat(f"{fds}/{fd}").st_dev == dev:
+                print(os.readlink(f"{fds}/{fd}"))
+        except OSError:
+            pass
+    """
+)
+
+
+def active_since(container: Container, unit: str) -> int:
+    """When `unit` last became active (monotonic usec; 0 if it never was)."""
+    return int(
+        container.show(unit, "ActiveEnterTimestampMonotonic")["ActiveEnterTimestampMonotonic"]
+    )
+
+
+def cached_libraries(container: Container) -> str:
+    return container.run("ldconfig", "-p").stdout
 
 
 def dbus_call(
@@ -187,6 +223,78 @@ def test_personality_services_started_and_stopped(container: Container) -> None:
     assert not exists(container, "/usr/lib/systemd/system/demo-web.service")
 
 
+def test_declarations_and_personality_unit_follow_the_stack(container: Container) -> None:
+    assert container.is_active("personality@demo.service") == "inactive"
+    assert DEMO_LIBRARY not in cached_libraries(container)
+
+    container.run("personalityctl", "attach", "demo", timeout=200)
+    # Answered once the start job of its service had finished.
+    assert container.is_active("demo-web.service") == "active"
+    # Its declarations, applied with the base's tools (the personality's own
+    # systemd-sysusers never ran): the user, the directory of its tmpfiles.d line (the
+    # service's ExecStartPre needs it), the linker's cache with its library.
+    assert container.run("getent", "passwd", DEMO_USER).stdout.startswith(f"{DEMO_USER}:")
+    owner_mode = container.run("stat", "-c", "%U %a", "/var/lib/demo").stdout.split()
+    assert owner_mode == [DEMO_USER, "750"]
+    assert not exists(container, FAKE_TOOL_MARKER)
+    assert DEMO_LIBRARY in cached_libraries(container)
+    # Attached without the unit: the daemon starts personality@demo, after the service.
+    container.wait_active("personality@demo.service", timeout=60)
+    assert active_since(container, "personality@demo.service") > active_since(
+        container, "demo-web.service"
+    )
+    container.run("systemctl", "start", "demo-app.service", timeout=60)
+    assert container.is_active("demo-app.service") == "active"
+
+    # Detached: the unit and the unit that requires it are stopped, the cache made again.
+    container.run("personalityctl", "detach", "demo", timeout=200)
+    assert attached(container) == []
+    for unit in ("personality@demo.service", "demo-app.service", "demo-web.service"):
+        container.wait_active(unit, "inactive", timeout=30)
+    assert DEMO_LIBRARY not in cached_libraries(container)
+    wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+
+    # Through the unit: starting a unit that requires personality@demo attaches demo, and it
+    # starts after the personality's service is up.
+    container.run("systemctl", "start", "demo-app.service", timeout=200)
+    assert attached(container) == ["demo"]
+    since = [
+        active_since(container, u)
+        for u in ("demo-web.service", "personality@demo.service", "demo-app.service")
+    ]
+    assert 0 < since[0] < since[1] <= since[2], since
+    # Stopping the unit detaches (its ExecStop), and stops what requires it.
+    container.run("systemctl", "stop", "personality@demo.service", timeout=200)
+    assert attached(container) == []
+    assert container.is_active("demo-app.service") == "inactive"
+    container.wait_active("demo-web.service", "inactive", timeout=30)
+    assert status(container)["desired"] == []
+    wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+
+
+def test_a_volume_that_goes_away_stops_its_unit_and_stays_desired(container: Container) -> None:
+    container.run("personalityctl", "attach", "demo", timeout=200)
+    container.wait_active("personality@demo.service", timeout=60)
+    container.run("systemctl", "start", "demo-app.service", timeout=60)
+    # The volume goes away as the daemon sees it: a `remove` uevent for its loop device (the
+    # host's uevent file, bound in; the container's loop devices are web's, then demo's).
+    uevent = f"/run/pdtest-uevent/{Path(container.loops[1]).name}"
+    container.sh(f"echo remove > {uevent}")
+    wait_until(lambda: attached(container) == [], 60, "demo to leave the live stack")
+    for unit in ("personality@demo.service", "demo-app.service", "demo-web.service"):
+        container.wait_active(unit, "inactive", timeout=30)
+    # The unit's ExecStop detached nothing: demo is still desired, pending its volume.
+    assert status(container)["desired"] == ["demo"]
+
+    container.sh(f"echo add > {uevent}")
+    wait_until(lambda: attached(container) == ["demo"], 60, "demo to be stacked again")
+    container.wait_active("personality@demo.service", timeout=60)
+    assert container.is_active("demo-web.service") == "active"
+    container.run("personalityctl", "detach", "demo", timeout=200)
+    container.wait_active("personality@demo.service", "inactive", timeout=30)
+    wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+
+
 def test_reboot_restores_desired_list_before_dependent_units(container: Container) -> None:
     container.run("personalityctl", "attach", "web", timeout=150)
     container.run("personalityctl", "attach", "demo", timeout=150)
@@ -209,8 +317,14 @@ def test_reboot_restores_desired_list_before_dependent_units(container: Containe
     assert int(check["ExecMainStartTimestampMonotonic"]) >= int(
         daemon["ActiveEnterTimestampMonotonic"]
     )
-    # The restored demo personality's service was started at boot too.
+    # The restored demo personality's service was started at boot too, and every stacked
+    # personality's unit, after the services (the shutdown's ExecStop detached nothing).
     container.wait_active("demo-web.service", timeout=30)
+    container.wait_active("personality@web.service", timeout=60)
+    container.wait_active("personality@demo.service", timeout=60)
+    assert active_since(container, "personality@demo.service") > active_since(
+        container, "demo-web.service"
+    )
 
     container.run("personalityctl", "detach", "demo", timeout=150)
     assert attached(container) == ["web"]
@@ -255,3 +369,31 @@ def test_watchdog_restarts_blocked_daemon(container: Container) -> None:
     pid = container.show("personalityd.service", "MainPID")["MainPID"]
     on_stack = container.run("python3", "-c", MAPPED_FROM_USR, pid).stdout.split()
     assert on_stack == [], on_stack
+
+
+def test_restart_then_detach_releases_the_volumes(container: Container) -> None:
+    container.run("personalityctl", "attach", "demo", timeout=200)
+    assert attached(container) == ["web", "demo"]
+    before = container.show("personalityd.service", "MainPID")["MainPID"]
+    container.run("systemctl", "restart", "personalityd.service", timeout=200)
+    container.wait_active("personalityd.service", timeout=120)
+    pid = container.show("personalityd.service", "MainPID")["MainPID"]
+    assert pid not in ("0", before)
+    assert attached(container) == ["web", "demo"]
+
+    # The new process neither maps nor holds open anything of the stack it started on...
+    assert container.run("python3", "-c", MAPPED_FROM_USR, pid).stdout.split() == []
+    assert container.run("python3", "-c", OPEN_FROM_USR, pid).stdout.split() == []
+
+    # ...so what leaves the stack afterwards is released (never left draining by it).
+    container.run("personalityctl", "detach", "demo", timeout=200)
+    container.run("personalityctl", "detach", "web", timeout=200)
+    assert attached(container) == []
+    for name in ("web", "demo"):
+        wait_until(
+            lambda name=name: container.personalities()[name] == "available",
+            60,
+            f"{name} to be released after the restart",
+        )
+    for unit in ("personality@web.service", "personality@demo.service", "app.service"):
+        assert container.is_active(unit) == "inactive", unit

@@ -59,6 +59,7 @@ class _FollowUp:
     arriving: tuple[Volume, ...]  # whose services to start, then their personality@ unit
     answer: Callable[[], None]
     units_only: tuple[str, ...] = ()  # start-up: personality@ units of the restored stack
+    answer_only: bool = False  # a change that stacked nothing: its answer, in turn
 
 
 class Follower:
@@ -78,9 +79,13 @@ class Follower:
         self.services = services
         self.live = live
         self._libraries: dict[str, bool] = {}  # stacked name -> ships libraries
+        # Stacked name -> its PERSONALITY_SERVICES: a volume that went away has no manifest
+        # left in the registry, and its services must still be stopped.
+        self._services: dict[str, tuple[str, ...]] = {}
         self._stopping: set[str] = set()  # names whose personality@ unit we are stopping
         self._queue: asyncio.Queue[_FollowUp] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
+        self._current: _FollowUp | None = None
 
     # -- before the swap (in the consumer) -------------------------------------------------
 
@@ -102,7 +107,10 @@ class Follower:
             await self._stop_personality_unit(name)
         for name in gone:
             volume = volumes.get(name)
-            for unit in reversed(volume.manifest.services if volume is not None else ()):
+            units = self._services.pop(name, ())
+            if volume is not None:
+                units = tuple(dict.fromkeys((*units, *volume.manifest.services)))
+            for unit in reversed(units):
                 try:
                     result = await self.services.stop(unit)
                     log.info("service_stopped", unit=unit, personality=name, result=result)
@@ -162,12 +170,22 @@ class Follower:
     ) -> list[ToolFailure]:
         """Apply the declarations, then hand the services and the answer to the follower's
         task (or answer now, without systemd). The failures, for a trial to judge."""
-        failures = await self.apply_declarations(generation, arriving, gone, mounted)
+        self.remember(arriving)
+        try:
+            failures = await self.apply_declarations(generation, arriving, gone, mounted)
+        except Exception:  # the swap is done: whatever happened here, callers get answers
+            log.exception("declarations_crashed", generation=generation)
+            failures = []
         if self.services is None:
             answer()
         else:
             self._queue.put_nowait(_FollowUp(tuple(arriving), answer))
         return failures
+
+    def remember(self, stacked: Sequence[Volume]) -> None:
+        """The services of personalities now stacked (also those adopted at start)."""
+        for volume in stacked:
+            self._services[volume.name] = volume.manifest.services
 
     async def apply_declarations(
         self,
@@ -189,7 +207,7 @@ class Follower:
             self._libraries[name] = outcome.libraries
             if not outcome.empty:
                 declared.append(outcome)
-        libraries_left = any(self._libraries.pop(name, False) for name in gone)
+        libraries_left = any([self._libraries.pop(name, False) for name in gone])
         runs = plan_runs(self.root, declared, libraries_left)
         if runs:
             failures += await loop.run_in_executor(None, apply_runs, self.tools, runs)
@@ -228,6 +246,15 @@ class Follower:
 
     # -- the follower's task ---------------------------------------------------------------
 
+    def answer_after(self, answer: Callable[[], None]) -> None:
+        """Answer a change that stacked nothing new once the follow-ups queued before it are
+        done: an attach of a personality being restored at boot returns after its services
+        started, like the change that stacked it."""
+        if self.services is None:
+            answer()
+        else:
+            self._queue.put_nowait(_FollowUp((), answer, answer_only=True))
+
     def start_units(self, names: Sequence[str]) -> None:
         """At start-up (after READY): `personality@NAME.service` for the stacked `names`."""
         if self.services is not None and names:
@@ -235,17 +262,27 @@ class Follower:
 
     async def run(self) -> None:
         while True:
-            item = await self._queue.get()
+            item = self._current = await self._queue.get()
             try:
                 await self._follow(item)
             except Exception:
                 log.exception("follow_up_failed")
             finally:
                 item.answer()  # (a second call answers nothing: futures are set once)
+                self._current = None
+
+    def flush(self) -> None:
+        """The daemon stops: answer every change still waiting for its services now."""
+        if self._current is not None:
+            self._current.answer()
+        while not self._queue.empty():
+            self._queue.get_nowait().answer()
 
     async def _follow(self, item: _FollowUp) -> None:
         services = self.services
         assert services is not None
+        if item.answer_only:
+            return
         if not item.units_only:
             try:
                 await services.reload()
@@ -265,7 +302,8 @@ class Follower:
         try:
             result = await self.services.start(unit)
         except Exception as exc:
-            log.error("service_start_failed", unit=unit, personality=personality, error=str(exc))
+            error = str(exc) or type(exc).__name__  # a job timeout says nothing else
+            log.error("service_start_failed", unit=unit, personality=personality, error=error)
             return
         if result == "done":
             log.info("service_started", unit=unit, personality=personality, result=result)

@@ -453,6 +453,8 @@ class Manager:
                 log.error("restore_failed", error=str(error))
         self.stack.settle_images()
         self.engine.clean_work_dirs(self.state.upper, self.generation)
+        volumes = self.registry.volumes
+        self.follower.remember([volumes[n] for n in self.state.snapshot.live if n in volumes])
 
     async def watch_draining(self, interval: float = 0.5) -> None:
         """Report a volume as draining until the kernel releases its device."""

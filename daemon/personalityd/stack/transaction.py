@@ -3,12 +3,14 @@
 - prepare: mount the live volumes, check that each mount shows what was probed (else probe it
   again and plan again), index them, plan, compute the conflict report, and build each
   changed hierarchy's new overlay as a detached mount where nobody sees it;
-- commit: persist the state, stop the services of leaving personalities, then swap each
-  hierarchy (the new overlay beneath the old one, then the old top lazily unmounted);
+- commit: persist the state, stop the units of leaving personalities (stack/follower.py),
+  then swap each hierarchy (the new overlay beneath the old one, then the old top lazily
+  unmounted);
 - undo: every step records its undo as it is made; a failure runs them newest first, so
   nothing visible changes;
 - publish: release leaving volumes, write the runtime record and `conflicts.json`, journal
-  the report, replace the readers' snapshot, signal subscribers, answer the callers.
+  the report, replace the readers' snapshot, signal subscribers, apply the declarations; the
+  follower answers the callers once the services of the joining personalities started.
 
 Only the manager's consumer runs a change, one at a time. Blocking work (walks, mounts,
 fsync) runs in worker threads so readers are answered meanwhile; only the consumer touches
@@ -554,7 +556,7 @@ class Change:
         if desired_before != state.desired_names():
             live = self.before.live
             self.stack.notify(StackEvent(self.generation, live, (), (), stack_changed=False))
-        self._answer()
+        self.stack.follower.answer_after(self._answer)  # after earlier changes' services
 
     async def publish(self) -> None:
         stack, state, plan = self.stack, self.stack.state, self.plan
