@@ -20,6 +20,8 @@ from personalityd.adapters.journal import Journal, encode_fields, journal_field_
 from personalityd.core import messages
 from personalityd.core.messages import conflict_message
 from personalityd.core.model import MASK_DELETED, MASK_HIDDEN, Conflict, ConflictReport, Mask
+from personalityd.core.orphans import Orphan
+from testkit.contract import MESSAGE_ID_ORPHAN
 from testkit.journal import read_journal
 
 pytestmark = pytest.mark.integration
@@ -54,6 +56,29 @@ def test_conflict_entry_read_back() -> None:
     assert entry["PERSONALITY_IDENTICAL"] == "0"
     assert entry["PERSONALITY_HIERARCHY"] == "/usr"
     assert entry["PERSONALITY_GENERATION"] == str(generation)
+
+
+@pytest.mark.usefixtures("journald")
+def test_orphan_entry_read_back() -> None:
+    generation = unique_generation()
+    orphan = Orphan("/usr", b"lib/python3/dist-packages/numpy", "numpy")
+    on_volume = f"orphans/{generation}/_usr/lib/python3/dist-packages/numpy"
+    assert Journal().orphan_moved(orphan, generation, on_volume)
+    entries = read_journal(
+        f"MESSAGE_ID={MESSAGE_ID_ORPHAN}", f"PERSONALITY_GENERATION={generation}"
+    )
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["PRIORITY"] == "5"
+    assert entry["SYSLOG_IDENTIFIER"] == "personalityd"
+    assert entry["PERSONALITY_PATH"] == "/usr/lib/python3/dist-packages/numpy"
+    assert entry["PERSONALITY_NAME"] == "numpy"
+    assert entry["PERSONALITY_HIERARCHY"] == "/usr"
+    assert entry["PERSONALITY_ORPHAN"] == on_volume
+    assert entry["MESSAGE"] == (
+        "Orphan /usr/lib/python3/dist-packages/numpy: written under 'numpy', which left the "
+        f"stack; moved aside to {on_volume} on the writable volume"
+    )
 
 
 @pytest.mark.usefixtures("journald")

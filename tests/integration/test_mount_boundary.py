@@ -421,7 +421,9 @@ def test_mounts_below_a_hierarchy_stay_through_every_change_and_after_the_last_d
     subs.check("after attaching again")
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 def test_mounts_below_a_hierarchy_stay_with_an_upper_stacked_from_the_start(
+    path: str,
     daemon: Daemon,
     loop_devices: LoopDevices,
     image: Images,
@@ -434,7 +436,7 @@ def test_mounts_below_a_hierarchy_stay_with_an_upper_stacked_from_the_start(
     one clone on the stack each, and writes beside them land in the upper."""
     subs = Submounts(sandbox_root, tmp_path)
     loop_devices.attach(image("web", {"usr/sbin/web": "w", "etc/web.conf": "w"}))
-    daemon.update_config({"writable": {"fallback": "tmpfs"}})
+    daemon.update_config({"writable": {"fallback": "tmpfs"}, "stack": PATHS[path]})
     daemon.start()
     subs.check("with nothing attached")
     etc = sandbox_root / "etc"

@@ -336,7 +336,9 @@ def test_fixtures_drive_the_real_daemon(
     assert (sandbox_root / "usr/bin/base-tool").read_bytes() == BASE_TOOL_BYTES
     assert (sandbox_root / "opt/personality/web/usr/bin/tool").is_file()
     assert daemon.pid is not None
-    (summary,) = journal.entries(MESSAGE_ID_STACK_CHANGED, _PID=daemon.pid)
+    # Two changes: the upper stacked alone at start (the writable volume), then the attach.
+    first, summary = journal.entries(MESSAGE_ID_STACK_CHANGED, min_count=2, _PID=daemon.pid)
+    assert (first["PERSONALITY_ATTACHED"], first["PERSONALITY_CONFLICTS"]) == ("", "0")
     assert summary["PERSONALITY_ATTACHED"] == "web"
     assert summary["PERSONALITY_GENERATION"] == str(result["generation"])
     new_mounts = {mp for mp, _, _ in mounts_snapshot() - before}

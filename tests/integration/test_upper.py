@@ -15,7 +15,9 @@ mount, spool results, state.json and conflicts.json, the journal.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,11 @@ def _stacked(root: Path) -> dict[str, int]:
     return {h: len(stacked_overlays(root, h)) for h in ("/usr", "/etc")}
 
 
+def _face(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
 def _reboot(daemon: Daemon, root: Path) -> None:
     """What a reboot does to the sandbox: the daemon stops, every mount is gone (the stack,
     the volumes, the writable volume's mount), /run starts empty; the devices stay."""
@@ -76,9 +83,14 @@ def test_a_write_to_etc_with_nothing_attached_stays_through_every_change(
     else:
         daemon.update_config({"writable": {"fallback": "tmpfs"}})
         where = daemon.runtime_dir / "volatile"
+    etc = sandbox_root / "etc"
+    os.chown(etc, 0, 100)
+    os.chmod(etc, 0o751)  # not what a new upper directory gets
+    face = _face(etc)
     daemon.start()
-    # Stacked from the start, with nothing attached: the upper over the base.
+    # Stacked from the start, with nothing attached: the upper over the base, with its face.
     assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}
+    assert _face(etc) == face
     state = json.loads((daemon.state_dir / "state.json").read_text())
     assert state["desired"] == []
     report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
@@ -115,10 +127,12 @@ def test_a_write_to_etc_with_nothing_attached_stays_through_every_change(
     written("after a restart with nothing attached")
     # The base itself never changed.
     assert (daemon.runtime_dir / "base/_etc/base.conf").read_text() == BASE_CONF
+    assert _face(etc) == face
     if upper == "volume":
         _reboot(daemon, sandbox_root)
         written("after a reboot")
         assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}
+        assert _face(etc) == face
 
 
 def test_without_an_upper_a_hierarchy_nobody_provides_stays_the_base(
@@ -183,7 +197,9 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
     assert (moved / "_etc/numpy/local.cfg").read_text() == "admin's numpy setting\n"
     assert not (volume / "upper/_usr" / IN_USR / "numpy").exists()
     assert not (volume / "upper/_etc/numpy").exists()
-    entries = journal.entries(ORPHAN, min_count=2, PERSONALITY_GENERATION=generation)
+    pid = daemon.pid
+    assert pid is not None
+    entries = journal.entries(ORPHAN, min_count=2, PERSONALITY_GENERATION=generation, _PID=pid)
     by_path = {e["PERSONALITY_PATH"]: e for e in entries}
     assert sorted(by_path) == ["/etc/numpy", f"/{DIST}/numpy"]
     entry = by_path[f"/{DIST}/numpy"]
@@ -197,9 +213,14 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
     assert read(sandbox_root, f"{DIST}/numpy/__init__.py") == b"# numpy\n"
     assert not (sandbox_root / DIST / "numpy/__pycache__").exists()
     assert not (sandbox_root / "etc/numpy/local.cfg").exists()
-    # The daemon never deletes them, also not at a restart or later changes.
+    # After a restart (the stack adopted as it was), a detach moves new writes aside too; the
+    # daemon never deletes what it moved before.
     daemon.restart()
+    _pyc(sandbox_root, "numpy").write_bytes(b"compiled again")
     ok(daemon.request({"action": "detach", "personality": "numpy"}))
+    assert not (sandbox_root / DIST / "numpy").exists()
+    again = volume / "orphans" / str(_generation(daemon)) / "_usr" / IN_USR
+    assert (again / "numpy/__pycache__/__init__.cpython-311.pyc").read_bytes() == b"compiled again"
     assert pyc.read_bytes() == b"compiled numpy"
     # The conflicts report means what it meant: scipy alone has none.
     report = json.loads((daemon.runtime_dir / "conflicts.json").read_text())
@@ -228,7 +249,8 @@ def test_a_yanked_volume_leaves_no_orphans_in_view(
     moved = daemon.runtime_dir / "volatile/orphans" / str(_generation(daemon))
     pyc = moved / "_usr/lib/python3/dist-packages/numpy/__pycache__/__init__.cpython-311.pyc"
     assert pyc.read_bytes() == b"compiled numpy"
-    entries = journal.entries(ORPHAN, PERSONALITY_NAME="numpy")
+    assert daemon.pid is not None
+    entries = journal.entries(ORPHAN, PERSONALITY_NAME="numpy", _PID=daemon.pid)
     assert [e["PERSONALITY_PATH"] for e in entries] == ["/usr/lib/python3"]
 
 
@@ -252,3 +274,30 @@ def test_the_writable_volume_appearing_and_going_away_with_nothing_attached(
     loop_devices.attach(writable_image, read_only=False)
     wait_until(lambda: (sandbox_root / "etc/admin.conf").exists(), daemon)
     assert read(sandbox_root, "etc/admin.conf") == b"on the volume\n"
+
+
+def test_an_orphan_that_cannot_be_moved_stays_in_place_and_the_detach_goes_on(
+    daemon: Daemon,
+    loop_devices: LoopDevices,
+    image: Images,
+    sandbox_root: Path,
+    journal: JournalReader,
+) -> None:
+    """`orphans` on the volume is a file (a stray one, or a full volume would fail the same
+    way): the move fails, the writes stay where they were, visible, and the log says so."""
+    loop_devices.attach(image("numpy", NUMPY))
+    daemon.update_config({"writable": {"fallback": "tmpfs"}})
+    daemon.start()
+    ok(daemon.request({"action": "attach", "personality": "numpy"}))
+    pyc = _pyc(sandbox_root, "numpy")
+    (daemon.runtime_dir / "volatile/orphans").write_text("in the way\n")
+
+    result = ok(daemon.request({"action": "detach", "personality": "numpy"}))
+
+    assert result["attached"] == []
+    assert pyc.read_bytes() == b"compiled numpy"  # kept in place, in the upper and in view
+    assert not (sandbox_root / DIST / "numpy/__init__.py").exists()
+    log = daemon.log_text()
+    assert "event=orphan_not_moved path=/usr/lib/python3" in log, log[-3000:]
+    assert daemon.pid is not None
+    assert journal.entries(ORPHAN, min_count=0, timeout=2, _PID=daemon.pid) == []

@@ -9,7 +9,7 @@ shows as a directory, with only plain directories of the upper on the way.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +21,7 @@ from personalityd.core.orphans import Orphan, find_orphans
 Tree = Mapping[str, str]  # relative path -> kind
 
 
-def _base_names(base: Tree):  # type: ignore[no-untyped-def]
+def _base_names(base: Tree) -> Callable[[bytes], frozenset[bytes] | None]:
     def names(directory: bytes) -> frozenset[bytes] | None:
         d = os.fsdecode(directory)
         if d and base.get(d) not in (DIR, OPAQUE_DIR):

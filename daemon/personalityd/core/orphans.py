@@ -146,14 +146,14 @@ def find_orphans(
                 candidates.update(n for n, kind in listing.items() if kind in _DIRS)
         for name in sorted(candidates, reverse=True):
             path = _join(directory, name)
+            in_upper = upper_kind(path)
+            if in_upper is None:
+                continue  # nothing written there (asked first: one lstat, no listing)
             old_child = old.child(old_makers, directory, name)
             leavers = [old.names[k] for k in old_child or () if k != _BASE]
             leavers = [n for n in leavers if n in leaving]
             if not old_child or not leavers:
                 continue  # not a directory in the old stack, or not one a leaver made
-            in_upper = upper_kind(path)
-            if in_upper is None:
-                continue  # nothing written there
             new_child = new.child(new_makers, directory, name)
             if new_child is None:
                 found.append(Orphan(hierarchy, path, leavers[0]))

@@ -14,8 +14,9 @@ Two things the swap keeps, whatever the volumes say:
 - the mounts below the hierarchy: what a lookup below it reaches now (a bind mount on
   `/etc/resolv.conf`, a filesystem on `/usr/local`, a mount made on the stacked view) is
   cloned, with what is mounted inside it, onto the new overlay at the same path before the
-  overlay is swapped in. On the last detach the mounts that the base beneath does not hold
-  already are put back on the base. A mount whose path the new stack lacks is set aside
+  overlay is swapped in. On the last detach of a stack without an upper (with one, the
+  hierarchy stays stacked: the upper over the base) the mounts that the base beneath does not
+  hold already are put back on the base. A mount whose path the new stack lacks is set aside
   (in this process) and carried again when the path is back.
 """
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 
 from personalityd.adapters.indexer import BaseNames, path_kind
-from personalityd.adapters.rename import rename_noreplace
+from personalityd.adapters.rename import rename_beneath
 from personalityd.core.names import hierarchy_key
 from personalityd.core.orphans import Orphan, UpperKind, find_orphans
 from personalityd.core.packed import PackedTree
@@ -43,6 +43,7 @@ class Moved:
     orphan: Orphan
     generation: int
     root: str  # the writable volume's (or tmpfs') mount
+    upper_dir: str  # the hierarchy's upper directory on it
     source: str
     target: str
     on_volume: str  # `target` relative to the writable volume's root
@@ -50,7 +51,8 @@ class Moved:
     def put_back(self) -> None:
         """Undo the move (before the swap). On failure it stays under orphans/, logged."""
         try:
-            rename_noreplace(self.target, self.source)
+            rel = os.fsdecode(self.orphan.relpath)
+            rename_beneath(self.root, self.on_volume, self.upper_dir, rel)
         except OSError as exc:
             log.error(
                 "orphan_not_put_back", path=self.orphan.path, kept=self.target, error=str(exc)
@@ -108,11 +110,11 @@ def move_aside(upper: Upper, generation: int, orphans: Sequence[Orphan]) -> list
         target = os.path.join(upper.root, on_volume)
         try:
             _make_parents(upper.root, target)
-            rename_noreplace(source, target)
+            rename_beneath(upper_dir, rel, upper.root, on_volume)
         except OSError as exc:
             log.warning("orphan_not_moved", path=orphan.path, kept=source, error=str(exc))
             continue
-        moved.append(Moved(orphan, generation, upper.root, source, target, on_volume))
+        moved.append(Moved(orphan, generation, upper.root, upper_dir, source, target, on_volume))
         log.info("orphan_moved", path=orphan.path, name=orphan.name, to=target)
     return moved
 
@@ -138,7 +140,8 @@ def written_again(moved: Sequence[Moved]) -> list[Moved]:
 
 
 def _make_parents(root: str, target: str) -> None:
-    """The directories on the way to `target` under `root`; `orphans/` itself root-only."""
+    """The directories on the way to `target` under `root`; `orphans/` itself root-only (so
+    nobody else can change anything below it)."""
     top = os.path.join(root, ORPHANS_DIR)
     if not os.path.isdir(top):
         os.mkdir(top, 0o700)
