@@ -35,9 +35,9 @@ from debian_stacks import STACKS_UNITS
 from nspawn import (
     DEMO_LIBRARY,
     DEMO_STATE,
-    KEEP_ENV,
     DEMO_USER,
     FAKE_TOOL_MARKER,
+    KEEP_ENV,
     REPO,
     WEB_INDEX,
     Container,
