@@ -83,7 +83,8 @@ def test_refresh_reattaches_updated_files_in_one_transaction(
         out, _ = reader.communicate(timeout=120)
     reads, errors = map(int, out.split())
     assert errors == 0, f"{errors} of {reads} reads failed or saw other content"
-    summaries = journal.entries(SUMMARY, PERSONALITY_GENERATION=before + 1)
+    assert daemon.pid is not None  # other daemons on this host write to the same journal
+    summaries = journal.entries(SUMMARY, PERSONALITY_GENERATION=before + 1, _PID=daemon.pid)
     assert summaries[0]["PERSONALITY_ATTACHED"] == "web app"
     # The old loops go once the old generation is released; the new ones stay.
     wait_for(

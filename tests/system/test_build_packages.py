@@ -9,7 +9,6 @@ the tests look into the image it wrote. No container is booted. Downloads are ca
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,9 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from debbuild import (
+    CACHE_DIR,
+    build,
+    cat,
+    flat_repository,
+    listing,
+    make_deb,
+    personalityctl,
+    snapshot,
+)
 from nspawn import REPO, rootfs_tarball, run, unpack_rootfs
 
-CACHE_DIR = REPO / ".cache" / "apt"
 PROTECTED_IN_IMAGE = (
     "etc/passwd",
     "etc/shadow",
@@ -46,112 +54,6 @@ NEVER_IN_IMAGE = (
     "tmp",
     "etc/systemd/system/multi-user.target.wants",
 )
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def personalityctl(
-    *args: str | os.PathLike[str], timeout: float = 900
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "daemon"), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "personalityd.client.cli", *(os.fspath(a) for a in args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env=env,
-    )
-
-
-def build(base: Path, out: Path, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return personalityctl("build", "--base", base, "--cache-dir", CACHE_DIR, "-o", out, *args)
-
-
-def snapshot(root: Path) -> str:
-    """A digest of everything under `root`: names, types, modes, owners, times, contents,
-    link targets and extended attributes."""
-    digest = hashlib.sha256()
-    paths = [str(root)]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        paths += [os.path.join(dirpath, n) for n in sorted(dirnames + filenames)]
-    for path in paths:
-        st = os.lstat(path)
-        fields = [path, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                  st.st_ctime_ns, st.st_rdev, st.st_nlink]  # fmt: skip
-        if os.path.islink(path):
-            fields.append(os.readlink(path))
-        else:
-            xattrs = sorted(os.listxattr(path, follow_symlinks=False))
-            fields += [(x, os.getxattr(path, x, follow_symlinks=False)) for x in xattrs]
-        digest.update(repr(fields).encode())
-        if os.path.isfile(path) and not os.path.islink(path):
-            with open(path, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def listing(image: Path) -> dict[str, str]:
-    """path -> `unsquashfs -lls` mode string, for every entry of a squashfs image."""
-    out = run("unsquashfs", "-d", "", "-lln", image).stdout
-    found = {}
-    for line in out.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[0][0] in "-dlcbps":
-            path = parts[5].split(" -> ")[0].lstrip("/")
-            found[path] = parts[0]
-    return found
-
-
-def cat(image: Path, path: str) -> str:
-    return run("unsquashfs", "-cat", image, path).stdout
-
-
-def make_deb(directory: Path, name: str, version: str = "1.0", **fields: str) -> Path:
-    """A tiny arch-all .deb; `files`, `postinst` and other control fields from `fields`."""
-    root = directory / f"{name}_{version}"
-    (root / "DEBIAN").mkdir(parents=True)
-    files = json.loads(fields.pop("files", "{}"))
-    modes = json.loads(fields.pop("modes", "{}"))
-    for rel, content in files.items():
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content)
-        target.chmod(int(modes.get(rel, "755" if "/bin/" in rel else "644"), 8))
-    postinst = fields.pop("postinst", "")
-    control = {
-        "Package": name,
-        "Version": version,
-        "Architecture": "all",
-        "Maintainer": "personalityd tests <tests@example.invalid>",
-        "Description": f"{name}: test package",
-        **fields,
-    }
-    (root / "DEBIAN/control").write_text("".join(f"{k}: {v}\n" for k, v in control.items()))
-    if postinst:
-        (root / "DEBIAN/postinst").write_text(postinst)
-        (root / "DEBIAN/postinst").chmod(0o755)
-    deb = directory / f"{name}_{version}_all.deb"
-    run("dpkg-deb", "--root-owner-group", "--build", root, deb)
-    shutil.rmtree(root)
-    return deb
-
-
-def flat_repository(repo: Path, debs: list[Path]) -> None:
-    """A flat apt repository (`deb [trusted=yes] file:... ./`) with a hand-written Packages."""
-    stanzas = []
-    for deb in debs:
-        control = run("dpkg-deb", "--field", deb).stdout.strip()
-        data = deb.read_bytes()
-        stanzas.append(
-            f"{control}\nFilename: ./{deb.name}\nSize: {len(data)}\n"
-            f"SHA256: {hashlib.sha256(data).hexdigest()}\n"
-        )
-        shutil.copy(deb, repo / deb.name)
-    (repo / "Packages").write_text("\n".join(stanzas))
 
 
 def no_leftovers(directory: Path) -> list[str]:
@@ -185,6 +87,16 @@ def site_tree(workdir: Path) -> Path:
     (tree / "etc/nginx/sites-available/default").write_text("# the site's own\n")
     (tree / "usr/share/site").mkdir(parents=True)
     (tree / "usr/share/site/hello.txt").write_text("hello from --tree\n")
+    # A site unit, ordered after nginx, enabled the usual way: it joins PERSONALITY_SERVICES.
+    units = tree / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    (units / "aaa-site.service").write_text(
+        "[Unit]\nAfter=nginx.service\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    wants = tree / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "aaa-site.service").symlink_to("/usr/lib/systemd/system/aaa-site.service")
     return tree
 
 
@@ -214,14 +126,12 @@ def test_manifest_names_the_base_and_the_services(
     fields = dict(line.split("=", 1) for line in manifest.splitlines())
     assert fields["ID"] == "debian"
     assert fields["VERSION_ID"] == "12"
-    assert fields["PERSONALITY_SERVICES"].strip('"').split() == [
-        "memcached.service",
-        "nginx.service",
-    ]
+    services = ["memcached.service", "nginx.service", "aaa-site.service"]
+    assert fields["PERSONALITY_SERVICES"].strip('"').split() == services
     assert "memcached" in fields["PERSONALITY_DESCRIPTION"]
     assert "nginx" in fields["PERSONALITY_DESCRIPTION"]
     assert fields["IMAGE_VERSION"] == report["image_version"]
-    assert report["services"] == ["memcached.service", "nginx.service"]
+    assert report["services"] == services
 
 
 def test_users_become_sysusers_and_var_becomes_tmpfiles(
@@ -290,6 +200,43 @@ def test_declarations_apply_with_the_bases_systemd(
         shutil.rmtree(root)
 
 
+PROBE = """
+import sys
+from personalityd.adapters.probe import probe_tree
+from personalityd.adapters.protected import protected_in_tree
+from personalityd.core.protected import DEFAULT_PROTECTED_PATHS
+def refuse(tree):
+    return protected_in_tree(tree, DEFAULT_PROTECTED_PATHS, ("/usr", "/etc"))
+manifest, refusal = probe_tree(sys.argv[1], ("ro", "nodev", "nosuid"), refuse=refuse)
+print(manifest.name, refusal)
+"""
+
+
+def probe(image: Path, scratch: Path) -> list[str]:
+    """[name, refusal] of the image mounted read-only (in a private mount namespace) and
+    probed as the daemon probes a volume under its default mount options."""
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "daemon"), env.get("PYTHONPATH", "")])
+    script = 'mount -o loop,ro "$1" "$2" && exec "$3" -c "$4" "$2"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         str(image), str(mnt), sys.executable, PROBE],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split(None, 1)
+
+
+def test_the_daemons_probe_accepts_the_image(
+    service_build: tuple[Path, dict[str, Any], str], tmp_path: Path
+) -> None:
+    """No protected path, set-id file, file capability or device node: nothing refused."""
+    image, _, _ = service_build
+    assert probe(image, tmp_path) == ["svc", "None\n"]
+
+
 def test_json_lists_packages_with_versions(
     service_build: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -309,6 +256,9 @@ def test_tree_is_copied_over_the_packages(
     image, _, _ = service_build
     assert cat(image, "etc/nginx/sites-available/default") == "# the site's own\n"
     assert cat(image, "usr/share/site/hello.txt") == "hello from --tree\n"
+    entries = listing(image)
+    assert "usr/lib/systemd/system/aaa-site.service" in entries
+    assert not [p for p in entries if ".wants" in p]
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -330,6 +280,13 @@ def test_unknown_package(base: Path, base_digest: str, out: Path) -> None:
     assert "unknown package: no-such-package-xyz" in line
     assert not image.exists()
     assert snapshot(base) == base_digest
+
+
+def test_packages_the_base_has_already(base: Path, out: Path) -> None:
+    image = out / "p.squashfs"
+    line = _one_line_failure(build(base, image, "--packages", "python3", "--name", "p"))
+    assert line == "personalityctl: nothing to install: python3 already in the base"
+    assert not image.exists()
 
 
 def test_postinst_that_fails(base: Path, base_digest: str, out: Path, tmp_path: Path) -> None:
@@ -358,14 +315,16 @@ CAP_NET_RAW = "0x02000001, 1 << 13, 0, 0, 0"
 SET_CAPABILITY = (
     '#!/bin/sh\nset -e\npython3 -c \'import os, struct; os.setxattr("/usr/bin/hello-local", '
     f'"security.capability", struct.pack("<5I", {CAP_NET_RAW}))\'\n'
+    "rm /etc/issue.net\n"  # a file of the base deleted: a whiteout in the upper
 )
 
 
 def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     base: Path, base_digest: str, out: Path, tmp_path: Path
 ) -> None:
-    """A local .deb with a set-user-ID file, and a postinst that gives a file capabilities:
-    both removed and listed. Meanwhile another holder of the cache lock makes the build wait."""
+    """A local .deb with a set-user-ID file, and a postinst that gives a file capabilities and
+    deletes a file of the base: all removed (the deletion not carried) and listed. Meanwhile
+    another holder of the cache lock makes the build wait."""
     deb = make_deb(
         tmp_path,
         "hello-local",
@@ -396,11 +355,16 @@ def test_local_deb_privileges_and_a_second_build_waits_for_the_cache(
     assert "Wrote" in stdout
     assert "set-id bits removed: usr/bin/hello-suid (was 4755)" in stdout
     assert "file capabilities removed: usr/bin/hello-local" in stdout
+    assert "deletions of base files not carried: 1" in stdout
     assert cat(image, "usr/bin/hello-local") == "#!/bin/sh\necho hello\n"
-    assert listing(image)["usr/bin/hello-suid"] == "-rwxr-xr-x"
+    entries = listing(image)
+    assert entries["usr/bin/hello-suid"] == "-rwxr-xr-x"
+    assert "etc/issue.net" not in entries
+    assert not [p for p, mode in entries.items() if mode[0] in "cb"]
     unpacked = tmp_path / "unpacked"
     run("unsquashfs", "-q", "-d", unpacked, image, "usr/bin/hello-local")
     assert "security.capability" not in os.listxattr(unpacked / "usr/bin/hello-local")
+    assert probe(image, tmp_path) == ["hello", "None\n"]
     manifest = cat(image, "usr/lib/extension-release.d/extension-release.hello")
     assert "IMAGE_VERSION=7\n" in manifest
     assert "PERSONALITY_SERVICES" not in manifest

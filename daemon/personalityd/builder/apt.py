@@ -24,6 +24,8 @@ INSTALL_OPTIONS: Final = (
     "-y",
     "-o", "Dpkg::Options::=--force-confdef",
     "-o", "Dpkg::Options::=--force-confold",
+    # A scratch overlay, thrown away if the build fails: no fsync of every file.
+    "-o", "Dpkg::Options::=--force-unsafe-io",
 )  # fmt: skip
 
 Runner = Callable[[Sequence[str]], "tuple[int, str]"]
@@ -32,6 +34,11 @@ Runner = Callable[[Sequence[str]], "tuple[int, str]"]
 def chroot_runner(layout: sandbox.Layout) -> Runner:
     def run(argv: Sequence[str]) -> tuple[int, str]:
         proc = sandbox.run(layout, argv)
+        if proc.returncode != 0:
+            for line in proc.stdout.splitlines():
+                if line.startswith(sandbox.FAILURE_PREFIX):
+                    detail = line[len(sandbox.FAILURE_PREFIX) :]
+                    raise BuildError(f"cannot set up the build's chroot: {detail}")
         return proc.returncode, proc.stdout
 
     return run

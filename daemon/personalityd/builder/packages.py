@@ -73,6 +73,10 @@ def _check_request(req: PackageBuild) -> None:
     if not req.packages:
         raise BuildError("--packages needs at least one package")
     check_spec(ImageSpec(name=req.name, image_version=req.image_version))
+    if os.geteuid() != 0:
+        raise BuildError(
+            "build --packages needs root (it mounts an overlay and runs dpkg in a chroot)"
+        )
     if not (req.base / "usr/bin/apt-get").exists() or not (req.base / "usr/bin/dpkg").exists():
         raise BuildError(f"{req.base}: no apt-get and dpkg there (a Debian-family base is needed)")
     for ch in ",:":
@@ -91,7 +95,7 @@ def _local_debs(packages: tuple[str, ...], debs: Path) -> list[str]:
     """apt-get arguments: names as they are, local .deb files copied into `debs`."""
     args = []
     for package in packages:
-        if "/" in package or package.endswith(".deb"):
+        if package.endswith(".deb") or package.startswith(("/", "./", "../")):
             path = Path(package)
             if not path.is_file():
                 raise BuildError(f"{package}: no such .deb file")
@@ -132,8 +136,9 @@ def _cache_lock(cache: Path, progress: Progress) -> Iterator[None]:
 
 
 def _workspace(req: PackageBuild, scratch: Path) -> sandbox.Layout:
-    lists = req.cache_dir / "lists" / _lists_key(req.base)
-    archives = req.cache_dir / "archives"
+    cache = req.cache_dir.absolute()
+    lists = cache / "lists" / _lists_key(req.base)
+    archives = cache / "archives"
     for d in (lists / "partial", archives / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     for sub in ("lower", "upper", "work", "merged", "debs", "tree"):
@@ -162,18 +167,27 @@ def _newer(upper: Path, base: Path, rel: str) -> str:
     return _read(upper / rel) if (upper / rel).exists() else _read(base / rel)
 
 
-def _unit_text(upper: Path, base: Path, unit: str) -> str:
-    for root in (upper, base):
+def _unit_text(roots: tuple[Path, ...], unit: str) -> str:
+    """A unit file's text, from the first of `roots` that has it (a link followed once)."""
+    for root in roots:
         for directory in UNIT_DIRS:
             path = root / directory / unit
             if path.is_symlink():
                 target = os.readlink(path)
                 if target.startswith("/"):
-                    return _newer(upper, base, target.lstrip("/"))
+                    found = [
+                        r / target.lstrip("/") for r in roots if (r / target.lstrip("/")).is_file()
+                    ]
+                    return _read(found[0]) if found else ""
                 path = path.parent / target
             if path.is_file():
                 return _read(path)
     return ""
+
+
+def _ordered_services(units: list[str], roots: tuple[Path, ...]) -> list[str]:
+    names = set(units) | {unitorder.template_of(u) for u in units}
+    return unitorder.order_units(units, {u: _unit_text(roots, u) for u in names})
 
 
 def _derived_version(requested: list[str], installed: list[aptout.Installed]) -> str:
@@ -191,7 +205,7 @@ def _requested_names(run: apt.Runner, args: list[str]) -> list[str]:
             code, out = run(["dpkg-deb", "--field", arg, "Package"])
             names.append(out.strip() if code == 0 and out.strip() else Path(arg).name)
         else:
-            names.append(arg.split("=", 1)[0])
+            names.append(arg.split("=", 1)[0].split("/", 1)[0])  # pkg=version, pkg/release
     return names
 
 
@@ -226,10 +240,7 @@ def _assemble(req: PackageBuild, layout: sandbox.Layout, report: BuildReport) ->
     if report.tmpfiles:
         write_file(tree, f"usr/lib/tmpfiles.d/{req.name}.conf",
                    header + "".join(ln + "\n" for ln in report.tmpfiles))  # fmt: skip
-    texts = {u: _unit_text(upper, base, u) for u in result.enabled}
-    texts |= {unitorder.template_of(u): _unit_text(upper, base, unitorder.template_of(u))
-              for u in result.enabled}  # fmt: skip
-    report.services = unitorder.order_units(result.enabled, texts)
+    report.services = list(result.enabled)  # ordered once the tree is complete
     dropped = result.dropped + [(p, upperplan.R_VAR_BASE_FILE) for p in var.base_files]
     report.dropped = [{"path": p, "reason": r} for p, r in dropped]
     report.deletions_dropped = result.deletions
@@ -239,7 +250,8 @@ def _assemble(req: PackageBuild, layout: sandbox.Layout, report: BuildReport) ->
 
 def _finish_tree(req: PackageBuild, tree: Path, report: BuildReport) -> None:
     for extra in req.trees:
-        copy_tree_over(extra, tree)
+        report.services += copy_tree_over(extra, tree)
+    report.services = _ordered_services(report.services, (tree, req.base))
     setid, caps = strip_privileges(tree)
     report.setid_removed = [{"path": p, "mode": f"{m:04o}"} for p, m in sorted(setid)]
     report.capabilities_removed = sorted(caps)

@@ -41,6 +41,7 @@ CHROOT_ENV: Final = {
     "DEBIAN_FRONTEND": "noninteractive",
     "DEBCONF_NONINTERACTIVE_SEEN": "true",
 }
+FAILURE_PREFIX: Final = "personalityd-sandbox: "
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 
 
@@ -62,7 +63,7 @@ class Layout:
 def _mount(*args: str) -> None:
     proc = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"sandbox: mount {' '.join(args)}: {proc.stderr.strip()}")
+        raise SystemExit(f"{FAILURE_PREFIX}mount {' '.join(args)}: {proc.stderr.strip()}")
 
 
 def _inside(merged: str, path: str) -> str:
@@ -116,7 +117,7 @@ def set_up(layout: Layout) -> None:
     # The bind is not recursive: a base of '/' is its root file system as it is below any
     # mount (a personality stack on /usr included). A /usr of its own cannot be used.
     if not os.path.exists(os.path.join(layout.lower, "usr/bin/dpkg")):
-        raise SystemExit(f"sandbox: {layout.base}/usr is not on the base's root file system")
+        raise SystemExit(f"{FAILURE_PREFIX}{layout.base}/usr is not on the base's root file system")
     options = (
         f"lowerdir={layout.lower},upperdir={layout.upper},workdir={layout.work},"
         "redirect_dir=off,metacopy=off,index=off,xino=off"
@@ -135,7 +136,10 @@ def set_up(layout: Layout) -> None:
     if layout.debs:
         _mount("--bind", "-o", "ro", layout.debs, _mkdirs(_inside(m, DEBS_IN_CHROOT)))
     policy = _inside(m, "usr/sbin/policy-rc.d")
-    with open(policy, "w", encoding="utf-8") as f:
+    if os.path.lexists(policy):  # the base's own (or a link): replaced in the overlay only
+        os.unlink(policy)
+    fd = os.open(policy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(POLICY_RC_D)
     os.chmod(policy, 0o755)
 
@@ -187,5 +191,5 @@ if __name__ == "__main__":
     if len(sys.argv) < 3:
         raise SystemExit("usage: python -m personalityd.builder.sandbox LAYOUT-JSON COMMAND...")
     if not Path(json.loads(sys.argv[1])["merged"]).is_dir():
-        raise SystemExit("sandbox: no such directory: merged")
+        raise SystemExit(f"{FAILURE_PREFIX}no such directory: merged")
     main(sys.argv[1:])

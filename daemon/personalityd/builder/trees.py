@@ -8,14 +8,15 @@ import subprocess
 from pathlib import Path
 
 from personalityd.client.build import BuildError
-from personalityd.core.upperplan import ACCOUNT_FILES, CARRIED_TOPS, PROTECTED
+from personalityd.core.upperplan import ACCOUNT_FILES, CARRIED_TOPS, PROTECTED, is_enable_link
 
 CAPABILITY_XATTR = "security.capability"
 
 
-def _check_extra(extra: Path) -> None:
+def _check_extra(extra: Path) -> list[str]:
     """Refuse what a site tree may not bring: protected paths, the account files, device
-    nodes, and anything outside usr/, etc/ and opt/."""
+    nodes, and anything outside usr/, etc/ and opt/. Returns its unit enablement links."""
+    links = []
     for dirpath, dirnames, filenames in os.walk(extra):
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
@@ -25,13 +26,18 @@ def _check_extra(extra: Path) -> None:
             if rel in ACCOUNT_FILES or any(rel == p or rel.startswith(p + "/") for p in PROTECTED):
                 raise BuildError(f"--tree {extra}: {rel} is a protected path")
             mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode) and is_enable_link(rel):
+                links.append(rel)
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 raise BuildError(f"--tree {extra}: {rel} is not a file, directory or symlink")
+    return links
 
 
-def copy_tree_over(extra: Path, tree: Path) -> None:
-    """Copy `extra` over `tree` (files replace files; owners as in `extra`)."""
-    _check_extra(extra)
+def copy_tree_over(extra: Path, tree: Path) -> list[str]:
+    """Copy `extra` over `tree` (files replace files; owners as in `extra`). A unit
+    enablement link in it (etc/systemd/system/X.wants/UNIT) is not copied: its unit is
+    returned, for PERSONALITY_SERVICES, as for the packages' own."""
+    links = _check_extra(extra)
     # A kept file is a hard link into the scratch upper: replace it, never write into it.
     for dirpath, _dirnames, filenames in os.walk(extra):
         for name in filenames:
@@ -48,6 +54,12 @@ def copy_tree_over(extra: Path, tree: Path) -> None:
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise BuildError(f"--tree {extra}: {detail}")
+    for rel in links:
+        (tree / rel).unlink()
+        wants = (tree / rel).parent
+        if not any(wants.iterdir()):
+            wants.rmdir()
+    return [rel.rsplit("/", 1)[1] for rel in links]
 
 
 def strip_privileges(tree: Path) -> tuple[list[tuple[str, int]], list[str]]:

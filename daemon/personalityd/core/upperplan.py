@@ -125,7 +125,8 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
-def _enable_link(path: str) -> bool:
+def is_enable_link(path: str) -> bool:
+    """Whether `path` (of a symlink) enables a unit: etc/systemd/system/X.wants/UNIT."""
     if not path.startswith(SYSTEMD_SYSTEM):
         return False
     parts = path[len(SYSTEMD_SYSTEM) :].split("/")
@@ -140,7 +141,7 @@ def _etc_route(entry: Entry) -> Route | None:
         return Route(DROP, reason=R_LDCACHE)
     if path in RUNNING_SYSTEM:
         return Route(DROP, reason=R_RUNNING)
-    if entry.kind == SYMLINK and _enable_link(path):
+    if entry.kind == SYMLINK and is_enable_link(path):
         return Route(ENABLE)
     if path.startswith("etc/systemd/user/") and entry.kind == SYMLINK:
         parts = path.split("/")
