@@ -264,7 +264,7 @@ def sweep_stale_runs() -> None:
             continue  # its container is still shutting down
         for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
             with contextlib.suppress(OSError):
-                if Path(backing.read_text().strip()).parent == run_dir:
+                if Path(backing_path(backing)).parent == run_dir.resolve():
                     run("losetup", "-d", f"/dev/{backing.parent.parent.name}", check=False)
         if machine.startswith("pdsys-"):
             for hierarchy in _cgroup_hierarchies():
@@ -275,6 +275,13 @@ def sweep_stale_runs() -> None:
 
 # --------------------------------------------------------------------------------------------
 # images and loop devices
+
+
+def backing_path(sysfs_file: Path) -> str:
+    """A loop device's backing file as the kernel names it: the real path (`.cache` may be a
+    symlink), with " (deleted)" taken off once the file is gone."""
+    text = sysfs_file.read_text().strip()
+    return text.removesuffix(" (deleted)")
 
 
 def build_image(
@@ -320,7 +327,7 @@ class LoopDevices:
         for dev, image in list(self.attached.items()):
             backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
             with contextlib.suppress(OSError):
-                if backing.read_text().strip() == str(image):
+                if backing_path(backing) == os.path.realpath(image):
                     run("losetup", "-d", dev, check=False)
             del self.attached[dev]
 

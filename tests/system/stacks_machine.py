@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from debian_stacks import WEB_URL
-from nspawn import Container, install_deb, run, unpack_rootfs, write_file
+from nspawn import Container, backing_path, install_deb, run, unpack_rootfs, write_file
 
 WRITABLE_LABEL = "personality-data"
 # The session's container (for the journal excerpt of a failed test) and the units it shows.
@@ -68,7 +68,7 @@ class Loops:
         for dev, image in list(self.attached.items()):
             backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
             with contextlib.suppress(OSError):
-                if backing.read_text().strip() == str(image):
+                if backing_path(backing) == os.path.realpath(image):
                     run("losetup", "-d", dev, check=False)
             del self.attached[dev]
 
