@@ -323,3 +323,17 @@ def test_writes_under_a_detached_personality_are_moved_aside(stacks: Stacks) -> 
     paths = {str(e.get("PERSONALITY_PATH")) for e in ours}
     assert any(p.startswith(NUMPY_DIR) or NUMPY_DIR.startswith(p) for p in paths), paths
     assert all(int(e["PERSONALITY_GENERATION"]) >= generation_before for e in ours), ours
+
+
+def test_bind_mount_in_etc_stays_visible(stacks: Stacks) -> None:
+    # As a container manager binds /etc/resolv.conf: a file bound over one in /etc.
+    stacks.c.run("sh", "-c", "echo bound > /run/stacks-bind.conf && touch /etc/stacks-bind.conf")
+    stacks.c.run("mount", "--bind", "/run/stacks-bind.conf", "/etc/stacks-bind.conf")
+    try:
+        stacks.attach("web")
+        assert stacks.c.read("/etc/stacks-bind.conf") == "bound\n", "hidden by attach"
+        assert stacks.exists("/etc/nginx/conf.d/stack-web.conf")
+        stacks.detach("web")
+        assert stacks.c.read("/etc/stacks-bind.conf") == "bound\n", "hidden by detach"
+    finally:
+        stacks.c.run("umount", "/etc/stacks-bind.conf", check=False)
