@@ -124,6 +124,11 @@ def stack_loops() -> Iterator[Loops]:
 def stacks(
     request: pytest.FixtureRequest, deb: Path, stacks_workdir: Path, stack_loops: Loops
 ) -> Generator[Stacks, None, None]:
+    missing = [t for t in ("unsquashfs", "mkfs.ext4", "dpkg-deb", "unshare") if not shutil.which(t)]
+    if missing:
+        pytest.fail(
+            f"the Debian stacks test needs {', '.join(missing)}: run `make deps system-deps`"
+        )
     tarball = rootfs_tarball()
     root = prepare_root(tarball, stacks_workdir / "rootfs", deb)
     started = time.monotonic()
