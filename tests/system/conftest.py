@@ -31,11 +31,13 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from debian_stacks import STACKS_UNITS
 from nspawn import (
     DEMO_LIBRARY,
     DEMO_STATE,
     DEMO_USER,
     FAKE_TOOL_MARKER,
+    KEEP_ENV,
     REPO,
     WEB_INDEX,
     Container,
@@ -49,9 +51,9 @@ from nspawn import (
     unpack_rootfs,
     write_file,
 )
+from stacks_machine import STACKS_CONTAINER_KEY
 
 SYSTEM_TEST_ENV = "PERSONALITYD_SYSTEM_TEST"
-KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
 HERE = Path(__file__).resolve().parent
 CONTAINER_KEY = pytest.StashKey[Container]()
 
@@ -283,8 +285,13 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    machine = item.config.stash.get(CONTAINER_KEY, None)
-    if report.failed and machine is not None and machine.running:
+    if not report.failed:
+        return report
+    if "stacks" in getattr(item, "fixturenames", ()):
+        machine = item.config.stash.get(STACKS_CONTAINER_KEY, None)
+        units: tuple[str, ...] = STACKS_UNITS
+    else:
+        machine = item.config.stash.get(CONTAINER_KEY, None)
         units = (
             "personalityd.service",
             "personality@*",
@@ -292,6 +299,7 @@ def pytest_runtest_makereport(
             "demo-web.service",
             "demo-app.service",
         )
+    if machine is not None and machine.running:
         args = [arg for unit in units for arg in ("-u", unit)]
         report.sections.append(("container journal", machine.journal(*args, lines=150)))
     return report

@@ -68,6 +68,8 @@ ROOTFS_RECIPE = "1"
 # Content of the test personalities, checked through the stack.
 WEB_INDEX = "hello from the web personality\n"
 DEMO_STATE = "demo-web running from the demo personality"
+# Set to 1 to keep a session's run directory (rootfs, logs) for a look after the run.
+KEEP_ENV = "PERSONALITYD_SYSTEM_KEEP"
 # What the demo personality declares (sysusers.d, tmpfiles.d) and ships (a library, and a
 # systemd-sysusers of its own that leaves a marker if it is ever run).
 DEMO_USER = "demo-svc"
@@ -262,7 +264,7 @@ def sweep_stale_runs() -> None:
             continue  # its container is still shutting down
         for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
             with contextlib.suppress(OSError):
-                if Path(backing.read_text().strip()).parent == run_dir:
+                if Path(backing_path(backing)).parent == run_dir.resolve():
                     run("losetup", "-d", f"/dev/{backing.parent.parent.name}", check=False)
         if machine.startswith("pdsys-"):
             for hierarchy in _cgroup_hierarchies():
@@ -273,6 +275,13 @@ def sweep_stale_runs() -> None:
 
 # --------------------------------------------------------------------------------------------
 # images and loop devices
+
+
+def backing_path(sysfs_file: Path) -> str:
+    """A loop device's backing file as the kernel names it: the real path (`.cache` may be a
+    symlink), with " (deleted)" taken off once the file is gone."""
+    text = sysfs_file.read_text().strip()
+    return text.removesuffix(" (deleted)")
 
 
 def build_image(
@@ -318,7 +327,7 @@ class LoopDevices:
         for dev, image in list(self.attached.items()):
             backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
             with contextlib.suppress(OSError):
-                if backing.read_text().strip() == str(image):
+                if backing_path(backing) == os.path.realpath(image):
                     run("losetup", "-d", dev, check=False)
             del self.attached[dev]
 

@@ -660,4 +660,3 @@ def _indexed(
     """The cached index of each live personality, by name."""
     found = {n: stack.indexes.cached(volumes[n]) for n in live if n in volumes}
     return {n: index for n, index in found.items() if index is not None}
-
