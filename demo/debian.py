@@ -27,9 +27,8 @@ from debian_stacks import (
     WEB_URL,
     build_stacks,
 )
-from nspawn import Container, new_run_dir, rootfs_tarball, wait_until
+from nspawn import Container, attached_loops, new_run_dir, rootfs_tarball, wait_until
 from stacks_machine import (
-    loops,
     prepare_root,
     stacks_container,
     udp_listening,
@@ -54,7 +53,7 @@ def show(container: Container, *cmd: str, timeout: float = 180) -> str:
 def main(deb: Path) -> int:
     workdir = new_run_dir()
     try:
-        with loops() as held:
+        with attached_loops() as held:
             say("the rootfs: Debian 12 with personalityd installed")
             tarball = rootfs_tarball()
             root = prepare_root(tarball, workdir / "rootfs", deb)

@@ -41,6 +41,7 @@ from nspawn import (
     WEB_INDEX,
     Container,
     LoopDevices,
+    attached_loops,
     build_image,
     enable_unit,
     install_deb,
@@ -150,11 +151,8 @@ def images(workdir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def loop_devices() -> Iterator[LoopDevices]:
-    loops = LoopDevices()
-    try:
-        yield loops
-    finally:
-        loops.cleanup()
+    with attached_loops() as held:
+        yield held
 
 
 # --------------------------------------------------------------------------------------------

@@ -378,6 +378,16 @@ class LoopDevices:
             del self.attached[dev]
 
 
+@contextlib.contextmanager
+def attached_loops() -> Iterator[LoopDevices]:
+    """Loop devices to attach, detached when the block ends."""
+    held = LoopDevices()
+    try:
+        yield held
+    finally:
+        held.cleanup()
+
+
 # --------------------------------------------------------------------------------------------
 # cgroups
 

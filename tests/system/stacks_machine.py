@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -57,15 +57,6 @@ def link_or_copy(source: Path, dest: Path) -> Path:
     except OSError:
         shutil.copy2(source, dest)
     return dest
-
-
-@contextlib.contextmanager
-def loops() -> Iterator[LoopDevices]:
-    held = LoopDevices()
-    try:
-        yield held
-    finally:
-        held.cleanup()
 
 
 def stacks_container(

@@ -26,11 +26,17 @@ from debian_stacks import (
     build_stacks,
     expected_conflicts,
 )
-from nspawn import Container, LoopDevices, rootfs_tarball, run_dir, wait_until
+from nspawn import (
+    Container,
+    LoopDevices,
+    attached_loops,
+    rootfs_tarball,
+    run_dir,
+    wait_until,
+)
 from stacks_machine import (
     MAPPED_FROM_STACK,
     STACKS_CONTAINER_KEY,
-    loops,
     prepare_root,
     stacks_container,
     udp_listening,
@@ -108,7 +114,7 @@ def stacks_workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def stack_loops() -> Iterator[LoopDevices]:
-    with loops() as held:
+    with attached_loops() as held:
         yield held
 
 
