@@ -27,13 +27,10 @@ from debian_stacks import (
     WEB_URL,
     build_stacks,
 )
-from nspawn import Container, new_run_dir, rootfs_tarball, wait_until
+from nspawn import Container, attached_loops, new_run_dir, rootfs_tarball, wait_until
 from stacks_machine import (
-    configure,
-    link_or_copy,
-    loops,
-    make_writable_image,
     prepare_root,
+    stacks_container,
     udp_listening,
 )
 
@@ -56,7 +53,7 @@ def show(container: Container, *cmd: str, timeout: float = 180) -> str:
 def main(deb: Path) -> int:
     workdir = new_run_dir()
     try:
-        with loops() as held:
+        with attached_loops() as held:
             say("the rootfs: Debian 12 with personalityd installed")
             tarball = rootfs_tarball()
             root = prepare_root(tarball, workdir / "rootfs", deb)
@@ -68,13 +65,9 @@ def main(deb: Path) -> int:
                 print(f"  {name:12} {' '.join(b.stack.packages)}")
                 print(f"  {'':12} {size:.0f} MB, services: {' '.join(b.services())}")
 
-            volumes = {
-                name: held.attach(link_or_copy(b.image, workdir / f"{name}.img"), True)
-                for name, b in built.items()
-            }
-            writable = held.attach(make_writable_image(workdir / "data.ext4"), False)
-            configure(root, volumes, writable)
-            container = Container(root, workdir, [*volumes.values(), writable])
+            container, _ = stacks_container(
+                root, workdir, {name: b.image for name, b in built.items()}, held
+            )
             try:
                 say("booting systemd in nspawn")
                 container.boot(timeout=300)

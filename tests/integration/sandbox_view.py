@@ -1,8 +1,10 @@
-"""What the daemon's work looks like from outside, for the tests of test_stack*.py: files read
-through the sandbox root, our mounts in mountinfo, a request that succeeded."""
+"""What the daemon's work looks like from outside, for the integration tests of the stack:
+files read through the sandbox root, our mounts in mountinfo, a request that succeeded, the
+generation in state.json."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,12 @@ def ok(result: dict[str, Any]) -> dict[str, Any]:
     assert result["status"] == "ok", result
     assert result["_dir"] == "done"
     return result
+
+
+def state_generation(daemon: Daemon) -> int:
+    """The generation the daemon last wrote to its state.json."""
+    data = json.loads((daemon.state_dir / "state.json").read_text())
+    return int(data["generation"])
 
 
 def our_mounts(root: Path) -> list[tuple[str, str, str]]:

@@ -14,18 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from image_entries import install, loops_backed_under, search_dir
-from sandbox_view import SUMMARY, Images, ok, read, wait_until
+from sandbox_view import SUMMARY, Images, ok, read, state_generation, wait_until
 from test_stack import READER
 
 from testkit.daemon import Daemon
 from testkit.journal import JournalReader
 from testkit.loops import LoopDevices
 from testkit.polling import wait_for
-
-
-def generation(daemon: Daemon) -> int:
-    data = json.loads((daemon.state_dir / "state.json").read_text())
-    return int(data["generation"])
 
 
 def found(daemon: Daemon, name: str) -> int:
@@ -53,7 +48,7 @@ def test_refresh_reattaches_updated_files_in_one_transaction(
     os.symlink("app_1.raw", directory / "app.raw")
     serve(daemon)
     ok(daemon.request({"action": "switch", "personalities": ["web", "app"]}))
-    before = generation(daemon)
+    before = state_generation(daemon)
     assert len(loops_backed_under(sandbox_root)) == 2
 
     stop, seen = tmp_path / "stop-reader", tmp_path / "reader-saw"
@@ -72,11 +67,11 @@ def test_refresh_reattaches_updated_files_in_one_transaction(
         wait_until(lambda: found(daemon, "web") == 2 and found(daemon, "app") == 2, daemon)
         assert read(sandbox_root, "usr/bin/shared") == b"blue"  # untouched until Refresh
         assert read(sandbox_root, "usr/bin/app") == b"app 1"
-        assert generation(daemon) == before
+        assert state_generation(daemon) == before
         refresh(daemon)
         assert read(sandbox_root, "usr/bin/shared") == b"green"
         assert read(sandbox_root, "usr/bin/app") == b"app 2"
-        assert generation(daemon) == before + 1
+        assert state_generation(daemon) == before + 1
         wait_until(lambda: seen.read_text().splitlines()[-1:] == ["green"], daemon)
     finally:
         stop.touch()
@@ -94,7 +89,7 @@ def test_refresh_reattaches_updated_files_in_one_transaction(
     )  # fmt: skip
     # A Refresh with nothing updated changes nothing.
     refresh(daemon)
-    assert generation(daemon) == before + 1
+    assert state_generation(daemon) == before + 1
 
 
 def test_kill9_then_restart_adopts_own_loops_and_releases_the_rest(

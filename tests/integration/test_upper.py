@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from sandbox_view import Images, ok, read, stacked_overlays, wait_until
+from sandbox_view import Images, ok, read, stacked_overlays, state_generation, wait_until
 
 from testkit.daemon import Daemon
 from testkit.images import build_writable_image
@@ -31,7 +31,6 @@ from testkit.mounts import mounts_under, unmount_tree
 from testkit.sandbox import BASE_CONF
 
 ORPHAN = "ff355680e36e48609dc2bf9664415a79"
-SUMMARY = "745778a2970b4475acba70df8299437b"
 
 IN_USR = "lib/python3/dist-packages"
 DIST = f"usr/{IN_USR}"
@@ -42,10 +41,6 @@ NUMPY = {
 }
 SCIPY = {f"{DIST}/scipy/__init__.py": "# scipy\n"}
 WEB = {"usr/sbin/nginx": b"nginx\n", "etc/nginx/nginx.conf": "worker_processes 1;\n"}
-
-
-def _generation(daemon: Daemon) -> int:
-    return int(json.loads((daemon.state_dir / "state.json").read_text())["generation"])
 
 
 def _stacked(root: Path) -> dict[str, int]:
@@ -117,10 +112,10 @@ def test_a_write_to_etc_with_nothing_attached_stays_through_every_change(
     assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}  # the last detach keeps the upper
     ok(daemon.request({"action": "attach", "personality": "web"}))
     written("after re-attach")
-    generation = _generation(daemon)
+    generation = state_generation(daemon)
     daemon.restart()
     written("after a restart")
-    assert _generation(daemon) == generation  # adopted as it was, not rebuilt
+    assert state_generation(daemon) == generation  # adopted as it was, not rebuilt
     assert _stacked(sandbox_root) == {"/usr": 1, "/etc": 1}
     ok(daemon.request({"action": "detach", "personality": "web"}))
     daemon.restart()
@@ -179,7 +174,7 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
 
     ok(daemon.request({"action": "detach", "personality": "numpy"}))
 
-    generation = _generation(daemon)
+    generation = state_generation(daemon)
     # Nothing of numpy shows: no namespace package made of the upper alone.
     assert not (sandbox_root / DIST / "numpy").exists()
     assert not (sandbox_root / "etc/numpy").exists()
@@ -219,7 +214,7 @@ def test_writes_under_a_detached_personality_are_moved_aside_and_journalled(
     _pyc(sandbox_root, "numpy").write_bytes(b"compiled again")
     ok(daemon.request({"action": "detach", "personality": "numpy"}))
     assert not (sandbox_root / DIST / "numpy").exists()
-    again = volume / "orphans" / str(_generation(daemon)) / "_usr" / IN_USR
+    again = volume / "orphans" / str(state_generation(daemon)) / "_usr" / IN_USR
     assert (again / "numpy/__pycache__/__init__.cpython-311.pyc").read_bytes() == b"compiled again"
     assert pyc.read_bytes() == b"compiled numpy"
     # The conflicts report means what it meant: scipy alone has none.
@@ -246,7 +241,7 @@ def test_a_yanked_volume_leaves_no_orphans_in_view(
 
     wait_until(lambda: not (sandbox_root / DIST / "numpy").exists(), daemon)
     assert not (sandbox_root / "usr/lib/python3").exists()  # the base has no python3
-    moved = daemon.runtime_dir / "volatile/orphans" / str(_generation(daemon))
+    moved = daemon.runtime_dir / "volatile/orphans" / str(state_generation(daemon))
     pyc = moved / "_usr/lib/python3/dist-packages/numpy/__pycache__/__init__.cpython-311.pyc"
     assert pyc.read_bytes() == b"compiled numpy"
     assert daemon.pid is not None

@@ -37,19 +37,20 @@ from nspawn import (
     DEMO_STATE,
     DEMO_USER,
     FAKE_TOOL_MARKER,
-    KEEP_ENV,
     REPO,
     WEB_INDEX,
     Container,
     LoopDevices,
+    attached_loops,
     build_image,
     enable_unit,
     install_deb,
-    new_run_dir,
     rootfs_tarball,
     run,
+    run_dir,
     unpack_rootfs,
     write_file,
+    write_udev_config,
 )
 from stacks_machine import STACKS_CONTAINER_KEY
 
@@ -106,12 +107,8 @@ def deb() -> Path:
 
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
-    path = new_run_dir()
-    yield path
-    if os.environ.get(KEEP_ENV) == "1":
-        (path / "keep").write_text("")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    with run_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -154,11 +151,8 @@ def images(workdir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def loop_devices() -> Iterator[LoopDevices]:
-    loops = LoopDevices()
-    try:
-        yield loops
-    finally:
-        loops.cleanup()
+    with attached_loops() as held:
+        yield held
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,35 +180,7 @@ def _configure(root: Path, loops: dict[str, str]) -> None:
         "[debug]\n"
         "block_signal = true\n",
     )
-    # udev in a container (see nspawn.py): run udevd although /sys is read-only, and replace
-    # the coldplug trigger of all devices by an `add` for this test's loop devices only.
-    for unit in (
-        "systemd-udevd.service",
-        "systemd-udevd-kernel.socket",
-        "systemd-udevd-control.socket",
-    ):
-        write_file(
-            root,
-            f"/etc/systemd/system/{unit}.d/50-system-test.conf",
-            "[Unit]\nConditionPathIsReadWrite=\n",
-        )
-    write_file(
-        root,
-        "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",
-        "[Unit]\nConditionPathIsReadWrite=\n\n"
-        "[Service]\nExecStart=\nExecStart=/usr/local/sbin/system-test-coldplug\n",
-    )
-    write_file(
-        root,
-        "/usr/local/sbin/system-test-coldplug",
-        "#!/bin/sh\n"
-        "# The host's uevent files of the test's loop devices, bound in by the test.\n"
-        "for f in /run/pdtest-uevent/*; do\n"
-        '    [ -e "$f" ] && echo add > "$f"\n'
-        "done\n"
-        "exit 0\n",
-        mode=0o755,
-    )
+    write_udev_config(root)
     # An application that needs the web personality.
     write_file(
         root,

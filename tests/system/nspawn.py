@@ -221,6 +221,39 @@ def enable_unit(root: Path, unit: str, target: str = "multi-user.target") -> Non
         link.symlink_to(f"/etc/systemd/system/{unit}")
 
 
+def write_udev_config(root: Path) -> None:
+    """udev in a container: run udevd although /sys is read-only, and replace the coldplug
+    trigger of all devices by an `add` for the test's loop devices only (their host uevent
+    files, bound in at /run/pdtest-uevent by `Container`)."""
+    for unit in (
+        "systemd-udevd.service",
+        "systemd-udevd-kernel.socket",
+        "systemd-udevd-control.socket",
+    ):
+        write_file(
+            root,
+            f"/etc/systemd/system/{unit}.d/50-system-test.conf",
+            "[Unit]\nConditionPathIsReadWrite=\n",
+        )
+    write_file(
+        root,
+        "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",
+        "[Unit]\nConditionPathIsReadWrite=\n\n"
+        "[Service]\nExecStart=\nExecStart=/usr/local/sbin/system-test-coldplug\n",
+    )
+    write_file(
+        root,
+        "/usr/local/sbin/system-test-coldplug",
+        "#!/bin/sh\n"
+        "# The host's uevent files of the test's loop devices, bound in by the test.\n"
+        "for f in /run/pdtest-uevent/*; do\n"
+        '    [ -e "$f" ] && echo add > "$f"\n'
+        "done\n"
+        "exit 0\n",
+        mode=0o755,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # run directories
 
@@ -241,6 +274,17 @@ def new_run_dir() -> Path:
     path.mkdir(parents=True)
     (path / "owner").write_text(_process_identity(os.getpid()) or "")
     return path
+
+
+@contextlib.contextmanager
+def run_dir() -> Iterator[Path]:
+    """A new run directory, removed after (kept, marked `keep`, when `KEEP_ENV` is 1)."""
+    path = new_run_dir()
+    yield path
+    if os.environ.get(KEEP_ENV) == "1":
+        (path / "keep").write_text("")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sweep_stale_runs() -> None:
@@ -314,12 +358,14 @@ def build_image(
 
 @dataclass
 class LoopDevices:
-    """Loop devices this session attached (read-only), detached by name at the end."""
+    """Loop devices this session attached, detached by name at the end (while still backed by
+    our file)."""
 
     attached: dict[str, Path] = field(default_factory=dict)
 
-    def attach(self, image: Path) -> str:
-        dev = run("losetup", "--find", "--show", "--read-only", image).stdout.strip()
+    def attach(self, image: Path, read_only: bool = True) -> str:
+        args = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)]
+        dev = run(*args).stdout.strip()
         self.attached[dev] = image
         return dev
 
@@ -330,6 +376,16 @@ class LoopDevices:
                 if backing_path(backing) == os.path.realpath(image):
                     run("losetup", "-d", dev, check=False)
             del self.attached[dev]
+
+
+@contextlib.contextmanager
+def attached_loops() -> Iterator[LoopDevices]:
+    """Loop devices to attach, detached when the block ends."""
+    held = LoopDevices()
+    try:
+        yield held
+    finally:
+        held.cleanup()
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,13 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from debian_stacks import WEB_URL
-from nspawn import Container, backing_path, install_deb, run, unpack_rootfs, write_file
+from nspawn import (
+    Container,
+    LoopDevices,
+    install_deb,
+    run,
+    unpack_rootfs,
+    write_file,
+    write_udev_config,
+)
 
 WRITABLE_LABEL = "personality-data"
 # The session's container (for the journal excerpt of a failed test) and the units it shows.
@@ -52,34 +59,20 @@ def link_or_copy(source: Path, dest: Path) -> Path:
     return dest
 
 
-@dataclass
-class Loops:
-    """Loop devices this session attached, detached by name (while still backed by our file)."""
-
-    attached: dict[str, Path]
-
-    def attach(self, image: Path, read_only: bool) -> str:
-        args = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)]
-        dev = run(*args).stdout.strip()
-        self.attached[dev] = image
-        return dev
-
-    def cleanup(self) -> None:
-        for dev, image in list(self.attached.items()):
-            backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
-            with contextlib.suppress(OSError):
-                if backing_path(backing) == os.path.realpath(image):
-                    run("losetup", "-d", dev, check=False)
-            del self.attached[dev]
-
-
-@contextlib.contextmanager
-def loops() -> Iterator[Loops]:
-    held = Loops({})
-    try:
-        yield held
-    finally:
-        held.cleanup()
+def stacks_container(
+    root: Path, workdir: Path, images: Mapping[str, Path], held: LoopDevices
+) -> tuple[Container, str]:
+    """The stacks' container, not booted yet: `images` (name -> image) attached read-only and a
+    new writable volume attached read-write, then the configuration written. The loop devices
+    are made of files in the run directory `workdir`, so a killed run's are swept. Returns the
+    container and the writable volume's device."""
+    volumes = {
+        name: held.attach(link_or_copy(image, workdir / f"{name}.img"), read_only=True)
+        for name, image in images.items()
+    }
+    writable = held.attach(make_writable_image(workdir / "data.ext4"), read_only=False)
+    configure(root, volumes, writable)
+    return Container(root, workdir, [*volumes.values(), writable]), writable
 
 
 def configure(root: Path, volumes: Mapping[str, str], writable: str) -> None:
@@ -97,33 +90,7 @@ def configure(root: Path, volumes: Mapping[str, str], writable: str) -> None:
         '[volumes]\nmatch = [{ PERSONALITYD_VOLUME = "1" }]\n',
     )
     assert Path(writable).name not in kernels.split("|")
-    for unit in (
-        "systemd-udevd.service",
-        "systemd-udevd-kernel.socket",
-        "systemd-udevd-control.socket",
-    ):
-        write_file(
-            root,
-            f"/etc/systemd/system/{unit}.d/50-system-test.conf",
-            "[Unit]\nConditionPathIsReadWrite=\n",
-        )
-    write_file(
-        root,
-        "/etc/systemd/system/systemd-udev-trigger.service.d/50-system-test.conf",
-        "[Unit]\nConditionPathIsReadWrite=\n\n"
-        "[Service]\nExecStart=\nExecStart=/usr/local/sbin/system-test-coldplug\n",
-    )
-    write_file(
-        root,
-        "/usr/local/sbin/system-test-coldplug",
-        "#!/bin/sh\n"
-        "# The host's uevent files of the test's loop devices, bound in by the test.\n"
-        "for f in /run/pdtest-uevent/*; do\n"
-        '    [ -e "$f" ] && echo add > "$f"\n'
-        "done\n"
-        "exit 0\n",
-        mode=0o755,
-    )
+    write_udev_config(root)
     # A unit that needs the web stack and asks for its PHP page once (its first request).
     write_file(
         root,

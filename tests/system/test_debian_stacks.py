@@ -10,7 +10,6 @@ that container and run in file order; each leaves the stack as the next one expe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Generator, Iterator
@@ -27,16 +26,19 @@ from debian_stacks import (
     build_stacks,
     expected_conflicts,
 )
-from nspawn import KEEP_ENV, Container, new_run_dir, rootfs_tarball, wait_until
+from nspawn import (
+    Container,
+    LoopDevices,
+    attached_loops,
+    rootfs_tarball,
+    run_dir,
+    wait_until,
+)
 from stacks_machine import (
     MAPPED_FROM_STACK,
     STACKS_CONTAINER_KEY,
-    Loops,
-    configure,
-    link_or_copy,
-    loops,
-    make_writable_image,
     prepare_root,
+    stacks_container,
     udp_listening,
 )
 
@@ -106,23 +108,19 @@ class Stacks:
 
 @pytest.fixture(scope="session")
 def stacks_workdir() -> Iterator[Path]:
-    path = new_run_dir()
-    yield path
-    if os.environ.get(KEEP_ENV) == "1":
-        (path / "keep").write_text("")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    with run_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
-def stack_loops() -> Iterator[Loops]:
-    with loops() as held:
+def stack_loops() -> Iterator[LoopDevices]:
+    with attached_loops() as held:
         yield held
 
 
 @pytest.fixture(scope="session")
 def stacks(
-    request: pytest.FixtureRequest, deb: Path, stacks_workdir: Path, stack_loops: Loops
+    request: pytest.FixtureRequest, deb: Path, stacks_workdir: Path, stack_loops: LoopDevices
 ) -> Generator[Stacks, None, None]:
     missing = [t for t in ("unsquashfs", "mkfs.ext4", "dpkg-deb", "unshare") if not shutil.which(t)]
     if missing:
@@ -134,14 +132,9 @@ def stacks(
     started = time.monotonic()
     built = build_stacks(root, tarball)
     print(f"\nstack images ready in {time.monotonic() - started:.0f} s")
-    # Loop devices are made of files in the run directory, so a killed run's are swept.
-    volumes = {
-        name: stack_loops.attach(link_or_copy(b.image, stacks_workdir / f"{name}.img"), True)
-        for name, b in built.items()
-    }
-    writable = stack_loops.attach(make_writable_image(stacks_workdir / "data.ext4"), False)
-    configure(root, volumes, writable)
-    machine = Container(root, stacks_workdir, [*volumes.values(), writable])
+    machine, writable = stacks_container(
+        root, stacks_workdir, {name: b.image for name, b in built.items()}, stack_loops
+    )
     request.config.stash[STACKS_CONTAINER_KEY] = machine
     try:
         machine.boot(timeout=300)

@@ -2,8 +2,9 @@
 
 They spell out the rules path by path, with plain dicts: `find_conflicts` (overlayfs lookup
 semantics, the rule the packed conflict finder of core/packed.py must give exactly),
-`index_volume`/`index_tree` (the walk adapters/indexer.py does in packed form), and
-`pack`/`to_dict` between the two forms. The daemon never uses them.
+`index_volume`/`index_tree` (the walk adapters/indexer.py does in packed form),
+`pack`/`to_dict` between the two forms, and `base_names` (directory listings of a dict
+base). The daemon never uses them.
 
 Conflicts between stacked personalities, found with overlayfs lookup semantics.
 
@@ -180,3 +181,21 @@ def pack(tree: Mapping[str, str]) -> PackedTree:
 
 def to_dict(tree: PackedTree) -> dict[str, str]:
     return dict(tree.items())
+
+
+def base_names(base: Mapping[str, str]) -> Callable[[bytes], frozenset[bytes] | None]:
+    """The base's listing of a directory (None where the base has no directory), for the
+    packed finders, from a TreeIndex-like dict of the base."""
+
+    def names(directory: bytes) -> frozenset[bytes] | None:
+        d = os.fsdecode(directory)
+        if d and base.get(d) not in (DIR, OPAQUE_DIR):
+            return None
+        prefix = d + "/" if d else ""
+        return frozenset(
+            os.fsencode(p[len(prefix) :])
+            for p in base
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        )
+
+    return names

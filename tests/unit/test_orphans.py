@@ -9,31 +9,16 @@ shows as a directory, with only plain directories of the upper on the way.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import pack
+from oracles import base_names, pack
 
 from personalityd.core.model import DIR, FILE, OPAQUE_DIR, SYMLINK, WHITEOUT
 from personalityd.core.orphans import Orphan, find_orphans
 
 Tree = Mapping[str, str]  # relative path -> kind
-
-
-def _base_names(base: Tree) -> Callable[[bytes], frozenset[bytes] | None]:
-    def names(directory: bytes) -> frozenset[bytes] | None:
-        d = os.fsdecode(directory)
-        if d and base.get(d) not in (DIR, OPAQUE_DIR):
-            return None
-        prefix = d + "/" if d else ""
-        return frozenset(
-            os.fsencode(p[len(prefix) :])
-            for p in base
-            if p.startswith(prefix) and "/" not in p[len(prefix) :]
-        )
-
-    return names
 
 
 def _orphans(
@@ -49,7 +34,7 @@ def _orphans(
         [(n, pack(t)) for n, t in old],
         [(n, pack(t)) for n, t in new],
         leaving,
-        _base_names(base),
+        base_names(base),
         lambda rel: upper.get(os.fsdecode(rel)),
     )
     return [(os.fsdecode(o.relpath), o.name) for o in found]

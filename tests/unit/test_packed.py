@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import find_conflicts, index_volume, pack, to_dict
+from oracles import base_names, find_conflicts, index_volume, pack, to_dict
 
 from personalityd.adapters.indexer import BaseNames, index_volume_packed
 from personalityd.core.model import (
@@ -54,19 +54,8 @@ def _dict_result(
 def _packed_result(
     layers: Sequence[tuple[str, dict[str, str]]], base: dict[str, str]
 ) -> tuple[list[Conflict], int, list[Mask]]:
-    def base_names(directory: bytes) -> frozenset[bytes] | None:
-        d = os.fsdecode(directory)
-        if d and base.get(d) not in (DIR, OPAQUE_DIR):
-            return None
-        prefix = d + "/" if d else ""
-        return frozenset(
-            os.fsencode(p[len(prefix) :])
-            for p in base
-            if p.startswith(prefix) and "/" not in p[len(prefix) :]
-        )
-
     packed = [(name, pack(tree)) for name, tree in layers]
-    return find_conflicts_packed("/usr", packed, base_names, lambda p, names: p.endswith("b"))
+    return find_conflicts_packed("/usr", packed, base_names(base), lambda p, names: p.endswith("b"))
 
 
 @settings(max_examples=400, deadline=None)

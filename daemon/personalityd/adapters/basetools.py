@@ -18,9 +18,8 @@ import struct
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
-from personalityd.adapters.selfexec import BaseResolver, elf_interpreter
+from personalityd.adapters.selfexec import BaseResolver, elf_interpreter, program_headers
 
 PT_LOAD = 1
 PT_DYNAMIC = 2
@@ -46,36 +45,13 @@ class ToolOutcome:
     output: str  # stdout and stderr, stripped, at most OUTPUT_LIMIT characters
 
 
-def _segments(f: BinaryIO, header: bytes) -> tuple[str, bool, list[tuple[int, int, int, int]]]:
-    """(byte order, 64-bit, [(type, offset, vaddr, filesz)]) of an ELF's program headers."""
-    wide, endian = header[4] == 2, "<" if header[5] == 1 else ">"
-    if wide:
-        (phoff,) = struct.unpack_from(endian + "Q", header, 32)
-        phentsize, phnum = struct.unpack_from(endian + "HH", header, 54)
-    else:
-        (phoff,) = struct.unpack_from(endian + "I", header, 28)
-        phentsize, phnum = struct.unpack_from(endian + "HH", header, 42)
-    found = []
-    for i in range(min(phnum, 256)):
-        f.seek(phoff + i * phentsize)
-        entry = f.read(phentsize)
-        if wide:
-            p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(
-                endian + "IIQQQQ", entry, 0
-            )
-        else:
-            p_type, offset, vaddr, _paddr, filesz = struct.unpack_from(endian + "IIIII", entry, 0)
-        found.append((p_type, offset, vaddr, filesz))
-    return endian, wide, found
-
-
 def elf_runpath(path: str) -> list[str]:
     """The DT_RUNPATH (else DT_RPATH) directories of an ELF file; [] when it has none."""
     with open(path, "rb") as f:
         header = f.read(64)
         if header[:4] != b"\x7fELF":
             return []
-        endian, wide, segments = _segments(f, header)
+        endian, wide, segments = program_headers(f, header)
         dynamic = [s for s in segments if s[0] == PT_DYNAMIC]
         if not dynamic:
             return []
@@ -151,17 +127,7 @@ class BaseTools:
         arch = self.multiarch
         directories += [f"/usr/lib/{arch}", f"/lib/{arch}"] if arch else []
         directories += ["/usr/lib64", "/lib64", "/usr/lib", "/lib"]
-        found: list[str] = []
-        for directory in directories:
-            if not directory.startswith("/"):
-                continue
-            try:
-                resolved = resolver.resolve(directory)
-            except OSError:
-                continue
-            if os.path.isdir(resolved) and resolved not in found:
-                found.append(resolved)
-        return found
+        return resolver.directories(d for d in directories if d.startswith("/"))
 
     def run(self, candidates: Sequence[str], args: Sequence[str]) -> ToolOutcome:
         """Run it (blocking: call from a worker thread). Raises ToolUnavailable."""

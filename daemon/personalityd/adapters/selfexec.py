@@ -19,6 +19,7 @@ import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import structlog
 
@@ -56,33 +57,42 @@ def mapped_from_stack(maps_text: str, overlays: Iterable[MountEntry]) -> list[st
     return sorted({path for device, path in parse_maps(maps_text) if device in devices})
 
 
+def program_headers(
+    f: BinaryIO, header: bytes
+) -> tuple[str, bool, list[tuple[int, int, int, int]]]:
+    """(byte order, 64-bit, [(type, offset, vaddr, filesz)]) of an ELF's program headers;
+    `header` is the file's first 64 bytes."""
+    wide, endian = header[4] == 2, "<" if header[5] == 1 else ">"
+    if wide:
+        (phoff,) = struct.unpack_from(endian + "Q", header, 32)
+        phentsize, phnum = struct.unpack_from(endian + "HH", header, 54)
+    else:
+        (phoff,) = struct.unpack_from(endian + "I", header, 28)
+        phentsize, phnum = struct.unpack_from(endian + "HH", header, 42)
+    found = []
+    for i in range(min(phnum, 256)):
+        f.seek(phoff + i * phentsize)
+        entry = f.read(phentsize)
+        if wide:
+            p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(
+                endian + "IIQQQQ", entry, 0
+            )
+        else:
+            p_type, offset, vaddr, _paddr, filesz = struct.unpack_from(endian + "IIIII", entry, 0)
+        found.append((p_type, offset, vaddr, filesz))
+    return endian, wide, found
+
+
 def elf_interpreter(path: str) -> str | None:
     """The program interpreter (PT_INTERP) of an ELF executable, or None."""
     with open(path, "rb") as f:
         header = f.read(64)
         if header[:4] != b"\x7fELF":
             return None
-        wide, endian = header[4] == 2, "<" if header[5] == 1 else ">"
-        if wide:
-            (phoff,) = struct.unpack_from(endian + "Q", header, 32)
-            phentsize, phnum = struct.unpack_from(endian + "HH", header, 54)
-        else:
-            (phoff,) = struct.unpack_from(endian + "I", header, 28)
-            phentsize, phnum = struct.unpack_from(endian + "HH", header, 42)
-        for i in range(min(phnum, 256)):
-            f.seek(phoff + i * phentsize)
-            entry = f.read(phentsize)
-            (p_type,) = struct.unpack_from(endian + "I", entry, 0)
-            if p_type != PT_INTERP:
-                continue
-            if wide:
-                (offset,) = struct.unpack_from(endian + "Q", entry, 8)
-                (size,) = struct.unpack_from(endian + "Q", entry, 32)
-            else:
-                (offset,) = struct.unpack_from(endian + "I", entry, 4)
-                (size,) = struct.unpack_from(endian + "I", entry, 16)
-            f.seek(offset)
-            return f.read(min(size, 4096)).rstrip(b"\0").decode()
+        for p_type, offset, _vaddr, size in program_headers(f, header)[2]:
+            if p_type == PT_INTERP:
+                f.seek(offset)
+                return f.read(min(size, 4096)).rstrip(b"\0").decode()
     return None
 
 
@@ -120,6 +130,19 @@ class BaseResolver:
             logical = "/"
         return self.physical(logical)
 
+    def directories(self, paths: Iterable[str]) -> list[str]:
+        """`paths` resolved in the base, in order, without those that are not directories
+        there (or cannot be resolved) and without repeats."""
+        found: list[str] = []
+        for path in paths:
+            try:
+                resolved = self.resolve(path)
+            except OSError:
+                continue
+            if os.path.isdir(resolved) and resolved not in found:
+                found.append(resolved)
+        return found
+
 
 def _script_arguments(arguments: Sequence[str], resolver: BaseResolver) -> list[str]:
     """The interpreter's own arguments with its script path resolved in the base (options up
@@ -140,22 +163,17 @@ def reexec_command(
     """(argv, extra environment) that run this interpreter and its script from the base."""
     program = resolver.resolve(executable)
     interpreter = elf_interpreter(program)
-    library_path: list[str] = []
     prefix = os.path.dirname(os.path.dirname(executable))  # /usr for /usr/bin/python3
-    for directory in (
-        f"{prefix}/lib/{multiarch}",
-        f"{prefix}/lib",
-        f"/usr/lib/{multiarch}",
-        f"/lib/{multiarch}",
-        "/usr/lib",
-        "/lib",
-    ):
-        try:
-            resolved = resolver.resolve(directory)
-        except OSError:
-            continue
-        if os.path.isdir(resolved) and resolved not in library_path:
-            library_path.append(resolved)
+    library_path = resolver.directories(
+        (
+            f"{prefix}/lib/{multiarch}",
+            f"{prefix}/lib",
+            f"/usr/lib/{multiarch}",
+            f"/lib/{multiarch}",
+            "/usr/lib",
+            "/lib",
+        )
+    )
     argv = [program, *_script_arguments(orig_argv[1:], resolver)]
     if interpreter is not None:
         argv = [resolver.resolve(interpreter), "--library-path", ":".join(library_path), *argv]
