@@ -73,6 +73,8 @@ def program_headers(
     for i in range(min(phnum, 256)):
         f.seek(phoff + i * phentsize)
         entry = f.read(phentsize)
+        if len(entry) < (56 if wide else 32):
+            break  # truncated: what was read is all there is
         if wide:
             p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(
                 endian + "IIQQQQ", entry, 0
