@@ -76,6 +76,38 @@ OPEN_FROM_USR = textwrap.dedent(
 )
 
 
+# Processes that hold files of a filesystem no longer mounted anywhere in the container (an
+# old generation's overlay, a lazily unmounted volume): by maps, open files, cwd and root.
+UNMOUNTED_HOLDERS = textwrap.dedent(
+    """\
+    import os
+    mounted = set()
+    for line in open("/proc/self/mountinfo"):
+        major, minor = line.split()[2].split(":")
+        mounted.add(os.makedev(int(major), int(minor)))
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        held = set()
+        try:
+            for line in open(f"/proc/{pid}/maps"):
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    held.add((os.makedev(major, minor), fields[5].strip()))
+            for name in ["cwd", "root"] + [f"fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]:
+                try:
+                    held.add((os.stat(f"/proc/{pid}/{name}").st_dev, name))
+                except OSError:
+                    pass
+            comm = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        for dev, what in sorted(held):
+            if dev not in mounted:
+                print(pid, comm, f"{os.major(dev)}:{os.minor(dev)}", what)
+    """
+)
+
+
 def active_since(container: Container, unit: str) -> int:
     """When `unit` last became active (monotonic usec; 0 if it never was)."""
     return int(
@@ -292,7 +324,11 @@ def test_a_volume_that_goes_away_stops_its_unit_and_stays_desired(container: Con
     assert container.is_active("demo-web.service") == "active"
     container.run("personalityctl", "detach", "demo", timeout=200)
     container.wait_active("personality@demo.service", "inactive", timeout=30)
-    wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+    try:
+        wait_until(lambda: container.personalities()["demo"] == "available", 30, "demo released")
+    except AssertionError as exc:
+        holders = container.run("python3", "-c", UNMOUNTED_HOLDERS, check=False).stdout
+        raise AssertionError(f"{exc}; files held off unmounted filesystems:\n{holders}") from None
 
 
 def test_reboot_restores_desired_list_before_dependent_units(container: Container) -> None:

@@ -17,6 +17,10 @@
   started for each joining NAME still stacked (a start through the unit just joins its own
   job). At start-up, after READY, the same for every stacked personality.
 
+After a change that took personalities out, the follower also makes udevd reload (the
+base's `udevadm control --reload`), so it lets go of the generation it last mapped its hwdb
+from.
+
 Without systemd (a sandbox root, no service manager) only the declarations are applied and
 callers are answered right after them.
 """
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from personalityd.adapters.basetools import BaseTools
+from personalityd.adapters.basetools import BaseTools, ToolUnavailable
 from personalityd.adapters.declarations import ToolFailure, apply_runs, read_declarations
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.systemd import ServiceManager
@@ -41,6 +45,7 @@ from personalityd.stack.layout import Layout, MountedVolume
 
 log = structlog.get_logger()
 
+UDEVADM = ("/usr/bin/udevadm", "/bin/udevadm", "/sbin/udevadm")
 RUNNING_STATES = frozenset({"active", "activating", "reloading"})
 
 
@@ -60,6 +65,7 @@ class _FollowUp:
     answer: Callable[[], None]
     units_only: tuple[str, ...] = ()  # start-up: personality@ units of the restored stack
     answer_only: bool = False  # a change that stacked nothing: its answer, in turn
+    released: bool = False  # personalities left the stack: udevd lets go of their generation
 
 
 class Follower:
@@ -179,7 +185,7 @@ class Follower:
         if self.services is None:
             answer()
         else:
-            self._queue.put_nowait(_FollowUp(tuple(arriving), answer))
+            self._queue.put_nowait(_FollowUp(tuple(arriving), answer, released=bool(gone)))
         return failures
 
     def remember(self, stacked: Sequence[Volume]) -> None:
@@ -288,6 +294,8 @@ class Follower:
                 await services.reload()
             except Exception as exc:
                 log.error("systemd_reload_failed", error=str(exc))
+            if item.released:
+                await asyncio.get_running_loop().run_in_executor(None, self._reload_udev)
             jobs = [(v.name, unit) for v in item.arriving for unit in v.manifest.services]
             await asyncio.gather(*(self._start_service(n, u) for n, u in jobs))
         item.answer()
@@ -296,6 +304,19 @@ class Follower:
                 task = asyncio.create_task(self._start_personality_unit(name))
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)
+
+    def _reload_udev(self) -> None:
+        """udevd maps its hwdb and reads its rules again whenever they look changed, which
+        they do after every swap: it then holds files of the generation it last handled an
+        event in, and with them every volume of that generation, which stays `draining`.
+        A reload makes it let go and read the current stack (the base's own udevadm)."""
+        try:
+            outcome = self.tools.run(UDEVADM, ("control", "--reload"))
+        except ToolUnavailable as exc:
+            log.warning("udev_reload_failed", error=str(exc))
+            return
+        if outcome.returncode != 0:
+            log.warning("udev_reload_failed", status=outcome.returncode, error=outcome.output)
 
     async def _start_service(self, personality: str, unit: str) -> None:
         assert self.services is not None
