@@ -474,18 +474,16 @@ class Change:
     def _move_orphans(self) -> list[orphans.Moved]:
         """Move aside what the upper holds under directories that leave the stack with the
         personalities that leave it (in a worker thread)."""
-        stack, before = self.stack, self.before.live
-        leaving = [n for n in before if n not in self.plan.live]
+        stack, leaving = self.stack, self._gone()
         if self.upper.root is None or not leaving:
             return []
         indexed = stack.state.indexed
-        old = [(n, indexed[n]) for n in reversed(before) if n in indexed]
-        new: dict[str, list[tuple[str, VolumeIndex]]] = {}
-        for h, names in self.plan.layers.items():
-            for n in names:
-                index = stack.indexes.cached(self.volumes[n])
-                if index is not None:
-                    new.setdefault(h, []).append((n, index))
+        old = [(n, indexed[n]) for n in reversed(self.before.live) if n in indexed]
+        staying = _indexed(stack, self.volumes, self.plan.live)
+        new = {
+            h: [(n, staying[n]) for n in names if n in staying]
+            for h, names in self.plan.layers.items()
+        }
         layout, hierarchies = stack.engine.layout, stack.config.hierarchies
         try:
             found = orphans.find(layout, self.upper, hierarchies, old, new, leaving)
