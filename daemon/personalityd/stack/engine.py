@@ -161,6 +161,7 @@ class Engine:
             log.info("orphan_volume_unmounted", name=name, path=path)
             _unmount_all(entries, path)
         self._unmount_unrecorded_volume_mounts(entries)
+        self._remove_stale_volume_dirs()
         for h in self.config.hierarchies:
             target = self.layout.hierarchy(h)
             stacked = [e for e in mounts_at(entries, target) if is_our_overlay(e)]
@@ -204,6 +205,18 @@ class Engine:
             if rest not in self.volumes:
                 log.info("orphan_volume_unmounted", name=rest, path=entry.mount_point)
                 _unmount_all(entries, entry.mount_point)
+
+    def _remove_stale_volume_dirs(self) -> None:
+        """Empty mount points an earlier run left (it died between unmount and rmdir, or its
+        orphans were just unmounted). rmdir takes only empty directories that are not mounted."""
+        try:
+            names = os.listdir(self.layout.mount_root)
+        except OSError:
+            return
+        for name in names:
+            if name not in self.volumes:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.layout.volume_dir(name))
 
     def clean_work_dirs(self, upper: Upper, generation: int) -> None:
         """Remove the overlay work dirs of earlier generations from the writable volume."""
