@@ -131,6 +131,14 @@ def test_a_rollback_names_the_change_it_undid() -> None:
     assert changes.failure_line(parse("rollback"), exc).startswith("rollback: rolled back: ")
     already = CliError("rolled back: deadline", ROLLED_BACK)
     assert changes.failure_line(parse("switch"), already) == "switch: rolled back: deadline"
+    # The daemon's own words, when they say it, are not repeated.
+    daemon = (
+        "generation 8 was rolled back (nginx.service: exit-code); "
+        "generation 9 has the stack of generation 7"
+    )
+    assert changes.failure_line(parse("switch", "web2"), CliError(daemon, ROLLED_BACK)) == (
+        f"switch web2: {daemon}"
+    )
     other = CliError("no personality named 'web2'", "org.personalityd.personality1.Error.Nope")
     assert changes.failure_line(parse("switch", "web2"), other) == "no personality named 'web2'"
 

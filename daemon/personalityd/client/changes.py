@@ -156,7 +156,7 @@ def failure_line(args: argparse.Namespace, exc: CliError) -> str:
     if exc.error_name != ERROR_ROLLED_BACK:
         return str(exc)
     reason = str(exc)
-    if not reason.lower().startswith("rolled back"):
+    if "rolled back" not in reason.lower():
         reason = f"rolled back: {reason}"
     return f"{describe(args)}: {reason}"
 
