@@ -63,6 +63,18 @@ class Timeout(PersonalityError):
     dbus_name = ERROR_PREFIX + "Timeout"
 
 
+class RolledBack(PersonalityError):
+    """A trial that was not confirmed: its generation was rolled back (the message says why)."""
+
+    code = "rolled-back"
+    dbus_name = ERROR_PREFIX + "RolledBack"
+
+
+class NotSupported(PersonalityError):
+    code = "not-supported"
+    dbus_name = ERROR_PREFIX + "NotSupported"
+
+
 class AccessDenied(PersonalityError):
     code = "access-denied"
     dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
