@@ -4,6 +4,7 @@ back to one of them, and keeping a trial."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Any, Final
 
 from personalityd.client.changes import (
     CHANGE_TIMEOUT,
+    ERROR_ROLLED_BACK,
     add_json_argument,
     add_trial_arguments,
     announce_trial,
@@ -21,12 +23,17 @@ from personalityd.client.changes import (
     outcome_of,
     seconds,
 )
-from personalityd.client.connection import Client
+from personalityd.client.connection import Client, CliError
 from personalityd.client.output import PROG, count, format_table, print_json
 from personalityd.core.names import SIG_OPTIONS
 
 CONFIRMED: Final = "confirmed"
 TRIAL: Final = "trial"
+ROLLED_BACK: Final = "rolled-back"
+# How long `confirm` watches for the daemon to act on it (a trial confirmed by hand after its
+# checks passed is confirmed within a moment).
+CONFIRM_SETTLE: Final = 3.0
+CONFIRM_POLL: Final = 0.1
 BASE_ONLY: Final = "(base only)"
 HISTORY_HEADERS: Final = ("GENERATION", "TIME", "STATUS", "CAUSE", "DESIRED")
 
@@ -153,13 +160,38 @@ async def verb_rollback(client: Client, args: argparse.Namespace) -> int:
 async def verb_confirm(client: Client, args: argparse.Namespace) -> int:
     trial = args.generation or on_trial(await read_history(client))
     await client.call("Confirm", "t", [args.generation], timeout=CHANGE_TIMEOUT)
+    status = await settled_status(client, trial) if trial else TRIAL
+    if status == ROLLED_BACK:
+        raise CliError(
+            f"generation {trial} was rolled back before it could be confirmed; "
+            f"see '{PROG} history' and the journal",
+            ERROR_ROLLED_BACK,
+        )
     if args.json:
         result = await outcome(client, True)
         result["confirmed"] = trial
+        result["status"] = status
         print_json(result)
+    elif status == CONFIRMED:
+        print(f"Confirmed generation {trial}.")
     else:
-        print(f"Confirmed generation {trial}." if trial else "Confirmed the trial.")
+        # An automatic trial, or a manual one whose checks still run: they decide now.
+        which = f"generation {trial}" if trial else "the trial"
+        print(f"Confirmation given: {which} is kept once its checks pass.")
     return 0
+
+
+async def settled_status(client: Client, trial: int) -> str:
+    """The status of `trial` once the daemon has acted on a Confirm: a trial whose checks
+    are done is confirmed at once; one whose checks still run stays `trial`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + CONFIRM_SETTLE
+    while True:
+        entry = next((e for e in await read_history(client) if e.generation == trial), None)
+        status = entry.status if entry is not None else TRIAL
+        if status != TRIAL or loop.time() >= end:
+            return status
+        await asyncio.sleep(CONFIRM_POLL)
 
 
 # -- arguments --------------------------------------------------------------------------------

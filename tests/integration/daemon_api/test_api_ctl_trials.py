@@ -202,6 +202,7 @@ def test_manual_trial_confirmed(
             "attached": ["tools"],
             "conflicts": 0,
             "confirmed": trial,
+            "status": "confirmed",
         }
     finally:
         result = finish(switching)
