@@ -40,6 +40,10 @@ class Busy(PersonalityError):
     dbus_name = ERROR_PREFIX + "Busy"
 
 
+class Stopping(Busy):
+    """Busy because the daemon is stopping: a spool request stays for the next start."""
+
+
 class MountFailed(PersonalityError):
     code = "mount-failed"
     dbus_name = ERROR_PREFIX + "MountFailed"

@@ -26,7 +26,7 @@ from personalityd.adapters.spool import (
 )
 from personalityd.config import Config
 from personalityd.core.access import SPOOL, Caller
-from personalityd.core.errors import Busy, PersonalityError
+from personalityd.core.errors import PersonalityError, Stopping
 from personalityd.core.requests import Request, parse_request, request_id_of
 from personalityd.log import CallerLog
 from personalityd.stack.api import ManagerAPI
@@ -66,7 +66,7 @@ class SpoolService:
         except RequestGone:
             in_flight.discard(path)
             return  # taken away before we got to it, or a duplicate notice: nothing to answer
-        except Busy:
+        except Stopping:
             in_flight.discard(path)
             return  # the daemon is stopping: the request stays in the spool for the next start
         except PersonalityError as error:

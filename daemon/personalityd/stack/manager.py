@@ -37,6 +37,7 @@ from personalityd.core.errors import (
     NotSupported,
     PersonalityError,
     RolledBack,
+    Stopping,
 )
 from personalityd.core.history import (
     CAUSE_ROLLBACK,
@@ -421,7 +422,7 @@ class Manager:
 
     def _check_running(self) -> None:
         if self._stopping.is_set():
-            raise Busy("personalityd is stopping; ask again once it is back")
+            raise Stopping("personalityd is stopping; ask again once it is back")
 
     async def _wait_for_volumes(self, names: Sequence[str], timeout: float) -> None:
         """registry.wait_for, cut short with Busy when the daemon starts stopping.
@@ -450,7 +451,7 @@ class Manager:
         if self._active is not None:
             self._active.abort()
         while not self._queue.empty():
-            _fail(self._queue.get_nowait(), Busy("personalityd is stopping; ask again later"))
+            _fail(self._queue.get_nowait(), Stopping("personalityd is stopping; ask again later"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (self._changing or self._callers) and loop.time() < deadline:
@@ -581,7 +582,7 @@ class Manager:
         assert active is not None
         if isinstance(outcome, Aborted):
             log.warning("trial_left_for_next_start", generation=record.generation)
-            error: PersonalityError = Busy(
+            error: PersonalityError = Stopping(
                 f"personalityd stopped during the trial of generation {record.generation}; "
                 "the next start rolls it back"
             )
