@@ -354,6 +354,8 @@ class Manager:
     async def refresh(self, caller: Caller) -> None:
         with self._call():
             await self._authorize(caller, "Refresh")
+            if self._active is not None:
+                await self._during_trial(self._active, Edit("switch", ()))
             await self._submit(Job("refresh", intent=Intent(_cause(caller))))
 
     def device_event(self, event: DeviceEvent) -> None:

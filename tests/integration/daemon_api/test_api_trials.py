@@ -219,6 +219,17 @@ def test_kill9_during_a_trial_returns_to_the_confirmed_stack(
             assert state["history"][-2]["status"] == "rolled-back"
         else:  # killed before the request was read: it was handled again, as a new trial,
             raise AssertionError(f"a trial request answered ok without a Confirm: {result}")
+    # A clean stop (SIGTERM) during a trial: the same at the next start.
+    generation = daemon_generation(daemon)
+    drop(daemon.spool_dir, "term", {"action": "switch", "personalities": ["c"], "confirm": 600,
+                                    "confirm_mode": "manual"})  # fmt: skip
+    wait_for_trial(daemon, generation + 1)
+    assert daemon.stop() == 0
+    assert not has_result(daemon, "term")  # left in the spool for the next start
+    daemon.start()
+    assert read(sandbox_root, "usr/bin/tool") == b"a"
+    wait_until(lambda: has_result(daemon, "term"), daemon)
+    assert spool_result(daemon, "term")["code"] == "rolled-back"
     entries = journal.entries(ROLLED_BACK, min_count=1)
     assert all(e["PERSONALITY_REASON"] == "not confirmed before the daemon stopped"
                for e in entries)  # fmt: skip
@@ -239,6 +250,7 @@ async def test_data_rollback_on_btrfs(
         build_writable_image(sandbox_root.parent, fs_type="btrfs"), read_only=False
     )
     serve(daemon)
+    await asyncio.to_thread(wait_until, lambda: bool(daemon_writable(daemon)), daemon)
     await call_ok(client, "Switch", "asa{sv}", ["a"], {})
     (sandbox_root / "etc/before").write_text("before\n")
     confirmed = daemon_generation(daemon)
@@ -254,7 +266,8 @@ async def test_data_rollback_on_btrfs(
     assert not (sandbox_root / "etc/during").exists()
     assert (sandbox_root / "etc/before").read_text() == "before\n"
     writable = daemon.runtime_dir / "writable"
-    kept = writable / f"rolled-back/{confirmed + 1}"
+    (tried,) = [g for g, _, _, status, _ in await generations(client) if status == "rolled-back"]
+    kept = writable / f"rolled-back/{tried}"
     assert (kept / "upper/_etc/during").read_text() == "during\n"
     assert (kept / "upper/_etc/before").read_text() == "changed during the trial\n"
     state = json.loads((daemon.state_dir / "state.json").read_text())
@@ -274,3 +287,11 @@ async def test_data_rollback_on_btrfs(
     assert name == "org.freedesktop.DBus.Error.InvalidArgs" and "data is kept" in message
     snapshots = sorted(int(p.name) for p in (writable / "snapshots").iterdir())
     assert snapshots and set(snapshots) <= {g for g, *_ in await generations(client)}
+
+
+def daemon_writable(daemon: Daemon) -> str:
+    """The writable device the daemon uses (from its log), or "" before it found one."""
+    for line in daemon.log_text().splitlines():
+        if "event=writable_mounted" in line:
+            return line
+    return ""
