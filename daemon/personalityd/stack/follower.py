@@ -150,6 +150,24 @@ class Follower:
         finally:
             self._stopping.discard(name)
 
+    async def settle_personality_units(self, names: Sequence[str], timeout: float = 10.0) -> None:
+        """Wait (bounded) until no `personality@NAME.service` of `names` is still starting:
+        before a trial is rolled back, their ExecStart got its answer and is about to end."""
+        if self.services is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for name in names:
+            while loop.time() < deadline:
+                try:
+                    state = await self.services.unit_state(personality_unit(name))
+                except Exception as exc:
+                    log.warning("personality_unit_state_unknown", name=name, error=str(exc))
+                    break
+                if state != "activating":
+                    break
+                await asyncio.sleep(0.05)
+
     async def unit_stop_is_ours(self, name: str) -> bool:
         """Whether a detach from `personality@NAME.service`'s ExecStop is to change nothing:
         the daemon itself stops that unit (NAME left the live stack), or the system is

@@ -612,15 +612,15 @@ class Manager:
             return
         asked = outcome.job if isinstance(outcome, Requested) else None
         reason = outcome.reason if isinstance(outcome, Failed) else BY_REQUEST
-        error = await self._roll_back_trial(record, reason, asked)
-        active.end(error)
+        error = await self._roll_back_trial(record, reason, asked, active)
         _fail(job, error)
 
     async def _roll_back_trial(
-        self, record: TrialRecord, reason: str, asked: object
+        self, record: TrialRecord, reason: str, asked: object, active: ActiveTrial
     ) -> PersonalityError:
         """Return from the trial `record` to its confirmed generation (or to the one an
-        explicit Rollback, `asked`, names) in one change; the error the trial's callers get."""
+        explicit Rollback, `asked`, names) in one change; the error the trial's callers get,
+        once the services of the restored stack run again."""
         self._active = None  # the rollback is a change like any other
         # Whatever the target, the upper returns to its state before the trial.
         before = record.rollback_to if self.stack.data_supported() else None
@@ -636,9 +636,17 @@ class Manager:
             if back is not None:
                 self.state.desired = back.desired
         log.warning("trial_failed", generation=record.generation, reason=reason)
+        # Attaches waiting for the trial (the ExecStart of personality@NAME.service) are
+        # answered first, so those units fail on their own and their dependents on the
+        # dependency, rather than being cancelled by the stop before the swap back.
+        active.end(_rolled_back(record.generation, reason, self.generation + 1, target))
+        leaving = [n for n in self.state.snapshot.live if n not in self.desired]
+        await self.follower.settle_personality_units(leaving)
+        restored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
             await self.rebuild(f"roll back generation {record.generation}: {reason}",
-                               frozenset(), (), intent)  # fmt: skip
+                               frozenset(), [(restored, True)], intent)  # fmt: skip
+            await restored
         except PersonalityError as exc:
             log.error("rollback_failed", generation=record.generation, error=str(exc))
             if isinstance(asked, Job):
@@ -655,11 +663,7 @@ class Manager:
         if isinstance(asked, Job):
             asked.made = new
             _answer(asked, True)
-        return RolledBack(
-            f"generation {record.generation} was rolled back ({reason}); generation {new} "
-            f"has the stack of generation {target}",
-            cause=reason,
-        )
+        return _rolled_back(record.generation, reason, new, target)
 
     def _release_trial(self) -> None:
         """A trial batch whose change made no trial: a Rollback that reached it goes on."""
@@ -804,11 +808,7 @@ class Manager:
         self.stack.journal.rolled_back(trial.generation, back, new_generation, INTERRUPTED)
         log.warning("rolled_back", generation=trial.generation, rolled_back_to=back,
                     new_generation=new_generation, reason=INTERRUPTED)  # fmt: skip
-        error = RolledBack(
-            f"generation {trial.generation} was rolled back ({INTERRUPTED}); generation "
-            f"{new_generation} has the stack of generation {back}",
-            cause=INTERRUPTED,
-        )
+        error = _rolled_back(trial.generation, INTERRUPTED, new_generation, back)
         self._interrupted = dict.fromkeys(trial.origins, error)
 
     async def watch_draining(self, interval: float = 0.5) -> None:
@@ -836,6 +836,14 @@ def _same_listing_key(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
 def _fail(job: Job, error: PersonalityError) -> None:
     if job.future is not None and not job.future.done():
         job.future.set_exception(error)
+
+
+def _rolled_back(generation: int, reason: str, new: int, target: int) -> RolledBack:
+    return RolledBack(
+        f"generation {generation} was rolled back ({reason}); generation {new} has the stack "
+        f"of generation {target}",
+        cause=reason,
+    )
 
 
 def _answer(job: Job, value: bool) -> None:
