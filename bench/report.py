@@ -16,7 +16,7 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
     if unit == "paths/s":
         return f"{value:,.0f}/s"
-    if unit in ("MiB", "bytes/path", "ms", "ms beyond udev"):
+    if unit in ("MiB", "bytes/path", "ms") or unit.startswith("ms beyond "):
         return f"{value:.1f} {unit.split()[0]}"
     return f"{value:g}"
 
@@ -52,7 +52,7 @@ def merged(rows: Sequence[Row], partial: bool) -> list[Row]:
 
 def _table_line(r: Row) -> str:
     ref = r.reference
-    ref_unit = "ms" if r.unit == "ms beyond udev" else r.unit
+    ref_unit = "ms" if r.unit.startswith("ms beyond ") else r.unit
     ref_text = "-" if ref is None else f"{cell(ref.figures, ref_unit)}: {ref.what}"
     met = {True: "yes", False: "**no**", None: "-"}[r.met]
     return (
