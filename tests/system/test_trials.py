@@ -82,14 +82,20 @@ def newest(t: Trials, desired: list[str], status: str) -> Generation:
     return found[-1]
 
 
+def assert_trial_journalled(t: Trials, trial: Generation, confirm: int) -> None:
+    """One trial entry for `trial`, its deadline `confirm` seconds after it (realtime usec)."""
+    (started,) = t.journal(TRIAL_ID, PERSONALITY_GENERATION=trial.number)
+    ahead = (int(started["PERSONALITY_DEADLINE"]) - int(started["__REALTIME_TIMESTAMP"])) / 1e6
+    assert confirm - 5 < ahead <= confirm + 0.5, started
+
+
 def assert_rollback_journalled(
-    t: Trials, trial: Generation, restored: Generation, reason: str
+    t: Trials, trial: Generation, restored: Generation, reason: str, confirm: int = 30
 ) -> Generation:
     """The trial and rollback entries of `trial`; returns the generation the rollback made."""
     made = t.rolled_back_from(trial.number)
     assert (made.status, made.cause, made.desired) == ("confirmed", "rollback", restored.desired)
-    (started,) = t.journal(TRIAL_ID, PERSONALITY_GENERATION=trial.number)
-    assert started.get("PERSONALITY_DEADLINE"), started
+    assert_trial_journalled(t, trial, confirm)
     (entry,) = t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
     assert entry["PERSONALITY_ROLLED_BACK_TO"] == str(restored.number), entry
     assert entry["PERSONALITY_NEW_GENERATION"] == str(made.number), entry
@@ -159,8 +165,7 @@ def test_health_checks(trials: Trials) -> None:
     assert t.c.read("/run/hcok-check.ran").strip() == "active"
     confirmed = newest(t, ["good", "hcok"], "confirmed")
     assert t.current() == confirmed.number
-    (started,) = t.journal(TRIAL_ID, PERSONALITY_GENERATION=confirmed.number)
-    assert started.get("PERSONALITY_DEADLINE"), started
+    assert_trial_journalled(t, confirmed, 30)
     assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
     assert t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=confirmed.number) == []
 
@@ -188,6 +193,7 @@ def test_manual_confirmation(trials: Trials) -> None:
     assert reply.error == "", reply
     assert t.generation(trial.number).status == "confirmed"
     assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
+    assert_trial_journalled(t, trial, 60)
     assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=trial.number)) == 1
 
     # Not confirmed in time: back to [good, alt], alt's service started again.
@@ -198,7 +204,7 @@ def test_manual_confirmation(trials: Trials) -> None:
     assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
     missed = newest(t, ["good"], "rolled-back")
     assert missed.number > before.number
-    assert_rollback_journalled(t, missed, before, "deadline")
+    assert_rollback_journalled(t, missed, before, "deadline", confirm=4)
 
     assert t.switch(["good"]).error == ""
 
@@ -286,5 +292,5 @@ def test_personality_units_wait_for_confirmation(trials: Trials) -> None:
     seen = {int(g): (d, s) for g, d, _u, s, _c in rows}
     confirmed = newest(t, ["good", "alt"], "confirmed")
     assert seen.get(confirmed.number) == (["good", "alt"], "confirmed"), seen
-    assert len(t.journal(TRIAL_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
+    assert_trial_journalled(t, confirmed, 20)
     assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
