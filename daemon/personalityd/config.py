@@ -67,6 +67,8 @@ class Config:
     search_paths: tuple[str, ...] = DEFAULT_SEARCH_PATHS
     sysext_paths: bool = False
     verify: Verify = "none"
+    history: int = 16  # generations kept in the history
+    confirm_timeout: int = 0  # default trial length in seconds; 0: no trial
 
     def path(self, p: str) -> Path:
         """A configured absolute path (`/usr`) as it is found under `root`."""
@@ -197,10 +199,13 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return check
 
 
-def _max_layers(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYERS:
-        raise _Bad(f"an integer from 1 to {MAX_LAYERS}", value)
-    return value
+def _count(low: int, high: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Bad(f"an integer from {low} to {high}", value)
+        return value
+
+    return check
 
 
 def _boolean(value: object) -> bool:
@@ -219,7 +224,7 @@ KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "stack.hierarchies": ("hierarchies", _hierarchies),
     "stack.overlay_api": ("overlay_api", _choice("auto", "lowerdir+", "legacy")),
     "stack.swap": ("swap", _choice("auto", "beneath", "replace")),
-    "stack.max_layers": ("max_layers", _max_layers),
+    "stack.max_layers": ("max_layers", _count(1, MAX_LAYERS)),
     "writable.match": ("writable_match", _rules),
     "writable.fallback": ("writable_fallback", _choice("none", "tmpfs")),
     "spool.dir": ("spool_dir", _directory),
@@ -231,6 +236,8 @@ KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "images.search_paths": ("search_paths", _search_paths),
     "images.sysext_paths": ("sysext_paths", _boolean),
     "images.verify": ("verify", _choice("none", "checksum", "signed")),
+    "state.history": ("history", _count(2, 10_000)),
+    "transactions.confirm_timeout": ("confirm_timeout", _count(0, 2**32 - 1)),
 }
 TABLES = frozenset(key.partition(".")[0] for key in KEYS if "." in key)
 

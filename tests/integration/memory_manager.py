@@ -9,13 +9,16 @@ the daemon's one authorization rule (core/access.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from personalityd.adapters.groups import DEFAULT_GROUPS
+from personalityd.core import history
 from personalityd.core.access import Caller, authorize
 from personalityd.core.errors import Incompatible, NoSuchPersonality, Timeout
-from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
+from personalityd.core.history import Generation, TrialOptions
+from personalityd.core.model import Conflict, DesiredEntry, PersonalityInfo, StackEvent
 from personalityd.core.names import check_name
 
 MOUNT_ROOT = "/opt/personality"
@@ -53,6 +56,11 @@ class MemoryManager:
         self._writable_device = writable_device
         self.conflict_list: tuple[Conflict, ...] = ()
         self.callers: list[tuple[str, Caller]] = []  # (operation, caller) as received
+        self.trials: list[TrialOptions | None] = []  # the trial options of changing calls
+        self.history: tuple[Generation, ...] = (
+            Generation(0, (), time.time_ns() // 1000, history.CONFIRMED, history.CAUSE_START),
+        )
+        self._cause = history.CAUSE_DBUS
         for volume in volumes:
             self.add_volume(volume)
 
@@ -86,8 +94,15 @@ class MemoryManager:
     # -- ManagerAPI: changing ---------------------------------------------------------------
 
     async def attach(
-        self, caller: Caller, name: str, *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool:
+        self.trials.append(trial)
         self._authorize("attach", caller)
         check_name(name)
         if name == EXPLODING_NAME:
@@ -102,7 +117,15 @@ class MemoryManager:
         self._rebuild()
         return True
 
-    async def detach(self, caller: Caller, name: str, *, from_unit: bool = False) -> bool:
+    async def detach(
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        from_unit: bool = False,
+        trial: TrialOptions | None = None,
+    ) -> bool:
+        self.trials.append(trial)
         self._authorize("detach", caller)
         check_name(name)
         if name not in self._desired:
@@ -115,8 +138,15 @@ class MemoryManager:
         return True
 
     async def switch(
-        self, caller: Caller, names: Sequence[str], *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        names: Sequence[str],
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool:
+        self.trials.append(trial)
         self._authorize("switch", caller)
         for name in names:
             check_name(name)
@@ -132,6 +162,35 @@ class MemoryManager:
     async def refresh(self, caller: Caller) -> None:
         self._authorize("refresh", caller)
         self._rebuild()
+
+    async def rollback(
+        self,
+        caller: Caller,
+        generation: int,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
+        data: bool = False,
+    ) -> int:
+        """No trials and no data here: the desired list of the generation, as a switch."""
+        self.trials.append(trial)
+        self._authorize("rollback", caller)
+        target = history.rollback_target(self.history, self._generation, generation)
+        self._desired = list(target.names)
+        self._cause = history.CAUSE_ROLLBACK
+        try:
+            self._rebuild()
+        finally:
+            self._cause = history.CAUSE_DBUS
+        return self._generation
+
+    async def confirm(self, caller: Caller, generation: int) -> None:
+        self._authorize("confirm", caller)
+        history.confirm_target(None, generation)
+
+    def list_generations(self) -> tuple[Generation, ...]:
+        return self.history
 
     # -- ManagerAPI: reading ----------------------------------------------------------------
 
@@ -230,6 +289,10 @@ class MemoryManager:
         old = self._attached
         self._attached = live
         self._generation += 1
+        desired = tuple(DesiredEntry(n) for n in self._desired)
+        now = time.time_ns() // 1000
+        entry = Generation(self._generation, desired, now, history.CONFIRMED, self._cause)
+        self.history = history.record(self.history, entry, 16)
         event = StackEvent(
             generation=self._generation,
             attached=live,

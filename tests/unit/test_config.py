@@ -178,6 +178,9 @@ BAD: list[tuple[str, object, str]] = [
     ("stack.max_layers", 501, "an integer from 1 to 500"),
     ("stack.max_layers", True, "an integer from 1 to 500"),
     ("stack.max_layers", "5", "an integer from 1 to 500"),
+    ("state.history", 1, "an integer from 2 to 10000"),
+    ("transactions.confirm_timeout", -1, "an integer from 0 to 4294967295"),
+    ("transactions.confirm_timeout", 2.5, "an integer from 0 to 4294967295"),
     ("writable.match", [{"ID_FS_LABEL": ["a"]}], "a list of tables"),
     ("writable.fallback", "ramfs", 'one of "none", "tmpfs"'),
     ("writable.fallback", False, 'one of "none", "tmpfs"'),
@@ -282,6 +285,8 @@ BAD_STRATEGIES: dict[str, st.SearchStrategy[object]] = {
     | st.text()
     | st.booleans()
     | st.floats(),
+    "state.history": st.integers().filter(lambda i: not 2 <= i <= 10_000) | st.booleans(),
+    "transactions.confirm_timeout": st.integers(max_value=-1) | st.text() | st.floats(),
     "writable.match": LIST_BAD | st.lists(st.just({"A": 1}), min_size=1, max_size=2),
     "writable.fallback": CHOICE_BAD.filter(lambda v: v not in ("none", "tmpfs")),
     "spool.dir": PATHS_BAD,
@@ -436,6 +441,7 @@ def test_shipped_config_is_all_defaults_and_every_key() -> None:
         "writable": {},
         "spool": {},
         "state": {},
+        "transactions": {},
         "systemd": {},
         "debug": {},
     }

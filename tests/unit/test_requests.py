@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from personalityd.core.errors import InvalidName, InvalidRequest, PersonalityError
+from personalityd.core.history import TrialOptions
 from personalityd.core.requests import ACTIONS, Request, parse_request, request_id_of
 
 
@@ -181,7 +182,7 @@ def test_arbitrary_objects_never_crash(data: dict[str, object]) -> None:
     except PersonalityError as e:
         assert "\n" not in str(e)
     else:
-        assert request.action in ("attach", "detach", "switch")
+        assert request.action in ("attach", "detach", "switch", "rollback")
     request_id_of(body)
 
 
@@ -193,14 +194,20 @@ def requests(draw: st.DrawFn) -> Request:
     action = draw(st.sampled_from(ACTIONS))
     if action == "switch":
         names = tuple(draw(st.lists(NAMES, unique=True, max_size=5)))
+    elif action == "rollback":
+        names = ()
     else:
         names = (draw(NAMES),)
+    rollback = action == "rollback"
     return Request(
         action=action,
         names=names,
         id=draw(st.none() | st.text(max_size=256)),
         timeout=draw(st.floats(min_value=0, max_value=86400) | st.integers(0, 86400).map(float)),
         force=draw(st.booleans()),
+        generation=draw(st.integers(0, 2**64 - 1)) if rollback else 0,
+        trial=TrialOptions(draw(st.none() | st.integers(0, 2**32 - 1)), draw(st.booleans())),
+        data=draw(st.booleans()) if rollback else False,
     )
 
 
@@ -209,8 +216,14 @@ def test_valid_requests_round_trip(request: Request) -> None:
     data: dict[str, object] = {"action": request.action, "timeout": request.timeout}
     if request.action == "switch":
         data["personalities"] = list(request.names)
+    elif request.action == "rollback":
+        data["generation"] = request.generation
+        data["data"] = request.data
     else:
         data["personality"] = request.names[0]
+    if request.trial.seconds is not None:
+        data["confirm"] = request.trial.seconds
+    data["confirm_mode"] = "manual" if request.trial.manual else "auto"
     if request.id is not None:
         data["id"] = request.id
     if request.force:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from personalityd.adapters.state import (
     write_conflict_report,
     write_json_atomic,
 )
+from personalityd.core.history import CONFIRMED, TRIAL, Generation, TrialRecord
 from personalityd.core.model import Conflict, ConflictReport, DesiredEntry, Mask
 
 DAEMON_DIR = Path(__file__).resolve().parents[2] / "daemon"
@@ -40,9 +42,12 @@ def test_round_trip(tmp_path: Path) -> None:
     assert load_state(tmp_path) == STATE
     path = tmp_path / "state.json"
     assert json.loads(path.read_text()) == {
-        "version": 1,
+        "version": 2,
         "generation": 7,
         "desired": [{"name": "base-tools", "force": False}, {"name": "web", "force": True}],
+        "history": [],
+        "trial": None,
+        "upper_data": None,
     }
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left
@@ -223,3 +228,49 @@ def test_conflict_report(tmp_path: Path) -> None:
 def test_conflict_report_without_masks_lists_none(tmp_path: Path) -> None:
     write_conflict_report(tmp_path, 1, [], ConflictReport((), 0))
     assert json.loads((tmp_path / "conflicts.json").read_text())["masks"] == []
+
+
+def test_version_1_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text(
+        '{"version": 1, "generation": 7, "desired": [{"name": "web", "force": false}]}'
+    )
+    assert load_state(tmp_path) == PersistedState(desired=(DesiredEntry("web"),), generation=7)
+
+
+def test_history_and_trial_round_trip(tmp_path: Path) -> None:
+    desired = (DesiredEntry("base"), DesiredEntry("web", force=True))
+    state = PersistedState(
+        desired=desired,
+        generation=9,
+        history=(
+            Generation(8, desired[:1], 1_700_000_000_000_000, CONFIRMED, "dbus"),
+            Generation(9, desired, 1_700_000_001_000_000, TRIAL, "spool"),
+        ),
+        trial=TrialRecord(9, 8, 1_700_000_031_000_000, manual=True, origins=("web.json",)),
+        upper_data="live/9",
+    )
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == state
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"history": {}}, "'history' must be a list"),
+        ({"history": [{"generation": 1, "desired": [], "realtime_usec": 0, "status": "maybe",
+                       "cause": "dbus"}]}, "'status' must be one of"),
+        ({"history": [{"generation": 1, "desired": [], "realtime_usec": 0,
+                       "status": "trial", "cause": "cron"}]}, "'cause' must be one of"),
+        ({"trial": {"generation": 1, "rollback_to": -1, "deadline_usec": 0}}, "rollback_to"),
+        ({"trial": {"generation": 1, "rollback_to": 0, "deadline_usec": 0, "origins": [1]}},
+         "'origins'"),
+        ({"upper_data": 5}, "'upper_data'"),
+    ],
+)
+def test_bad_history_or_trial_is_refused(
+    tmp_path: Path, extra: dict[str, object], why: str
+) -> None:
+    body = {"version": 2, "generation": 1, "desired": [], **extra}
+    (tmp_path / "state.json").write_text(json.dumps(body))
+    with pytest.raises(StateFileError, match=re.escape(why)):
+        load_state(tmp_path)

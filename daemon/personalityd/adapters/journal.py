@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import structlog
@@ -118,6 +119,10 @@ def encode_fields(fields: Mapping[str, FieldValue | bool]) -> list[bytes]:
 
 def _item(name: str, value: str) -> bytes:
     return f"{name}={value}".encode("utf-8", "surrogateescape")
+
+
+def _local_time(realtime_usec: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(realtime_usec / 1_000_000))
 
 
 def _plural(count: int, word: str) -> str:
@@ -290,6 +295,39 @@ class Journal:
                 "PERSONALITY_COMMAND": command,
                 "PERSONALITY_REASON": reason,
                 "PERSONALITY_GENERATION": generation,
+            },
+        )
+
+    def trial_started(self, generation: int, deadline_usec: int, manual: bool) -> bool:
+        until = _local_time(deadline_usec)
+        needs = "its checks and a Confirm" if manual else "its checks"
+        return self.send(
+            f"Generation {generation} is on trial until {until}: it needs {needs} by then, "
+            "or it is rolled back",
+            messages.MESSAGE_ID_TRIAL_STARTED,
+            PRIORITY_NOTICE,
+            {"PERSONALITY_GENERATION": generation, "PERSONALITY_DEADLINE": deadline_usec},
+        )
+
+    def trial_confirmed(self, generation: int) -> bool:
+        return self.send(
+            f"Generation {generation} is confirmed",
+            messages.MESSAGE_ID_TRIAL_CONFIRMED,
+            PRIORITY_NOTICE,
+            {"PERSONALITY_GENERATION": generation},
+        )
+
+    def rolled_back(self, generation: int, rolled_back_to: int, new: int, reason: str) -> bool:
+        return self.send(
+            f"Generation {generation} was rolled back ({reason}): generation {new} has the "
+            f"stack of generation {rolled_back_to}",
+            messages.MESSAGE_ID_ROLLED_BACK,
+            PRIORITY_WARNING,
+            {
+                "PERSONALITY_GENERATION": generation,
+                "PERSONALITY_ROLLED_BACK_TO": rolled_back_to,
+                "PERSONALITY_NEW_GENERATION": new,
+                "PERSONALITY_REASON": reason,
             },
         )
 

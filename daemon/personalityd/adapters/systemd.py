@@ -20,6 +20,11 @@ SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
 SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+# The unit types whose interface has a Result property.
+UNIT_TYPE_INTERFACES = {
+    kind: f"org.freedesktop.systemd1.{kind.capitalize()}"
+    for kind in ("service", "socket", "mount", "swap", "timer", "path", "automount")
+}
 JOB_TIMEOUT = 90.0
 # JobRemoved can be read in the same batch as the StartUnit/StopUnit reply, before the caller
 # has the job path to wait for; results of jobs nobody waits for (yet) are kept this long.
@@ -103,6 +108,32 @@ class ServiceManager:
         path = str(reply.body[0])
         state = await self._call("Get", "ss", [SYSTEMD_UNIT, "ActiveState"], path, PROPERTIES)
         return str(state.body[0].value)
+
+    async def unit_status(self, unit: str) -> tuple[str, str]:
+        """(ActiveState, Result) of a unit: `("failed", "exit-code")`, `("active", "success")`;
+        Result is "" for units without one (targets); `("inactive", "not-found")` for a unit
+        that systemd cannot load."""
+        try:
+            reply = await self._call("GetUnit", "s", [unit])
+        except SystemdError as exc:
+            if exc.name != NO_SUCH_UNIT:
+                raise
+            reply = await self._call("LoadUnit", "s", [unit])
+        path = str(reply.body[0])
+        props = await self._call("GetAll", "s", [SYSTEMD_UNIT], path, PROPERTIES)
+        values = props.body[0]
+        state = str(values["ActiveState"].value)
+        if str(values["LoadState"].value) in ("not-found", "bad-setting", "error", "masked"):
+            return state, str(values["LoadState"].value)
+        kind = unit.rpartition(".")[2]
+        interface = UNIT_TYPE_INTERFACES.get(kind)
+        if interface is None:
+            return state, ""
+        try:
+            result = await self._call("Get", "ss", [interface, "Result"], path, PROPERTIES)
+        except SystemdError:
+            return state, ""
+        return state, str(result.body[0].value)
 
     async def system_state(self) -> str:
         """The manager's SystemState: `stopping` once a shutdown has begun."""

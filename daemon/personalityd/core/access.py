@@ -26,6 +26,7 @@ class Caller:
     gids: frozenset[int]  # primary and supplementary groups
     description: str  # for logs, e.g. ":1.42 (uid 1000)" or "spool file web.json (uid 0)"
     front_end: str = DBUS  # which allowed groups apply
+    origin: str = ""  # the spool file of the request (a crashed trial answers it at start)
 
     @property
     def is_root(self) -> bool:

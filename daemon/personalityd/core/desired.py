@@ -24,6 +24,7 @@ class Edit:
     action: Action
     names: tuple[str, ...]
     force: bool = False
+    forced: tuple[str, ...] = ()  # names forced one by one (a Rollback restores them so)
 
     def describe(self) -> str:
         return f"{self.action} {' '.join(self.names)}".strip()
@@ -66,10 +67,10 @@ def edit_desired(
     if edit.action == "detach":
         return _detach(desired, edit.names[0], volumes)
     for name in edit.names:
-        _check_usable(name, edit.force, desired, volumes, failed)
+        _check_usable(name, edit.force or name in edit.forced, desired, volumes, failed)
     if edit.action == "attach":
         return _attach(desired, edit.names[0], edit.force)
-    return _switch(desired, edit.names, edit.force)
+    return _switch(desired, edit.names, edit.force, edit.forced)
 
 
 def _check_usable(
@@ -113,7 +114,9 @@ def _detach(desired: Sequence[DesiredEntry], name: str, volumes: Mapping[str, Vo
     return Edited(tuple(e for e in desired if e.name != name), changed=present)
 
 
-def _switch(desired: Sequence[DesiredEntry], names: Sequence[str], force: bool) -> Edited:
-    forced = {e.name for e in desired if e.force}
+def _switch(
+    desired: Sequence[DesiredEntry], names: Sequence[str], force: bool, also: Sequence[str] = ()
+) -> Edited:
+    forced = {e.name for e in desired if e.force} | set(also)
     new = tuple(DesiredEntry(n, force or n in forced) for n in names)
     return Edited(new, changed=[e.name for e in new] != [e.name for e in desired])

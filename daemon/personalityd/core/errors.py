@@ -40,6 +40,10 @@ class Busy(PersonalityError):
     dbus_name = ERROR_PREFIX + "Busy"
 
 
+class Stopping(Busy):
+    """Busy because the daemon is stopping: a spool request stays for the next start."""
+
+
 class MountFailed(PersonalityError):
     code = "mount-failed"
     dbus_name = ERROR_PREFIX + "MountFailed"
@@ -61,6 +65,18 @@ class InvalidName(PersonalityError):
 class Timeout(PersonalityError):
     code = "timeout"
     dbus_name = ERROR_PREFIX + "Timeout"
+
+
+class RolledBack(PersonalityError):
+    """A trial that was not confirmed: its generation was rolled back (the message says why)."""
+
+    code = "rolled-back"
+    dbus_name = ERROR_PREFIX + "RolledBack"
+
+
+class NotSupported(PersonalityError):
+    code = "not-supported"
+    dbus_name = ERROR_PREFIX + "NotSupported"
 
 
 class AccessDenied(PersonalityError):

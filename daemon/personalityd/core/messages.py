@@ -18,6 +18,11 @@ MESSAGE_ID_ORPHAN = "ff355680e36e48609dc2bf9664415a79"
 # failed to apply after a swap (docs/journal.md).
 MESSAGE_ID_DECLARATION_FAILED = "eb76d494c8d94ecdbe827d8221d1e6dc"
 
+# Trials (docs/trials.md): a generation on trial, confirmed, or rolled back.
+MESSAGE_ID_TRIAL_STARTED = "ff8126e592204485bd2ed37326e8cab3"
+MESSAGE_ID_TRIAL_CONFIRMED = "cf7ea7a0ed7d4c18bfb93a266a8add35"
+MESSAGE_ID_ROLLED_BACK = "5beb5094764f4b60a639610dd1185344"
+
 # At most this many conflict entries per stack change, and as many mask entries; the summary
 # says how many of each were left out.
 MAX_CONFLICT_ENTRIES = 1000

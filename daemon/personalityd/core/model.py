@@ -77,6 +77,11 @@ class Manifest:
     def services(self) -> tuple[str, ...]:
         return tuple(self.fields.get("PERSONALITY_SERVICES", "").split())
 
+    @property
+    def healthchecks(self) -> tuple[str, ...]:
+        """Units a trial starts after the services; each must finish successfully."""
+        return tuple(self.fields.get("PERSONALITY_HEALTHCHECK", "").split())
+
 
 class State(enum.StrEnum):
     AVAILABLE = "available"

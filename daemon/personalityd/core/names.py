@@ -65,4 +65,15 @@ OPTION_TIMEOUT: Final = "timeout"  # u: seconds to wait for a missing volume
 OPTION_FORCE: Final = "force"  # b: skip the compatibility check
 # b (Detach): the ExecStop of personality@NAME.service (docs/system.md)
 OPTION_FROM_UNIT: Final = "from_unit"
-OPTION_SIGNATURES: Final = {OPTION_TIMEOUT: "u", OPTION_FORCE: "b", OPTION_FROM_UNIT: "b"}
+OPTION_CONFIRM: Final = "confirm"  # u: trial length in seconds (0: no trial)
+OPTION_CONFIRM_MODE: Final = "confirm_mode"  # s: "auto" or "manual"
+OPTION_DATA: Final = "data"  # b: Rollback also returns the upper's data (btrfs)
+OPTION_SIGNATURES: Final = {
+    OPTION_TIMEOUT: "u",
+    OPTION_FORCE: "b",
+    OPTION_FROM_UNIT: "b",
+    OPTION_CONFIRM: "u",
+    OPTION_CONFIRM_MODE: "s",
+    OPTION_DATA: "b",
+}
+SIG_GENERATION_LIST: Final = "a(tastss)"  # generation, desired, realtime usec, status, cause

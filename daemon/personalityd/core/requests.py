@@ -8,13 +8,19 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from personalityd.core.errors import InvalidRequest
+from personalityd.core.history import CONFIRM_MODES, DEFAULT_TRIAL, MANUAL, TrialOptions
 from personalityd.core.names import check_name
 
-Action = Literal["attach", "detach", "switch"]
-ACTIONS: tuple[Action, ...] = ("attach", "detach", "switch")
-FIELDS = ("action", "personality", "personalities", "id", "timeout", "force")
+Action = Literal["attach", "detach", "switch", "rollback"]
+ACTIONS: tuple[Action, ...] = ("attach", "detach", "switch", "rollback")
+FIELDS = (
+    "action", "personality", "personalities", "generation", "id", "timeout", "force",
+    "confirm", "confirm_mode", "data",
+)  # fmt: skip
 MAX_ID_LENGTH = 256
 MAX_TIMEOUT = 86400.0
+MAX_UINT32 = 2**32 - 1
+MAX_UINT64 = 2**64 - 1
 
 _ID_PATTERN = re.compile(r'"id"\s*:\s*("(?:[^"\\\n]|\\.){0,1600}")')
 
@@ -26,6 +32,9 @@ class Request:
     id: str | None = None
     timeout: float = 0.0  # seconds to wait for a missing volume
     force: bool = False
+    generation: int = 0  # rollback: the generation to return to (0: the last confirmed)
+    trial: TrialOptions = DEFAULT_TRIAL  # no "confirm": the configured length
+    data: bool = False  # rollback: the upper's data too
 
 
 def parse_request(body: bytes) -> Request:
@@ -53,9 +62,16 @@ def parse_request(body: bytes) -> Request:
     action = data["action"]
     if action not in ACTIONS:
         raise InvalidRequest(
-            f"field 'action' must be 'attach', 'detach' or 'switch', got {_show(action)}"
+            "field 'action' must be 'attach', 'detach', 'switch' or 'rollback', "
+            f"got {_show(action)}"
         )
-    names = _switch_names(data) if action == "switch" else (_single_name(data, action),)
+    if action == "rollback":
+        names: tuple[str, ...] = _no_names(data)
+    elif action == "switch":
+        names = _switch_names(data)
+    else:
+        names = (_single_name(data, action),)
+    generation, trial, wants_data = _transaction_fields(data, action)
 
     request_id = data.get("id")
     if "id" in data and (not isinstance(request_id, str) or len(request_id) > MAX_ID_LENGTH):
@@ -86,7 +102,46 @@ def parse_request(body: bytes) -> Request:
         id=request_id,
         timeout=float(timeout),
         force=force,
+        generation=generation,
+        trial=trial,
+        data=wants_data,
     )
+
+
+def _transaction_fields(data: dict[str, Any], action: str) -> tuple[int, TrialOptions, bool]:
+    """A rollback's "generation" and "data", and the trial asked for ("confirm" seconds and
+    "confirm_mode"; without "confirm", the configured length)."""
+    for key in ("generation", "data"):
+        if key in data and action != "rollback":
+            raise InvalidRequest(f"field {key!r} is only for action 'rollback'")
+    generation = _integer(data, "generation", MAX_UINT64)
+    confirm = _integer(data, "confirm", MAX_UINT32)
+    mode = data.get("confirm_mode", "auto")
+    if mode not in CONFIRM_MODES:
+        raise InvalidRequest(f"field 'confirm_mode' must be 'auto' or 'manual', got {_show(mode)}")
+    wants_data = data.get("data", False)
+    if not isinstance(wants_data, bool):
+        raise InvalidRequest(f"field 'data' must be true or false, got {_show(wants_data)}")
+    trial = TrialOptions(confirm if "confirm" in data else None, mode == MANUAL)
+    return generation, trial, wants_data
+
+
+def _integer(data: dict[str, Any], key: str, high: int) -> int:
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise InvalidRequest(
+            f"field {key!r} must be a whole number from 0 to {high}, got {_show(value)}"
+        )
+    return value
+
+
+def _no_names(data: dict[str, Any]) -> tuple[str, ...]:
+    for key in ("personality", "personalities"):
+        if key in data:
+            raise InvalidRequest(
+                f"field {key!r} is not allowed with action 'rollback' (use 'generation')"
+            )
+    return ()
 
 
 def _single_name(data: dict[str, Any], action: str) -> str:

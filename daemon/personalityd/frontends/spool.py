@@ -26,7 +26,7 @@ from personalityd.adapters.spool import (
 )
 from personalityd.config import Config
 from personalityd.core.access import SPOOL, Caller
-from personalityd.core.errors import Busy, PersonalityError
+from personalityd.core.errors import PersonalityError, Stopping
 from personalityd.core.requests import Request, parse_request, request_id_of
 from personalityd.log import CallerLog
 from personalityd.stack.api import ManagerAPI
@@ -66,7 +66,7 @@ class SpoolService:
         except RequestGone:
             in_flight.discard(path)
             return  # taken away before we got to it, or a duplicate notice: nothing to answer
-        except Busy:
+        except Stopping:
             in_flight.discard(path)
             return  # the daemon is stopping: the request stays in the spool for the next start
         except PersonalityError as error:
@@ -95,17 +95,29 @@ class SpoolService:
         # Root's groups are looked up too: every request makes the same lookups, so they
         # reach the manager's queue in the order the files were found.
         gids = await lookup_user_gids(owner)
-        return Caller(owner, gids, f"spool file {path.name} (uid {owner})", front_end=SPOOL)
+        return Caller(
+            owner, gids, f"spool file {path.name} (uid {owner})", front_end=SPOOL,
+            origin=path.name,
+        )  # fmt: skip
 
     async def _execute(self, request: Request, caller: Caller, path: Path) -> bool:
         log.info("spool_request", file=path.name, caller=caller.description,
                  action=request.action, names=request.names)  # fmt: skip
+        trial = request.trial
         if request.action == "attach":
             return await self.manager.attach(
-                caller, request.names[0], timeout=request.timeout, force=request.force
-            )
+                caller, request.names[0], timeout=request.timeout, force=request.force,
+                trial=trial,
+            )  # fmt: skip
         if request.action == "detach":
-            return await self.manager.detach(caller, request.names[0])
+            return await self.manager.detach(caller, request.names[0], trial=trial)
+        if request.action == "rollback":
+            before = self.manager.generation
+            after = await self.manager.rollback(
+                caller, request.generation, timeout=request.timeout, force=request.force,
+                trial=trial, data=request.data,
+            )  # fmt: skip
+            return after != before
         return await self.manager.switch(
-            caller, request.names, timeout=request.timeout, force=request.force
+            caller, request.names, timeout=request.timeout, force=request.force, trial=trial
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from personalityd.core.access import Caller
+from personalityd.core.history import Generation, TrialOptions
 from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 
 
@@ -16,17 +17,56 @@ class ManagerAPI(Protocol):
     # Changing operations: each goes through the single consumer and returns `changed`.
     # They raise core.errors.PersonalityError subclasses (NoSuchPersonality, Incompatible,
     # MountFailed, InvalidName, Timeout, AccessDenied, Busy, InvalidRequest).
+    # `trial`: None for the configured default (transactions.confirm_timeout); with a trial
+    # the answer waits for its end and is RolledBack when it is rolled back.
     async def attach(
-        self, caller: Caller, name: str, *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool: ...
 
-    async def detach(self, caller: Caller, name: str, *, from_unit: bool = False) -> bool: ...
+    async def detach(
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        from_unit: bool = False,
+        trial: TrialOptions | None = None,
+    ) -> bool: ...
 
     async def switch(
-        self, caller: Caller, names: Sequence[str], *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        names: Sequence[str],
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool: ...
 
     async def refresh(self, caller: Caller) -> None: ...
+
+    async def rollback(
+        self,
+        caller: Caller,
+        generation: int,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
+        data: bool = False,
+    ) -> int:
+        """The generation current afterwards. InvalidRequest for an unknown generation,
+        NotSupported for `data` without a btrfs writable volume."""
+        ...
+
+    async def confirm(self, caller: Caller, generation: int) -> None: ...
+
+    def list_generations(self) -> tuple[Generation, ...]: ...
 
     # Reading: synchronous, answered from the current snapshot even while a change runs.
     def list_personalities(self) -> list[PersonalityInfo]: ...

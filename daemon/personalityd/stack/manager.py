@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,13 +22,32 @@ import structlog
 from personalityd.adapters.groups import DEFAULT_GROUPS, lookup_group_gids
 from personalityd.adapters.journal import Journal
 from personalityd.adapters.mounts import device_busy
-from personalityd.adapters.state import PersistedState
+from personalityd.adapters.state import PersistedState, save_state
 from personalityd.adapters.systemd import ServiceManager
 from personalityd.adapters.udev import DeviceEvent, enumerate_block_devices
 from personalityd.config import Config
+from personalityd.core import history
 from personalityd.core.access import SPOOL, Caller, authorize
 from personalityd.core.desired import Edit, check_edit, edit_desired
-from personalityd.core.errors import Busy, Incompatible, InternalError, PersonalityError
+from personalityd.core.errors import (
+    Busy,
+    Incompatible,
+    InternalError,
+    MountFailed,
+    NotSupported,
+    PersonalityError,
+    RolledBack,
+    Stopping,
+)
+from personalityd.core.history import (
+    CAUSE_ROLLBACK,
+    CAUSE_START,
+    DEVICE_CHANGE,
+    Generation,
+    Intent,
+    TrialOptions,
+    TrialRecord,
+)
 from personalityd.core.model import Conflict, PersonalityInfo, StackEvent
 from personalityd.core.planner import personality_state
 from personalityd.log import CallerLog
@@ -43,11 +64,24 @@ from personalityd.stack.transaction import (
     VolumeFailed,
     adopt,
 )
+from personalityd.stack.trial import (
+    BY_REQUEST,
+    Aborted,
+    ActiveTrial,
+    Confirmed,
+    Failed,
+    Outcome,
+    Requested,
+    judge,
+)
 
 log = structlog.get_logger()
 refusals = CallerLog(__name__)
 
 MAX_BATCH = 64
+
+
+INTERRUPTED = "not confirmed before the daemon stopped"
 
 
 @dataclass
@@ -57,6 +91,13 @@ class Job:
     event: DeviceEvent | None = None
     future: asyncio.Future[bool] | None = None
     changed: bool = False
+    intent: Intent = DEVICE_CHANGE
+    made: int = 0  # the generation current once the job's change was made
+    target: int = 0  # a Rollback's: the generation whose desired list it applies
+
+
+def _cause(caller: Caller) -> str:
+    return history.CAUSE_SPOOL if caller.front_end == SPOOL else history.CAUSE_DBUS
 
 
 class Manager:
@@ -88,6 +129,18 @@ class Manager:
         self._subscribers: list[Callable[[StackEvent], object]] = []
         self._notices: tuple[str, ...] = ()
         self._listing: tuple[tuple[object, ...], list[PersonalityInfo]] | None = None
+        self._active: ActiveTrial | None = None  # the trial under way (stack/trial.py)
+        # Spool files whose trial a crash interrupted, answered with its rollback at start.
+        self._interrupted: dict[str, RolledBack] = {}
+        if history.find(state.history, state.generation) is None:
+            # A state from before the history (or a fresh one): the current generation is
+            # where a first trial returns to.
+            now = Generation(state.generation, state.desired, _now_usec(), history.CONFIRMED,
+                             CAUSE_START)  # fmt: skip
+            saved = dataclasses.replace(
+                state, history=history.record(state.history, now, config.history)
+            )
+            self.state.saved = saved
 
     # -- ManagerAPI: reading ---------------------------------------------------------------
 
@@ -122,6 +175,14 @@ class Manager:
 
     def conflicts(self) -> tuple[Conflict, ...]:
         return self.state.snapshot.report.conflicts
+
+    def list_generations(self) -> tuple[Generation, ...]:
+        """The history, oldest first (core/history.py)."""
+        return self.state.saved.history
+
+    @property
+    def trial(self) -> TrialRecord | None:
+        return self.state.saved.trial
 
     def subscribe(self, callback: Callable[[StackEvent], object]) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -186,11 +247,24 @@ class Manager:
     # -- ManagerAPI: changing --------------------------------------------------------------
 
     async def attach(
-        self, caller: Caller, name: str, *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool:
-        return await self._request(caller, Edit("attach", (name,), force), timeout)
+        return await self._request(caller, Edit("attach", (name,), force), timeout, trial)
 
-    async def detach(self, caller: Caller, name: str, *, from_unit: bool = False) -> bool:
+    async def detach(
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        from_unit: bool = False,
+        trial: TrialOptions | None = None,
+    ) -> bool:
         """`from_unit`: the ExecStop of personality@NAME.service; it changes nothing when the
         daemon itself stops that unit or the system shuts down (stack/follower.py), and is
         then answered at once, never queued behind the change that stops the unit."""
@@ -200,17 +274,79 @@ class Manager:
                 if await self.follower.unit_stop_is_ours(name):
                     log.info("unit_stop_detach_skipped", name=name, caller=caller.description)
                     return False
-        return await self._request(caller, Edit("detach", (name,)), 0.0)
+        return await self._request(caller, Edit("detach", (name,)), 0.0, trial)
 
     async def switch(
-        self, caller: Caller, names: Sequence[str], *, timeout: float = 0.0, force: bool = False
+        self,
+        caller: Caller,
+        names: Sequence[str],
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
     ) -> bool:
-        return await self._request(caller, Edit("switch", tuple(names), force), timeout)
+        return await self._request(caller, Edit("switch", tuple(names), force), timeout, trial)
+
+    async def rollback(
+        self,
+        caller: Caller,
+        generation: int,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+        trial: TrialOptions | None = None,
+        data: bool = False,
+    ) -> int:
+        """Apply generation `generation`'s desired list (0: the newest confirmed one before
+        the current) as a new change; the generation current afterwards. During a trial it
+        ends the trial (whose callers get RolledBack) and returns to `generation`."""
+        with self._call():
+            await self._authorize(caller, "Rollback")
+            target = history.rollback_target(
+                self.state.saved.history, self.generation, generation
+            )
+            if data and not self.stack.data_supported():
+                raise NotSupported(
+                    "data rollback needs a btrfs writable volume; the upper here is "
+                    f"{self.stack.upper_description()}"
+                )
+            names = target.names
+            forced = tuple(e.name for e in target.desired if e.force)
+            edit = Edit("switch", names, force, forced=forced)
+            options = self._trial_options(trial)
+            intent = Intent(
+                CAUSE_ROLLBACK,
+                options,
+                ends_trial=None,
+                data_from=target.number if data else None,
+            )
+            job = Job("request", edit, intent=intent, target=target.number)
+            log.info("rollback_requested", generation=target.number, caller=caller.description)
+            active = self._active
+            if active is not None:
+                job.future = asyncio.get_running_loop().create_future()
+                if active.request_rollback(job):
+                    await job.future
+                    return job.made
+            await self._wait_for_volumes(names, timeout)
+            await self._submit(job)
+            return job.made
+
+    async def confirm(self, caller: Caller, generation: int) -> None:
+        """Confirm the trial of `generation` (0: the one under way)."""
+        with self._call():
+            await self._authorize(caller, "Confirm")
+            active = self._active
+            record = active.record if active is not None else None
+            history.confirm_target(record, generation)
+            assert active is not None
+            log.info("trial_confirm_requested", generation=generation, caller=caller.description)
+            active.confirm()
 
     async def refresh(self, caller: Caller) -> None:
         with self._call():
             await self._authorize(caller, "Refresh")
-            await self._submit(Job("refresh"))
+            await self._submit(Job("refresh", intent=Intent(_cause(caller))))
 
     def device_event(self, event: DeviceEvent) -> None:
         self._queue.put_nowait(Job("device", event=event))
@@ -219,13 +355,44 @@ class Manager:
         """Something changed in a search path (adapters/imagedirs.py): look again."""
         self._queue.put_nowait(Job("images"))
 
-    async def _request(self, caller: Caller, edit: Edit, timeout: float) -> bool:
+    async def _request(
+        self, caller: Caller, edit: Edit, timeout: float, trial: TrialOptions | None
+    ) -> bool:
         with self._call():
             await self._authorize(caller, edit.action.capitalize())
             check_edit(edit)
+            interrupted = self._interrupted.pop(caller.origin, None) if caller.origin else None
+            if interrupted is not None:
+                raise interrupted
+            active = self._active
+            if active is not None:
+                return await self._during_trial(active, edit)
             if edit.action != "detach":
                 await self._wait_for_volumes(edit.names, timeout)
-            return await self._submit(Job("request", edit))
+            intent = Intent(
+                _cause(caller),
+                self._trial_options(trial),
+                origins=(caller.origin,) if caller.origin else (),
+            )
+            return await self._submit(Job("request", edit, intent=intent))
+
+    def _trial_options(self, trial: TrialOptions | None) -> TrialOptions:
+        return (trial or TrialOptions()).resolved(self.config.confirm_timeout)
+
+    async def _during_trial(self, active: ActiveTrial, edit: Edit) -> bool:
+        """A request while a trial runs: an attach of a name already desired (the ExecStart
+        of personality@NAME.service) waits for the trial's outcome; anything else is Busy."""
+        if edit.action == "attach" and edit.names[0] in self.desired:
+            error = await asyncio.shield(active.outcome)
+            if error is not None:
+                raise error
+            return False
+        record = active.record
+        what = f"generation {record.generation}" if record is not None else "a new generation"
+        raise Busy(
+            f"{what} is on trial; confirm it (personalityctl confirm) or roll it back "
+            "(personalityctl rollback) first"
+        )
 
     async def _authorize(self, caller: Caller, operation: str) -> None:
         """The one authorization decision (core/access.py), with the group lookup off the loop.
@@ -255,7 +422,7 @@ class Manager:
 
     def _check_running(self) -> None:
         if self._stopping.is_set():
-            raise Busy("personalityd is stopping; ask again once it is back")
+            raise Stopping("personalityd is stopping; ask again once it is back")
 
     async def _wait_for_volumes(self, names: Sequence[str], timeout: float) -> None:
         """registry.wait_for, cut short with Busy when the daemon starts stopping.
@@ -278,10 +445,13 @@ class Manager:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Take no more changes, answer queued requests with Busy, and wait (bounded) for the
-        running change and for callers to return: a clean stop never cuts a change in half."""
+        running change and for callers to return: a clean stop never cuts a change in half.
+        A trial under way is left as it is: the next start rolls it back."""
         self._stopping.set()
+        if self._active is not None:
+            self._active.abort()
         while not self._queue.empty():
-            _fail(self._queue.get_nowait(), Busy("personalityd is stopping; ask again later"))
+            _fail(self._queue.get_nowait(), Stopping("personalityd is stopping; ask again later"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (self._changing or self._callers) and loop.time() < deadline:
@@ -295,10 +465,16 @@ class Manager:
     # -- the consumer ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        held: Job | None = None  # a trial's job, taken while gathering: it goes alone
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = [held if held is not None else await self._queue.get()]
+            held = None
+            while not _on_trial(batch[0]) and len(batch) < MAX_BATCH and not self._queue.empty():
+                job = self._queue.get_nowait()
+                if _on_trial(job):
+                    held = job
+                    break
+                batch.append(job)
             self._changing = True
             try:
                 await self._process(batch)
@@ -318,7 +494,7 @@ class Manager:
                 live = self.state.snapshot.live
                 self._notify(StackEvent(self.generation, live, (), (), stack_changed=False))
 
-    async def _process_batch(self, batch: list[Job]) -> None:
+    async def _apply_events(self, batch: Sequence[Job]) -> None:
         for job in batch:
             if job.kind == "device":
                 assert job.event is not None
@@ -333,22 +509,38 @@ class Manager:
                 images, taken = self.registry.images, self.registry.devices
                 if images is not None and images.refresh_bindings(taken):
                     self.registry.merge()
+
+    async def _process_batch(self, batch: list[Job]) -> None:
+        await self._apply_events(batch)
         requests = [j for j in batch if j.kind == "request"]
         original = self.state.desired
         accepted = [job for job in requests if self._edit(job)]
         description = "; ".join(_describe(j) for j in accepted) or "device change"
         requested = frozenset(n for j in accepted for n in _names(j))
-        answers = [(j.future, j.changed) for j in accepted if j.future is not None]
+        tried = next((j for j in accepted if _on_trial(j)), None)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[bool] = loop.create_future()
+        if tried is not None:  # answered at the end of the trial; `started`: services up
+            answers: list[Answer] = [(started, True)]
+            self._active = ActiveTrial()
+        else:
+            answers = [(j.future, j.changed) for j in accepted if j.future is not None]
         refreshes = [j.future for j in batch if j.kind == "refresh" and j.future is not None]
         answers += [(future, True) for future in refreshes]
+        intents = [j.intent for j in accepted] + [j.intent for j in batch if j.kind == "refresh"]
+        intent = intents[0] if intents else DEVICE_CHANGE
         try:
-            await self.rebuild(description, requested, answers)
+            await self.rebuild(description, requested, answers, intent)
+            for job in accepted:
+                job.made = self.generation
+            if tried is not None:
+                await self._try(tried, started)
         except PersonalityError as error:
             self.state.desired = original
             await self._converge()
             if len(accepted) > 1:  # each one alone, for its own exact answer
                 for job in accepted:
-                    await self._process_batch([Job("request", job.edit, future=job.future)])
+                    await self._process_batch([job])
             else:
                 for job in accepted:
                     _fail(job, error)
@@ -357,6 +549,123 @@ class Manager:
             for future in refreshes:
                 if not future.done():
                     future.set_result(True)
+        finally:
+            if tried is not None:
+                self._release_trial()
+
+    # -- trials ----------------------------------------------------------------------------
+
+    async def _try(self, job: Job, started: asyncio.Future[bool]) -> None:
+        """The trial made by `job`'s change: judge it, then confirm it or roll it back, and
+        answer the job (stack/trial.py)."""
+        active = self._active
+        assert active is not None
+        record = self.state.saved.trial
+        if record is None or record.generation != self.generation:
+            await asyncio.shield(started)  # nothing new to try: answered as any change
+            self._release_trial()
+            _answer(job, job.changed)
+            return
+        active.record = record
+        volumes = self.registry.volumes
+        live = [volumes[n] for n in self.state.snapshot.live if n in volumes]
+        units = [u for v in live for u in v.manifest.services]
+        checks = [u for v in live for u in v.manifest.healthchecks]
+        self.stack.journal.trial_started(record.generation, record.deadline_usec, record.manual)
+        log.info("trial_started", generation=record.generation, manual=record.manual,
+                 deadline_usec=record.deadline_usec, units=units, healthchecks=checks)  # fmt: skip
+        outcome = await judge(active, self.follower.services, units, checks, started)
+        await self._end_trial(job, record, outcome)
+
+    async def _end_trial(self, job: Job, record: TrialRecord, outcome: Outcome) -> None:
+        active = self._active
+        assert active is not None
+        if isinstance(outcome, Aborted):
+            log.warning("trial_left_for_next_start", generation=record.generation)
+            error: PersonalityError = Stopping(
+                f"personalityd stopped during the trial of generation {record.generation}; "
+                "the next start rolls it back"
+            )
+            active.end(error)
+            self._active = None
+            _fail(job, error)
+            return
+        if isinstance(outcome, Confirmed):
+            saved = self.state.saved
+            confirmed = history.with_status(saved.history, record.generation, history.CONFIRMED)
+            await self._save(dataclasses.replace(saved, history=confirmed, trial=None))
+            self.stack.journal.trial_confirmed(record.generation)
+            log.info("trial_confirmed", generation=record.generation)
+            active.end(None)
+            self._active = None
+            _answer(job, job.changed)
+            return
+        asked = outcome.job if isinstance(outcome, Requested) else None
+        reason = outcome.reason if isinstance(outcome, Failed) else BY_REQUEST
+        error = await self._roll_back_trial(record, reason, asked)
+        active.end(error)
+        _fail(job, error)
+
+    async def _roll_back_trial(
+        self, record: TrialRecord, reason: str, asked: object
+    ) -> PersonalityError:
+        """Return from the trial `record` to its confirmed generation (or to the one an
+        explicit Rollback, `asked`, names) in one change; the error the trial's callers get."""
+        self._active = None  # the rollback is a change like any other
+        # Whatever the target, the upper returns to its state before the trial.
+        before = record.rollback_to if self.stack.data_supported() else None
+        intent = Intent(CAUSE_ROLLBACK, ends_trial=record.generation, data_from=before)
+        if isinstance(asked, Job) and self._edit(asked):
+            target = asked.target
+            if asked.intent.data_from is not None:
+                intent = dataclasses.replace(intent, data_from=asked.intent.data_from)
+        else:
+            asked = None  # refused (and answered): the trial still returns to where it was
+            target = record.rollback_to
+            back = history.find(self.state.saved.history, target)
+            if back is not None:
+                self.state.desired = back.desired
+        log.warning("trial_failed", generation=record.generation, reason=reason)
+        try:
+            await self.rebuild(f"roll back generation {record.generation}: {reason}",
+                               frozenset(), (), intent)  # fmt: skip
+        except PersonalityError as exc:
+            log.error("rollback_failed", generation=record.generation, error=str(exc))
+            if isinstance(asked, Job):
+                _fail(asked, exc)
+            return MountFailed(
+                f"the trial of generation {record.generation} failed ({reason}), and "
+                f"returning to generation {target} failed too: {exc}",
+                cause=reason,
+            )
+        new = self.generation
+        self.stack.journal.rolled_back(record.generation, target, new, reason)
+        log.warning("rolled_back", generation=record.generation, rolled_back_to=target,
+                    new_generation=new, reason=reason)  # fmt: skip
+        if isinstance(asked, Job):
+            asked.made = new
+            _answer(asked, True)
+        return RolledBack(
+            f"generation {record.generation} was rolled back ({reason}); generation {new} "
+            f"has the stack of generation {target}",
+            cause=reason,
+        )
+
+    def _release_trial(self) -> None:
+        """A trial batch whose change made no trial: a Rollback that reached it goes on."""
+        active, self._active = self._active, None
+        if active is None:
+            return
+        active.end(None)
+        if active.rollback.done():
+            job = active.rollback.result()
+            if isinstance(job, Job):
+                self._queue.put_nowait(job)
+
+    async def _save(self, state: PersistedState) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, save_state, self.config.state_path, state)
+        self.state.saved = state
 
     def _edit(self, job: Job) -> bool:
         """Apply one request to the desired list; False (and the job answered) if refused."""
@@ -404,6 +713,7 @@ class Manager:
         requested: str,
         names: frozenset[str] = frozenset(),
         answers: Sequence[Answer] = (),
+        intent: Intent = DEVICE_CHANGE,
     ) -> bool:
         """Make the mounted stack match the desired list and the present volumes.
 
@@ -413,7 +723,7 @@ class Manager:
         """
         while True:
             try:
-                return await Change(self.stack, requested, answers).run()
+                return await Change(self.stack, requested, answers, intent).run()
             except VolumeFailed as failure:
                 error = failure.error
                 if error.volume is not None and not isinstance(error, Incompatible):
@@ -446,15 +756,50 @@ class Manager:
         await self.rescan()
         self.registry.merge()
         self.engine.adopt(self.registry.volumes)
+        trial = self.state.saved.trial
+        intent, requested = Intent(CAUSE_START), "restore desired list at start"
+        if trial is not None:  # never confirmed: the daemon stopped or died during it
+            back = history.find(self.state.saved.history, trial.rollback_to)
+            if back is not None:
+                self.state.desired = back.desired
+            data = trial.rollback_to if self.stack.data_supported() else None
+            intent = Intent(CAUSE_ROLLBACK, ends_trial=trial.generation, data_from=data)
+            requested = f"roll back generation {trial.generation}: {INTERRUPTED}"
         if not await adopt(self.stack):
             try:
-                await self.rebuild("restore desired list at start")
+                await self.rebuild(requested, intent=intent)
             except PersonalityError as error:
                 log.error("restore_failed", error=str(error))
+        if trial is not None:
+            await self._after_interrupted_trial(trial)
         self.stack.settle_images()
         self.engine.clean_work_dirs(self.state.upper, self.generation)
         volumes = self.registry.volumes
         self.follower.remember([volumes[n] for n in self.state.snapshot.live if n in volumes])
+
+    async def _after_interrupted_trial(self, trial: TrialRecord) -> None:
+        """Record the end of a trial that a stop or crash interrupted (the change above made
+        it, unless what was mounted already was the confirmed stack), and answer its spool
+        requests with it when they are read again."""
+        saved = self.state.saved
+        if saved.trial is not None:
+            ended = history.with_status(saved.history, trial.generation, history.ROLLED_BACK)
+            new = dataclasses.replace(saved, desired=self.state.desired, history=ended, trial=None)
+            try:
+                await self._save(new)
+            except OSError as exc:
+                log.error("state_not_saved", error=str(exc))
+                return
+        back, new_generation = trial.rollback_to, self.generation
+        self.stack.journal.rolled_back(trial.generation, back, new_generation, INTERRUPTED)
+        log.warning("rolled_back", generation=trial.generation, rolled_back_to=back,
+                    new_generation=new_generation, reason=INTERRUPTED)  # fmt: skip
+        error = RolledBack(
+            f"generation {trial.generation} was rolled back ({INTERRUPTED}); generation "
+            f"{new_generation} has the stack of generation {back}",
+            cause=INTERRUPTED,
+        )
+        self._interrupted = dict.fromkeys(trial.origins, error)
 
     async def watch_draining(self, interval: float = 0.5) -> None:
         """Report a volume as draining until the kernel releases its device."""
@@ -481,6 +826,19 @@ def _same_listing_key(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
 def _fail(job: Job, error: PersonalityError) -> None:
     if job.future is not None and not job.future.done():
         job.future.set_exception(error)
+
+
+def _answer(job: Job, value: bool) -> None:
+    if job.future is not None and not job.future.done():
+        job.future.set_result(value)
+
+
+def _on_trial(job: Job) -> bool:
+    return job.kind == "request" and job.intent.trial.length > 0
+
+
+def _now_usec() -> int:
+    return time.time_ns() // 1000
 
 
 def _names(job: Job) -> tuple[str, ...]:

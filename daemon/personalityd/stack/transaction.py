@@ -37,6 +37,7 @@ from personalityd.adapters.probe import symlinked_hierarchy
 from personalityd.adapters.state import PersistedState, save_state, write_conflict_report
 from personalityd.config import Config
 from personalityd.core.errors import Incompatible, MountFailed, NoSuchPersonality, PersonalityError
+from personalityd.core.history import DEVICE_CHANGE, Intent, after_change
 from personalityd.core.model import (
     IMAGE_DIRECTORY,
     IMAGE_FILE,
@@ -112,6 +113,16 @@ class Stack:
         if self.config.writable_fallback == "tmpfs":
             return self.engine.tmpfs_upper()
         return NO_UPPER
+
+    def data_supported(self) -> bool:
+        """Whether the upper's data can return to a generation's state (btrfs)."""
+        return False
+
+    def upper_description(self) -> str:
+        upper = self.state.upper
+        return {"volume": f"{upper.device}, not btrfs", "tmpfs": "a tmpfs"}.get(
+            upper.kind, "none (a read-only stack)"
+        )
 
     def settle_images(self) -> None:
         """Let go of the daemon's loop devices that no volume mount of the stack uses."""
@@ -392,10 +403,12 @@ class Change:
         stack: Stack,
         requested: str,
         answers: Sequence[Answer] = (),
+        intent: Intent = DEVICE_CHANGE,
     ) -> None:
         self.stack = stack
         self.requested = requested  # what was asked, for the journal and the log
         self.answers = answers
+        self.intent = intent  # why: the history's cause, a trial, a rollback (core/history.py)
         self.undo = UndoLog()
         self.before = stack.state.snapshot
         self.volumes: dict[str, Volume] = {}
@@ -530,8 +543,20 @@ class Change:
         return [n for n in self.before.live if n not in self.plan.live]
 
     def _persist(self, generation: int) -> None:
-        state = self.stack.state
-        new = PersistedState(state.desired, generation)
+        state, saved = self.stack.state, self.stack.state.saved
+        history, trial = after_change(
+            saved.history,
+            saved.trial,
+            self.before.generation,
+            generation,
+            state.desired,
+            self.intent,
+            time.time_ns() // 1000,
+            self.stack.config.history,
+        )
+        new = dataclasses.replace(
+            saved, desired=state.desired, generation=generation, history=history, trial=trial
+        )
         if new != state.saved:
             save_state(self.stack.config.state_path, new)
             state.saved = new

@@ -128,6 +128,9 @@ async def test_introspection_of_the_real_daemon_lists_every_member(
         "Switch": ("method", "asa{sv}"),
         "ListConflicts": ("method", "-"),
         "Refresh": ("method", "-"),
+        "Rollback": ("method", "ta{sv}"),
+        "Confirm": ("method", "t"),
+        "ListGenerations": ("method", "-"),
         "Attached": ("property", "as"),
         "Desired": ("property", "as"),
         "Generation": ("property", "t"),
@@ -141,6 +144,8 @@ async def test_introspection_of_the_real_daemon_lists_every_member(
     }
     assert members["ListPersonalities"][2] == "a(sssss)"
     assert members["ListConflicts"][2] == "a(ssasb)"
+    assert members["ListGenerations"][2] == "a(tastss)"
+    assert members["Rollback"][2] == "t"
     for method in ("Attach", "Detach", "Switch"):
         assert members[method][2] == "b"
     # Properties show their live values and that they announce changes.

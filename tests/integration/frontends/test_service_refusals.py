@@ -344,4 +344,5 @@ def test_interface_works_with_any_manager_api() -> None:
     assert interface.name == IFACE
     assert {m.name for m in interface.introspect().methods} == {
         "ListPersonalities", "Attach", "Detach", "Switch", "ListConflicts", "Refresh",
+        "Rollback", "Confirm", "ListGenerations",
     }  # fmt: skip

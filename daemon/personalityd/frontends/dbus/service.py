@@ -42,6 +42,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from personalityd.adapters.bus import system_bus_address
 from personalityd.core.desired import Edit, check_edit
 from personalityd.core.errors import AccessDenied, InternalError, InvalidRequest, PersonalityError
+from personalityd.core.history import CONFIRM_MODES, DEFAULT_TRIAL, MANUAL, TrialOptions
 from personalityd.core.model import StackEvent
 from personalityd.core.names import (
     BUS_NAME,
@@ -49,6 +50,9 @@ from personalityd.core.names import (
     ERROR_INVALID_ARGS,
     INTERFACE,
     OBJECT_PATH,
+    OPTION_CONFIRM,
+    OPTION_CONFIRM_MODE,
+    OPTION_DATA,
     OPTION_FORCE,
     OPTION_FROM_UNIT,
     OPTION_SIGNATURES,
@@ -63,6 +67,7 @@ from personalityd.frontends.dbus.credentials import (
 )
 from personalityd.frontends.dbus.types import (
     ConflictList,
+    GenerationList,
     Names,
     NoResult,
     Options,
@@ -91,6 +96,11 @@ class CallOptions:
     timeout: float = 0.0
     force: bool = False
     from_unit: bool = False
+    trial: TrialOptions = DEFAULT_TRIAL  # without `confirm`: the configured length
+    data: bool = False
+
+
+CHANGE_OPTIONS = (OPTION_CONFIRM, OPTION_CONFIRM_MODE)
 
 
 def parse_options(
@@ -98,7 +108,9 @@ def parse_options(
 ) -> CallOptions:
     """Check an a{sv} options argument; raise InvalidRequest (InvalidArgs) naming the culprit."""
     timeout = 0.0
-    force = from_unit = False
+    force = from_unit = data = False
+    confirm: int | None = None
+    manual = False
     for key, variant in options.items():
         if key not in known:
             allowed = ", ".join(sorted(known)) or "none"
@@ -114,7 +126,23 @@ def parse_options(
             force = bool(variant.value)
         elif key == OPTION_FROM_UNIT:
             from_unit = bool(variant.value)
-    return CallOptions(timeout=timeout, force=force, from_unit=from_unit)
+        elif key == OPTION_CONFIRM:
+            confirm = int(variant.value)
+        elif key == OPTION_DATA:
+            data = bool(variant.value)
+        elif key == OPTION_CONFIRM_MODE:
+            if variant.value not in CONFIRM_MODES:
+                raise InvalidRequest(
+                    f"option 'confirm_mode' must be 'auto' or 'manual', got {variant.value!r}"
+                )
+            manual = variant.value == MANUAL
+    return CallOptions(
+        timeout=timeout,
+        force=force,
+        from_unit=from_unit,
+        trial=TrialOptions(confirm, manual),
+        data=data,
+    )
 
 
 def check_names(names: Sequence[str]) -> list[str]:
@@ -204,6 +232,27 @@ class ManagerInterface(ServiceInterface):
         call = _this_call("Refresh", ())
         await self._changing("Refresh", call, self._refresh(call))
 
+    @dbus_method()
+    async def Rollback(self, generation: DBusUInt64, options: Options) -> DBusUInt64:
+        call = _this_call("Rollback", (generation, options))
+        return await self._changing("Rollback", call, self._rollback(call, generation, options))
+
+    @dbus_method()
+    async def Confirm(self, generation: DBusUInt64) -> NoResult:
+        call = _this_call("Confirm", (generation,))
+        await self._changing("Confirm", call, self._confirm(call, generation))
+
+    @dbus_method()
+    def ListGenerations(self) -> GenerationList:
+        return self._reading(
+            "ListGenerations",
+            lambda: [
+                (int(g.number), [str(n) for n in g.names], int(g.realtime_usec), str(g.status),
+                 str(g.cause))
+                for g in self._manager.list_generations()
+            ],
+        )  # fmt: skip
+
     # -- properties ---------------------------------------------------------------------
 
     @dbus_property(access=PropertyAccess.READ)
@@ -253,24 +302,45 @@ class ManagerInterface(ServiceInterface):
     # -- the work behind the methods ----------------------------------------------------
 
     async def _attach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
-        opts = parse_options(options, "Attach", (OPTION_TIMEOUT, OPTION_FORCE))
+        opts = parse_options(options, "Attach", (OPTION_TIMEOUT, OPTION_FORCE, *CHANGE_OPTIONS))
         check_name(name)
         caller = await caller_from_bus(*call)
-        return await self._manager.attach(caller, name, timeout=opts.timeout, force=opts.force)
+        return await self._manager.attach(
+            caller, name, timeout=opts.timeout, force=opts.force, trial=opts.trial
+        )
 
     async def _detach(self, call: tuple[MessageBus, Message], name: str, options: Options) -> bool:
-        opts = parse_options(options, "Detach", (OPTION_FROM_UNIT,))
+        opts = parse_options(options, "Detach", (OPTION_FROM_UNIT, *CHANGE_OPTIONS))
         check_name(name)
         caller = await caller_from_bus(*call)
-        return await self._manager.detach(caller, name, from_unit=opts.from_unit)
+        return await self._manager.detach(
+            caller, name, from_unit=opts.from_unit, trial=opts.trial
+        )
 
     async def _switch(
         self, call: tuple[MessageBus, Message], names: list[str], options: Options
     ) -> bool:
-        opts = parse_options(options, "Switch", (OPTION_TIMEOUT, OPTION_FORCE))
+        opts = parse_options(options, "Switch", (OPTION_TIMEOUT, OPTION_FORCE, *CHANGE_OPTIONS))
         checked = check_names(names)
         caller = await caller_from_bus(*call)
-        return await self._manager.switch(caller, checked, timeout=opts.timeout, force=opts.force)
+        return await self._manager.switch(
+            caller, checked, timeout=opts.timeout, force=opts.force, trial=opts.trial
+        )
+
+    async def _rollback(
+        self, call: tuple[MessageBus, Message], generation: int, options: Options
+    ) -> int:
+        known = (OPTION_TIMEOUT, OPTION_FORCE, OPTION_DATA, *CHANGE_OPTIONS)
+        opts = parse_options(options, "Rollback", known)
+        caller = await caller_from_bus(*call)
+        return await self._manager.rollback(
+            caller, generation, timeout=opts.timeout, force=opts.force, trial=opts.trial,
+            data=opts.data,
+        )  # fmt: skip
+
+    async def _confirm(self, call: tuple[MessageBus, Message], generation: int) -> None:
+        caller = await caller_from_bus(*call)
+        await self._manager.confirm(caller, generation)
 
     async def _refresh(self, call: tuple[MessageBus, Message]) -> None:
         caller = await caller_from_bus(*call)

@@ -9,6 +9,7 @@ from dbus_fast.annotations import DBusSignature
 
 from personalityd.core.names import (
     SIG_CONFLICT_LIST,
+    SIG_GENERATION_LIST,
     SIG_NAMES,
     SIG_OPTIONS,
     SIG_PERSONALITY_LIST,
@@ -19,6 +20,8 @@ PersonalityRow = tuple[str, str, str, str, str]
 ConflictRow = tuple[str, str, list[str], bool]
 PersonalityList = Annotated[list[PersonalityRow], DBusSignature(SIG_PERSONALITY_LIST)]
 ConflictList = Annotated[list[ConflictRow], DBusSignature(SIG_CONFLICT_LIST)]
+GenerationRow = tuple[int, list[str], int, str, str]
+GenerationList = Annotated[list[GenerationRow], DBusSignature(SIG_GENERATION_LIST)]
 Options = Annotated[dict[str, Variant], DBusSignature(SIG_OPTIONS)]
 Names = Annotated[list[str], DBusSignature(SIG_NAMES)]
 StackChangedArgs = Annotated[tuple[int, list[str]], DBusSignature(SIG_STACK_CHANGED)]
