@@ -67,6 +67,26 @@ def trials(
         machine.cleanup()
 
 
+@pytest.fixture(autouse=True)
+def from_good(trials: Trials) -> None:
+    """Each test starts at [good] with no trial pending, whatever the one before left."""
+    t = trials
+    if any(g.status == "trial" for g in t.generations()):
+        t.call("Rollback", "ta{sv}", 0, {})
+    if t.attached() != ["good"]:
+        assert t.call("Switch", "asa{sv}", ["good"], options(0)).error == ""
+    t.c.wait_active("good.service")
+
+
+def stop_call(call: subprocess.Popen[str]) -> None:
+    """End a background call that is still waiting (its pipes closed)."""
+    if call.poll() is None:
+        call.kill()
+    if call.stdout is not None and not call.stdout.closed:
+        call.communicate()
+    call.wait()
+
+
 def assert_back_at(t: Trials, stack: list[str], services: list[str]) -> None:
     """The stack, its shared file and its services are those of `stack`, no trial pending."""
     assert t.attached() == stack
@@ -136,12 +156,15 @@ def test_failing_oneshot_rolls_back_and_restarts_what_left(trials: Trials) -> No
 
     # alt leaves in the trial (its service stopped before the swap) and comes back with it.
     reply = t.switch(["good", "badoneshot"], confirm=30)
+    alt_at_answer = t.c.is_active("alt.service")
     assert reply.error == ROLLED_BACK, reply
     assert "badoneshot.service: exit-code" in reply.message, reply
-    assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
     assert not t.exists("/usr/share/trial/badoneshot")
     trial = newest(t, ["good", "badoneshot"], "rolled-back")
     assert_rollback_journalled(t, trial, before, "badoneshot.service: exit-code")
+    # As after any change, the answer comes once the restored stack's services have started.
+    assert alt_at_answer == "active", "alt.service was not started again by the answer"
+    assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
 
     assert t.switch(["good"]).error == ""
     t.c.wait_active("alt.service", "inactive", timeout=30)
@@ -187,9 +210,7 @@ def test_manual_confirmation(trials: Trials) -> None:
         t.busctl("Confirm", "t", str(trial.number))
         reply = t.reply_of(call, timeout=60)
     finally:
-        if call.poll() is None:
-            call.kill()
-            call.wait()
+        stop_call(call)
     assert reply.error == "", reply
     assert t.generation(trial.number).status == "confirmed"
     assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
@@ -243,9 +264,7 @@ def test_reboot_during_a_trial_comes_back_confirmed(trials: Trials) -> None:
         wait_until(lambda: t.shared() == "alt", 30, "the trial's stack")
         t.c.poweroff()
     finally:
-        if call.poll() is None:
-            call.kill()
-        call.wait()
+        stop_call(call)
     t.c.boot()
 
     assert t.attached() == ["good"]
@@ -277,7 +296,11 @@ def test_personality_units_wait_for_confirmation(trials: Trials) -> None:
     assert started.returncode != 0, started
     assert "dependency" in started.stderr, started.stderr
     assert t.c.is_active("needs-bad.service") == "inactive"
-    assert t.c.is_active("personality@bad.service") == "failed"
+    # Its ExecStart (personalityctl attach) was answered RolledBack: the unit failed on its own.
+    assert t.c.show("personality@bad.service", "ActiveState", "Result") == {
+        "ActiveState": "failed",
+        "Result": "exit-code",
+    }
     assert_back_at(t, ["good"], ["good.service"])
     trial = newest(t, ["good", "bad"], "rolled-back")
     (entry,) = t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
