@@ -40,12 +40,19 @@ def load() -> tuple[list[Row], Meta]:
     return [Row.from_json(r) for r in saved["rows"]], Meta.from_json(saved["meta"])
 
 
+# Rows measured by scripts of their own rather than bench/run.py (they boot a container):
+# every run keeps them from results.json.
+STANDALONE_ROWS = frozenset({"trial_rollback"})
+
+
 def merged(rows: Sequence[Row], partial: bool) -> list[Row]:
     """With only some rows asked for, the others are kept from the last results.json."""
-    if not partial or not RESULTS_JSON.exists():
+    if not RESULTS_JSON.exists():
         return list(rows)
     new = {r.key: r for r in rows}
     old, _ = load()
+    if not partial:
+        return list(rows) + [r for r in old if r.key in STANDALONE_ROWS and r.key not in new]
     keep = [new.pop(r.key, r) for r in old]
     return keep + list(new.values())
 
