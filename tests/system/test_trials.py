@@ -104,7 +104,7 @@ def newest(t: Trials, desired: list[str], status: str) -> Generation:
 
 def assert_trial_journalled(t: Trials, trial: Generation, confirm: int) -> None:
     """One trial entry for `trial`, its deadline `confirm` seconds after it (realtime usec)."""
-    (started,) = t.journal(TRIAL_ID, PERSONALITY_GENERATION=trial.number)
+    (started,) = t.journalled(TRIAL_ID, PERSONALITY_GENERATION=trial.number)
     ahead = (int(started["PERSONALITY_DEADLINE"]) - int(started["__REALTIME_TIMESTAMP"])) / 1e6
     assert confirm - 5 < ahead <= confirm + 0.5, started
 
@@ -116,7 +116,7 @@ def assert_rollback_journalled(
     made = t.rolled_back_from(trial.number)
     assert (made.status, made.cause, made.desired) == ("confirmed", "rollback", restored.desired)
     assert_trial_journalled(t, trial, confirm)
-    (entry,) = t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
+    (entry,) = t.journalled(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
     assert entry["PERSONALITY_ROLLED_BACK_TO"] == str(restored.number), entry
     assert entry["PERSONALITY_NEW_GENERATION"] == str(made.number), entry
     assert reason in entry["PERSONALITY_REASON"], entry
@@ -189,7 +189,7 @@ def test_health_checks(trials: Trials) -> None:
     confirmed = newest(t, ["good", "hcok"], "confirmed")
     assert t.current() == confirmed.number
     assert_trial_journalled(t, confirmed, 30)
-    assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
+    assert len(t.journalled(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
     assert t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=confirmed.number) == []
 
     assert t.switch(["good"]).error == ""
@@ -215,7 +215,7 @@ def test_manual_confirmation(trials: Trials) -> None:
     assert t.generation(trial.number).status == "confirmed"
     assert_back_at(t, ["good", "alt"], ["good.service", "alt.service"])
     assert_trial_journalled(t, trial, 60)
-    assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=trial.number)) == 1
+    assert len(t.journalled(CONFIRMED_ID, PERSONALITY_GENERATION=trial.number)) == 1
 
     # Not confirmed in time: back to [good, alt], alt's service started again.
     before = newest(t, ["good", "alt"], "confirmed")
@@ -303,7 +303,7 @@ def test_personality_units_wait_for_confirmation(trials: Trials) -> None:
     }
     assert_back_at(t, ["good"], ["good.service"])
     trial = newest(t, ["good", "bad"], "rolled-back")
-    (entry,) = t.journal(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
+    (entry,) = t.journalled(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
     assert "bad.service: exit-code" in entry["PERSONALITY_REASON"], entry
 
     # alt passes its trial; the unit that requires it starts once it is confirmed.
@@ -316,4 +316,4 @@ def test_personality_units_wait_for_confirmation(trials: Trials) -> None:
     confirmed = newest(t, ["good", "alt"], "confirmed")
     assert seen.get(confirmed.number) == (["good", "alt"], "confirmed"), seen
     assert_trial_journalled(t, confirmed, 20)
-    assert len(t.journal(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1
+    assert len(t.journalled(CONFIRMED_ID, PERSONALITY_GENERATION=confirmed.number)) == 1

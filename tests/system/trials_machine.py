@@ -430,6 +430,18 @@ class Trials:
         ).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def journalled(self, message_id: str, **fields: str | int) -> list[dict[str, Any]]:
+        """As `journal`, once there is at least one entry: journald may not have stored what
+        the daemon sent right before its answer yet."""
+        found: list[dict[str, Any]] = []
+
+        def stored() -> bool:
+            found[:] = self.journal(message_id, **fields)
+            return bool(found)
+
+        wait_until(stored, 10, f"a journal entry {message_id} with {fields}")
+        return found
+
     def rolled_back_from(self, trial: int) -> Generation:
         """The confirmed generation a rollback of `trial` made (the next one, cause rollback)."""
         later = [g for g in self.generations() if g.number > trial]
