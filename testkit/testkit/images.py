@@ -182,15 +182,19 @@ def build_image(
 
 
 def build_writable_image(
-    tmp_path: Path, label: str = "personality-data", size_mb: int = 32
+    tmp_path: Path, label: str = "personality-data", size_mb: int = 32, fs_type: str = "ext4"
 ) -> Path:
-    """An empty ext4 image labelled `label` for the writable volume."""
+    """An empty image labelled `label` for the writable volume (ext4, or btrfs: then at
+    least 128 MiB, sparse)."""
     images = tmp_path / "images"
     images.mkdir(parents=True, exist_ok=True)
-    image = _unique(images / f"{label}.ext4")
+    image = _unique(images / f"{label}.{fs_type}")
     with open(image, "wb") as f:
-        f.truncate(size_mb << 20)
-    run("mkfs.ext4", "-q", "-L", label, image)
+        f.truncate((max(size_mb, 128) if fs_type == "btrfs" else size_mb) << 20)
+    if fs_type == "btrfs":
+        run("mkfs.btrfs", "-q", "-L", label, image)
+    else:
+        run("mkfs.ext4", "-q", "-L", label, image)
     return image
 
 

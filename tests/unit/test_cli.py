@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 
-from personalityd.client import cli
+from personalityd.client import changes, cli, output
 
-VERBS = ("list", "status", "attach", "detach", "switch", "conflicts", "build")
+VERBS = (
+    "list", "status", "attach", "detach", "switch", "conflicts", "refresh", "build",
+    "history", "rollback", "confirm",
+)  # fmt: skip
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -47,8 +50,6 @@ def test_top_level_help_lists_the_verbs(capsys: pytest.CaptureFixture[str]) -> N
         ["detach"],
         ["detach", "web", "--force"],
         ["list", "extra"],
-        ["attach", "web", "--json"],
-        ["--json", "attach", "web"],
         ["build", "dir"],
         ["build", "dir", "--name", "x"],
         ["build", "dir", "--name", "x", "-o", "img", "--format", "ext4"],
@@ -61,20 +62,23 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
-def test_json_is_accepted_before_or_after_a_reading_verb() -> None:
+def test_json_is_accepted_before_or_after_any_verb() -> None:
     parser = cli.build_parser()
     assert parser.parse_args(["list", "--json"]).json
     assert parser.parse_args(["--json", "status"]).global_json
     assert not parser.parse_args(["conflicts"]).json
+    assert parser.parse_args(["attach", "web", "--json"]).json
+    assert parser.parse_args(["--json", "detach", "web"]).global_json
+    assert parser.parse_args(["refresh", "--json"]).json
 
 
 def test_wait_and_force_map_to_typed_options() -> None:
-    assert cli.change_options() == {}
-    options = cli.change_options(wait=30, force=True)
+    assert changes.change_options() == {}
+    options = changes.change_options(wait=30, force=True)
     assert options["timeout"].signature == "u"
     assert options["timeout"].value == 30
     assert options["force"] == Variant("b", True)
-    assert cli.change_options(wait=0) == {"timeout": Variant("u", 0)}
+    assert changes.change_options(wait=0) == {"timeout": Variant("u", 0)}
 
 
 def test_unreachable_bus_is_one_line_and_exit_1(
@@ -102,7 +106,7 @@ ROWS = [
 
 
 def test_table_is_aligned_with_an_upper_case_header() -> None:
-    text = cli.format_table(("name", "state"), [("a-long-name", "x"), ("b", "")])
+    text = output.format_table(("name", "state"), [("a-long-name", "x"), ("b", "")])
     assert text.splitlines() == ["NAME        STATE", "a-long-name x", "b           -"]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
@@ -16,39 +15,26 @@ from dbus_fast import Variant
 
 from personalityd import __version__
 from personalityd.client.buildverb import UsageError, add_build_verb
-from personalityd.client.connection import Client, CliError
+from personalityd.client.changes import (
+    CHANGE_TIMEOUT,
+    add_json_argument,
+    add_trial_arguments,
+    announce_trial,
+    change_timeout,
+    failure_json,
+    failure_line,
+    options_of,
+    outcome,
+    seconds,
+)
+from personalityd.client.connection import ERROR_UNKNOWN_METHOD, Client, CliError
+from personalityd.client.history import add_history_verbs, on_trial, read_history, trial_notice
+from personalityd.client.output import PROG, count, format_table, print_json
 from personalityd.core.names import (
-    OPTION_FORCE,
     OPTION_FROM_UNIT,
-    OPTION_TIMEOUT,
     SIG_NAMES,
     SIG_OPTIONS,
 )
-
-PROG: Final = "personalityctl"
-CHANGE_TIMEOUT: Final = 120.0  # seconds for a stack change, on top of --wait
-UINT32_MAX: Final = 2**32 - 1
-READING_VERBS: Final = ("list", "status", "conflicts", "build")
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns aligned as systemctl does: upper-case header, empty cells as '-'."""
-    cells = [[h.upper() for h in headers]] + [[c if c else "-" for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        lines.append(" ".join(padded).rstrip())
-    return "\n".join(lines)
-
-
-def _count(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2))
-
 
 PERSONALITY_FIELDS: Final = ("name", "state", "version", "device", "mount_point")
 PERSONALITY_HEADERS: Final = ("NAME", "STATE", "VERSION", "DEVICE", "MOUNT POINT")
@@ -68,7 +54,7 @@ def render_list(rows: Sequence[Sequence[str]]) -> str:
     if not rows:
         return "No personalities."
     table = format_table(PERSONALITY_HEADERS, rows)
-    return f"{table}\n\n{_count(len(rows), 'personality', 'personalities')} listed."
+    return f"{table}\n\n{count(len(rows), 'personality', 'personalities')} listed."
 
 
 def render_conflicts(rows: Sequence[Sequence[Any]]) -> str:
@@ -78,10 +64,12 @@ def render_conflicts(rows: Sequence[Sequence[Any]]) -> str:
         ("PATH", "WINNER", "SHADOWED", "IDENTICAL"),
         [(p, w, ",".join(s), "yes" if i else "no") for p, w, s, i in rows],
     )
-    return f"{table}\n\n{_count(len(rows), 'conflict', 'conflicts')} listed."
+    return f"{table}\n\n{count(len(rows), 'conflict', 'conflicts')} listed."
 
 
-def render_status(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> str:
+def render_status(
+    props: dict[str, Any], rows: Sequence[Sequence[str]], trial: int | None = None
+) -> str:
     """hostnamectl-style: right-aligned labels; the live stack bottom to top."""
     by_name = {row[0]: row for row in rows}
     attached: list[str] = list(props.get("Attached", []))
@@ -111,6 +99,8 @@ def render_status(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> str:
         writable = "tmpfs (volatile: changes are lost at reboot)"
     fields.append(("Writable", writable or "none (read-only stack)"))
     fields.append(("Generation", str(props.get("Generation", 0))))
+    if trial is not None:
+        fields.append(("Trial", trial_notice(trial)))
     conflicts = int(props.get("ConflictCount", 0))
     fields.append(("Conflicts", f"{conflicts} (see '{PROG} conflicts')" if conflicts else "none"))
     for notice in props.get("Notices", []):
@@ -131,11 +121,14 @@ def _with_state(name: str, by_name: dict[str, Sequence[str]], usual: str) -> str
     return name if state == usual else f"{name} ({state})"
 
 
-def status_as_dict(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
+def status_as_dict(
+    props: dict[str, Any], rows: Sequence[Sequence[str]], trial: int | None = None
+) -> dict[str, Any]:
     return {
         "attached": list(props.get("Attached", [])),
         "desired": list(props.get("Desired", [])),
         "generation": int(props.get("Generation", 0)),
+        "trial": trial,
         "conflict_count": int(props.get("ConflictCount", 0)),
         "writable_device": str(props.get("WritableDevice", "")),
         "notices": [str(n) for n in props.get("Notices", [])],
@@ -149,7 +142,7 @@ def status_as_dict(props: dict[str, Any], rows: Sequence[Sequence[str]]) -> dict
 async def verb_list(client: Client, args: argparse.Namespace) -> int:
     (rows,) = await client.call("ListPersonalities")
     if args.json:
-        _print_json(personalities_as_dicts(rows))
+        print_json(personalities_as_dicts(rows))
     else:
         print(render_list(rows))
     return 0
@@ -158,57 +151,70 @@ async def verb_list(client: Client, args: argparse.Namespace) -> int:
 async def verb_status(client: Client, args: argparse.Namespace) -> int:
     props = await client.properties()
     (rows,) = await client.call("ListPersonalities")
+    trial = await current_trial(client)
     if args.json:
-        _print_json(status_as_dict(props, rows))
+        print_json(status_as_dict(props, rows, trial))
     else:
-        print(render_status(props, rows))
+        print(render_status(props, rows, trial))
     return 0
+
+
+async def current_trial(client: Client) -> int | None:
+    try:
+        return on_trial(await read_history(client))
+    except CliError as exc:
+        if exc.error_name == ERROR_UNKNOWN_METHOD:  # a daemon from before trials
+            return None
+        raise
 
 
 async def verb_conflicts(client: Client, args: argparse.Namespace) -> int:
     (rows,) = await client.call("ListConflicts")
     if args.json:
-        _print_json(conflicts_as_dicts(rows))
+        print_json(conflicts_as_dicts(rows))
     else:
         print(render_conflicts(rows))
     return 0
 
 
-def change_options(wait: int | None = None, force: bool = False) -> dict[str, Variant]:
-    """The a{sv} options of Attach and Switch; keys only for what was asked."""
-    options: dict[str, Variant] = {}
-    if wait is not None:
-        options[OPTION_TIMEOUT] = Variant("u", wait)
-    if force:
-        options[OPTION_FORCE] = Variant("b", True)
-    return options
-
-
 async def verb_attach(client: Client, args: argparse.Namespace) -> int:
-    options = change_options(args.wait, args.force)
-    timeout = CHANGE_TIMEOUT + (args.wait or 0)
+    announce_trial(args)
     (changed,) = await client.call(
-        "Attach", "s" + SIG_OPTIONS, [args.name, options], timeout=timeout
+        "Attach", "s" + SIG_OPTIONS, [args.name, options_of(args)], timeout=change_timeout(args)
     )
-    print(f"Attached {args.name}." if changed else f"{args.name} is already attached.")
+    if args.json:
+        print_json(await outcome(client, changed))
+    else:
+        print(f"Attached {args.name}." if changed else f"{args.name} is already attached.")
     return 0
 
 
 async def verb_detach(client: Client, args: argparse.Namespace) -> int:
-    options = {OPTION_FROM_UNIT: Variant("b", True)} if args.from_unit else {}
+    options = options_of(args)
+    if args.from_unit:
+        options[OPTION_FROM_UNIT] = Variant("b", True)
+    announce_trial(args)
     (changed,) = await client.call(
-        "Detach", "s" + SIG_OPTIONS, [args.name, options], timeout=CHANGE_TIMEOUT
+        "Detach", "s" + SIG_OPTIONS, [args.name, options], timeout=change_timeout(args)
     )
-    print(f"Detached {args.name}." if changed else f"{args.name} is not attached.")
+    if args.json:
+        print_json(await outcome(client, changed))
+    else:
+        print(f"Detached {args.name}." if changed else f"{args.name} is not attached.")
     return 0
 
 
 async def verb_switch(client: Client, args: argparse.Namespace) -> int:
-    options = change_options(args.wait, args.force)
-    timeout = CHANGE_TIMEOUT + (args.wait or 0)
+    announce_trial(args)
     (changed,) = await client.call(
-        "Switch", SIG_NAMES + SIG_OPTIONS, [args.names, options], timeout=timeout
+        "Switch",
+        SIG_NAMES + SIG_OPTIONS,
+        [args.names, options_of(args)],
+        timeout=change_timeout(args),
     )
+    if args.json:
+        print_json(await outcome(client, changed))
+        return 0
     wanted = " ".join(args.names) if args.names else "the base only"
     print(f"Switched to: {wanted}." if changed else f"Already at: {wanted}.")
     return 0
@@ -218,7 +224,10 @@ async def verb_refresh(client: Client, args: argparse.Namespace) -> int:
     before = await client.properties()
     await client.call("Refresh", "", [], timeout=CHANGE_TIMEOUT)
     after = await client.properties()
-    if after.get("Generation") != before.get("Generation"):
+    changed = after.get("Generation") != before.get("Generation")
+    if args.json:
+        print_json(await outcome(client, changed))
+    elif changed:
         attached = " ".join(after.get("Attached", [])) or "the base only"
         print(f"Refreshed: generation {after.get('Generation')}, {attached}.")
     else:
@@ -240,16 +249,6 @@ async def run_dbus_verb(verb: DBusVerb, args: argparse.Namespace) -> int:
 # -- arguments --------------------------------------------------------------------------------
 
 
-def _seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
-    if not 0 <= value <= UINT32_MAX:
-        raise argparse.ArgumentTypeError(f"out of range: {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -266,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         dest="global_json",
-        help="JSON output, for the reading verbs (list, status, conflicts)",
+        help="JSON output: the reading verbs print what they read, the changing verbs their "
+        'outcome, and a failure is {"error", "message"} on stdout',
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
@@ -292,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument(
         "--wait",
         metavar="SEC",
-        type=_seconds,
+        type=seconds,
         help="wait up to SEC seconds for the personality's volume to appear",
     )
     attach.add_argument(
         "--force", action="store_true", help="attach even if incompatible with the base"
     )
+    add_trial_arguments(attach)
+    add_json_argument(attach)
     attach.set_defaults(dbus_verb=verb_attach)
 
     detach = verbs.add_parser(
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="for the ExecStop of personality@NAME.service: change nothing when the daemon "
         "itself stops that unit or the system shuts down",
     )
+    add_trial_arguments(detach)
+    add_json_argument(detach)
     detach.set_defaults(dbus_verb=verb_detach)
 
     switch = verbs.add_parser(
@@ -321,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         "no NAME leaves the base only.",
     )
     switch.add_argument("names", metavar="NAME", nargs="*")
-    switch.add_argument("--wait", metavar="SEC", type=_seconds, help="wait for missing volumes")
+    switch.add_argument("--wait", metavar="SEC", type=seconds, help="wait for missing volumes")
     switch.add_argument(
         "--force", action="store_true", help="attach even if incompatible with the base"
     )
+    add_trial_arguments(switch)
+    add_json_argument(switch)
     switch.set_defaults(dbus_verb=verb_switch)
 
     refresh = verbs.add_parser(
@@ -334,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and re-attach, in one transaction, every attached personality whose image file was "
         "replaced since it was attached.",
     )
+    add_json_argument(refresh)
     refresh.set_defaults(dbus_verb=verb_refresh)
 
+    add_history_verbs(verbs)
     add_build_verb(verbs)
     return parser
 
@@ -344,8 +352,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.global_json:
-        if args.verb not in READING_VERBS:
-            parser.error(f"--json is for {', '.join(READING_VERBS)}, not {args.verb}")
         args.json = True
     try:
         if hasattr(args, "local_verb"):
@@ -355,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     except CliError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        if args.json:
+            print_json(failure_json(exc))
+        print(f"{PROG}: {failure_line(args, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

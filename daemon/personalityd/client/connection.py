@@ -13,6 +13,7 @@ from dbus_fast.aio import MessageBus
 from personalityd.adapters.bus import system_bus_address
 from personalityd.core.names import (
     BUS_NAME,
+    ERROR_FAILED,
     ERROR_NAME_HAS_NO_OWNER,
     ERROR_SERVICE_UNKNOWN,
     INTERFACE,
@@ -22,10 +23,24 @@ from personalityd.core.names import (
 
 READ_TIMEOUT: Final = 25.0  # seconds for a reading call, as sd-bus's default
 UNREACHABLE: Final = "cannot reach personalityd on the system bus"
+# The standard names of what a client meets before any answer, for `--json` failures.
+ERROR_NO_SERVER: Final = "org.freedesktop.DBus.Error.NoServer"
+ERROR_NO_REPLY: Final = "org.freedesktop.DBus.Error.NoReply"
+ERROR_DISCONNECTED: Final = "org.freedesktop.DBus.Error.Disconnected"
+ERROR_UNKNOWN_METHOD: Final = "org.freedesktop.DBus.Error.UnknownMethod"
 
 
 class CliError(Exception):
-    """The operation failed; `str()` is the one line printed after `personalityctl: `."""
+    """The operation failed; `str()` is the one line printed after `personalityctl: `.
+
+    `error_name` is the D-Bus error name of the failure (the daemon's, or the standard one
+    for a bus that cannot be reached or a call without an answer); `message` is the daemon's
+    own text where there is one."""
+
+    def __init__(self, text: str, error_name: str = ERROR_FAILED, message: str | None = None):
+        super().__init__(text)
+        self.error_name = error_name
+        self.message = text if message is None else message
 
 
 def _one_line(text: str) -> str:
@@ -47,9 +62,13 @@ class Client:
                 READ_TIMEOUT,
             )
         except TimeoutError:
-            raise CliError(f"{UNREACHABLE}: {resolved}: connection timed out") from None
+            raise CliError(
+                f"{UNREACHABLE}: {resolved}: connection timed out", ERROR_NO_SERVER
+            ) from None
         except Exception as exc:
-            raise CliError(f"{UNREACHABLE}: {resolved}: {_one_line(str(exc))}") from None
+            raise CliError(
+                f"{UNREACHABLE}: {resolved}: {_one_line(str(exc))}", ERROR_NO_SERVER
+            ) from None
         return cls(bus)
 
     def disconnect(self) -> None:
@@ -75,14 +94,17 @@ class Client:
         try:
             reply = await asyncio.wait_for(self._bus.call(msg), timeout)
         except TimeoutError:
-            raise CliError(f"no answer from personalityd to {member} after {timeout:g}s") from None
+            raise CliError(
+                f"no answer from personalityd to {member} after {timeout:g}s", ERROR_NO_REPLY
+            ) from None
         except Exception as exc:  # the connection broke
-            raise CliError(f"{UNREACHABLE}: {_one_line(str(exc))}") from None
+            raise CliError(f"{UNREACHABLE}: {_one_line(str(exc))}", ERROR_DISCONNECTED) from None
         if reply.message_type is MessageType.ERROR:
-            text = _one_line(str(reply.body[0])) if reply.body else str(reply.error_name)
-            if reply.error_name in (ERROR_SERVICE_UNKNOWN, ERROR_NAME_HAS_NO_OWNER):
-                raise CliError(f"{UNREACHABLE}: {text}")
-            raise CliError(text)
+            name = str(reply.error_name)
+            text = _one_line(str(reply.body[0])) if reply.body else name
+            if name in (ERROR_SERVICE_UNKNOWN, ERROR_NAME_HAS_NO_OWNER):
+                raise CliError(f"{UNREACHABLE}: {text}", name)
+            raise CliError(text, name)
         return list(reply.body)
 
     async def properties(self) -> dict[str, Any]:

@@ -261,7 +261,8 @@ class Engine:
         entries = read_mountinfo()
         for path in (self.layout.writable(), self.layout.volatile()):
             in_use = any(s.upper and s.upper.startswith(path + "/") for s in self.specs.values())
-            if keep.root != path and not in_use and top_mount_at(entries, path) is not None:
+            kept = keep.root is not None and (keep.root + "/").startswith(path + "/")
+            if not kept and not in_use and top_mount_at(entries, path) is not None:
                 mounts.unmount(path)
                 log.info("upper_released", path=path)
 

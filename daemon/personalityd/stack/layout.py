@@ -16,6 +16,8 @@ class Upper:
     kind: str  # "volume", "tmpfs", "none"
     root: str | None  # mounted directory holding upper/ and work/
     device: str  # what WritableDevice shows: device node, "tmpfs" or ""
+    # On a btrfs writable volume: the live subvolume that `root` is (stack/upperdata.py).
+    live: str | None = None
 
     def upper_dir(self, hierarchy: str) -> str | None:
         return None if self.root is None else f"{self.root}/upper/{hierarchy_key(hierarchy)}"

@@ -33,6 +33,7 @@ from personalityd.core.errors import (
     Busy,
     Incompatible,
     InternalError,
+    InvalidRequest,
     MountFailed,
     NotSupported,
     PersonalityError,
@@ -305,11 +306,8 @@ class Manager:
             target = history.rollback_target(
                 self.state.saved.history, self.generation, generation
             )
-            if data and not self.stack.data_supported():
-                raise NotSupported(
-                    "data rollback needs a btrfs writable volume; the upper here is "
-                    f"{self.stack.upper_description()}"
-                )
+            if data:
+                await self._check_data(target.number)
             names = target.names
             forced = tuple(e.name for e in target.desired if e.force)
             edit = Edit("switch", names, force, forced=forced)
@@ -331,6 +329,16 @@ class Manager:
             await self._wait_for_volumes(names, timeout)
             await self._submit(job)
             return job.made
+
+    async def _check_data(self, generation: int) -> None:
+        data = self.stack.upper_data
+        if data is None:
+            raise NotSupported(
+                "data rollback needs a btrfs writable volume; the upper here is "
+                f"{self.stack.upper_description()}"
+            )
+        if not await asyncio.get_running_loop().run_in_executor(None, data.has, generation):
+            raise InvalidRequest(f"no state of generation {generation}'s data is kept")
 
     async def confirm(self, caller: Caller, generation: int) -> None:
         """Confirm the trial of `generation` (0: the one under way)."""

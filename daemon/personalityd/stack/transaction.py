@@ -55,6 +55,7 @@ from personalityd.stack.follower import Follower
 from personalityd.stack.indexes import VolumeIndex, VolumeIndexes
 from personalityd.stack.layout import NO_UPPER, OverlaySpec, Upper
 from personalityd.stack.registry import VolumeRegistry
+from personalityd.stack.upperdata import UpperData
 
 log = structlog.get_logger()
 
@@ -102,27 +103,39 @@ class Stack:
     # Live volumes' identity -> (the index judged, why it touches a protected path or None),
     # so that an index is judged once, and one no longer live is not kept alive here.
     _protected: dict[str, tuple[VolumeIndex, str | None]] = field(default_factory=dict)
+    upper_data: UpperData | None = None  # a btrfs writable volume's subvolumes, if any
 
     def current_upper(self) -> Upper:
+        """The upper for the next generation: on a btrfs writable volume, its live
+        subvolume (the one state.json names, made on first use)."""
+        self.upper_data = None
         writable = self.registry.writable
         if writable is not None:
             try:
-                return self.engine.writable_upper(writable)
+                upper = self.engine.writable_upper(writable)
+                assert upper.root is not None
+                self.upper_data = UpperData.open(upper.root)
+                if self.upper_data is None:
+                    return upper
+                live, root = self.upper_data.live_root(self.state.saved.upper_data)
+                return dataclasses.replace(upper, root=root, live=live)
             except OSError as exc:
                 log.error("writable_mount_failed", device=writable.devnode, error=str(exc))
+                self.upper_data = None
         if self.config.writable_fallback == "tmpfs":
             return self.engine.tmpfs_upper()
         return NO_UPPER
 
     def data_supported(self) -> bool:
         """Whether the upper's data can return to a generation's state (btrfs)."""
-        return False
+        return self.upper_data is not None
 
     def upper_description(self) -> str:
         upper = self.state.upper
-        return {"volume": f"{upper.device}, not btrfs", "tmpfs": "a tmpfs"}.get(
-            upper.kind, "none (a read-only stack)"
-        )
+        return {
+            "volume": f"{upper.device}, not btrfs or with an upper from before subvolumes",
+            "tmpfs": "a tmpfs",
+        }.get(upper.kind, "none (a read-only stack)")
 
     def settle_images(self) -> None:
         """Let go of the daemon's loop devices that no volume mount of the stack uses."""
@@ -464,6 +477,7 @@ class Change:
         self._drop_probed_again(checked, devnodes)
         await index_checked(stack, checked)
         self.upper = stack.current_upper()
+        await self._restore_data()
         self.plan = stack.plan(self.volumes)
         if self.plan.live == self.before.live and stack.engine.is_current(self.plan, self.upper):
             return False
@@ -483,6 +497,51 @@ class Change:
         self._built_items = built
         self._built = self.undo.add("release the built overlays", lambda: engine.release(built))
         return True
+
+    async def _restore_data(self) -> None:
+        """With intent.data_from: the new generation's upper is a writable snapshot of that
+        generation's kept state (btrfs; stack/upperdata.py)."""
+        data, generation = self.stack.upper_data, self.intent.data_from
+        if generation is None or data is None:
+            return
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, data.has, generation):
+            log.warning("upper_data_not_kept", generation=generation)
+            return
+        try:
+            live, root = await loop.run_in_executor(
+                None, data.restore, generation, self.before.generation + 1
+            )
+        except OSError as exc:
+            raise MountFailed(
+                f"cannot return the upper to generation {generation}'s data: {exc}",
+                cause=str(exc),
+            ) from exc
+        self.undo.add("discard the restored upper", lambda: data.discard(live))
+        self.upper = dataclasses.replace(self.upper, root=root, live=live)
+        log.info("upper_data_restored", generation=generation, live=live)
+
+    def _keep_data(self) -> None:
+        """Right before the swap (in a worker thread): the state of the generation being
+        left, and, when the upper itself is replaced, the writes made since (never deleted)."""
+        data, left = self.stack.upper_data, self.stack.state.upper.live
+        if data is None or left is None:
+            return
+        try:
+            data.keep(self.before.generation, left)
+            if self.upper.live != left:
+                data.keep_rolled_back(self.before.generation, left)
+        except OSError as exc:
+            log.error("upper_snapshot_failed", generation=self.before.generation, error=str(exc))
+
+    def _prune_data(self) -> None:
+        data, live = self.stack.upper_data, self.upper.live
+        if data is None or live is None:
+            return
+        kept = {g.number for g in self.stack.state.saved.history}
+        pruned = data.prune(kept, live)
+        if pruned.deleted:
+            log.info("upper_snapshots_pruned", deleted=pruned.deleted)
 
     def _move_orphans(self) -> list[orphans.Moved]:
         """Move aside what the upper holds under directories that leave the stack with the
@@ -528,6 +587,7 @@ class Change:
         gone = self._gone()
         if gone:
             await stack.follower.before_swap(gone, stack.registry.volumes, stack.engine.volumes)
+        await loop.run_in_executor(None, self._keep_data)
         # From here the overlays and the volume mounts belong to the swap.
         self.undo.discard(self._built, self._moved, *self._mounts)
         started = time.monotonic()
@@ -555,8 +615,9 @@ class Change:
             self.stack.config.history,
         )
         new = dataclasses.replace(
-            saved, desired=state.desired, generation=generation, history=history, trial=trial
-        )
+            saved, desired=state.desired, generation=generation, history=history, trial=trial,
+            upper_data=self.upper.live or saved.upper_data,
+        )  # fmt: skip
         if new != state.saved:
             save_state(self.stack.config.state_path, new)
             state.saved = new
@@ -628,6 +689,10 @@ class Change:
         """The files and journal entries of the change (in a worker thread)."""
         stack = self.stack
         stack.engine.write_record(self.generation)
+        try:
+            self._prune_data()
+        except OSError as exc:
+            log.warning("upper_prune_failed", error=str(exc))
         for moved in self.moved:
             stack.journal.orphan_moved(moved.orphan, moved.generation, moved.on_volume)
         for again in orphans.written_again(self.moved):

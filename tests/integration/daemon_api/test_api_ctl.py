@@ -237,7 +237,7 @@ def test_personalityctl_changing_verbs_and_exit_codes(
         ("attach", "web", "--wait", "soon"),
         ("detach",),
         ("nonsense",),
-        ("--json", "detach", "web"),
+        ("--json", "detach", "web", "--wait", "1"),
         ("build", "somewhere"),
         (),
     )

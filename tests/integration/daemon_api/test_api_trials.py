@@ -228,3 +228,49 @@ def daemon_generation(daemon: Daemon) -> int:
     state = json.loads((daemon.state_dir / "state.json").read_text())
     generation: int = state["generation"]
     return generation
+
+
+async def test_data_rollback_on_btrfs(
+    serve: Serve, daemon: Daemon, loop_devices: LoopDevices, image: Images,
+    client: MessageBus, sandbox_root: Path,
+) -> None:  # fmt: skip
+    three(loop_devices, image)
+    loop_devices.attach(
+        build_writable_image(sandbox_root.parent, fs_type="btrfs"), read_only=False
+    )
+    serve(daemon)
+    await call_ok(client, "Switch", "asa{sv}", ["a"], {})
+    (sandbox_root / "etc/before").write_text("before\n")
+    confirmed = daemon_generation(daemon)
+    manual = options(confirm=300, confirm_mode="manual")
+    switch = asyncio.ensure_future(call_error(client, "Switch", "asa{sv}", ["a", "b"], manual))
+    await asyncio.to_thread(wait_for_trial, daemon, confirmed + 1)
+    (sandbox_root / "etc/during").write_text("during\n")
+    (sandbox_root / "etc/before").write_text("changed during the trial\n")
+    # Rollback during the trial: it ends the trial, and the upper returns with it.
+    assert await call_ok(client, "Rollback", "ta{sv}", 0, {}) == [confirmed + 2]
+    name, message = await asyncio.wait_for(switch, 60)
+    assert name == ERROR + "RolledBack" and "rolled back by request" in message
+    assert not (sandbox_root / "etc/during").exists()
+    assert (sandbox_root / "etc/before").read_text() == "before\n"
+    writable = daemon.runtime_dir / "writable"
+    kept = writable / f"rolled-back/{confirmed + 1}"
+    assert (kept / "upper/_etc/during").read_text() == "during\n"
+    assert (kept / "upper/_etc/before").read_text() == "changed during the trial\n"
+    state = json.loads((daemon.state_dir / "state.json").read_text())
+    assert state["upper_data"] and state["trial"] is None
+    # An explicit data rollback of a confirmed generation: the writes since are kept too.
+    (sandbox_root / "etc/later").write_text("later\n")
+    now = daemon_generation(daemon)
+    assert await call_ok(client, "Switch", "asa{sv}", ["c"], {}) == [True]
+    (sandbox_root / "etc/later").write_text("later, under c\n")
+    assert await call_ok(client, "Rollback", "ta{sv}", now, options(data=True)) == [now + 2]
+    assert (sandbox_root / "etc/later").read_text() == "later\n"
+    assert read(sandbox_root, "usr/bin/tool") == b"a"
+    later = writable / f"rolled-back/{now + 1}/upper/_etc/later"
+    assert later.read_text() == "later, under c\n"
+    # The current generation has no kept state yet (it is kept when it is left).
+    name, message = await call_error(client, "Rollback", "ta{sv}", now + 2, options(data=True))
+    assert name == "org.freedesktop.DBus.Error.InvalidArgs" and "data is kept" in message
+    snapshots = sorted(int(p.name) for p in (writable / "snapshots").iterdir())
+    assert snapshots and set(snapshots) <= {g for g, *_ in await generations(client)}

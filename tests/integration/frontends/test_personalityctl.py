@@ -176,6 +176,31 @@ async def test_switch(served: MessageBus, manager: MemoryManager) -> None:
     assert manager.desired == ()
 
 
+async def test_changing_verbs_json(served: MessageBus, manager: MemoryManager) -> None:
+    result = await ctl("switch", "tools", "web", "--json")
+    assert result.rc == 0, result.err
+    assert json.loads(result.out) == {
+        "changed": True,
+        "generation": 1,
+        "attached": ["tools", "web"],
+        "conflicts": 0,
+    }
+    assert json.loads((await ctl("--json", "attach", "web")).out)["changed"] is False
+    manager.set_conflicts([Conflict("/usr/bin/tool", "/usr", "web", ("tools",), False)])
+    detached = json.loads((await ctl("detach", "tools", "--json")).out)
+    assert (detached["changed"], detached["attached"]) == (True, ["web"])
+    assert json.loads((await ctl("refresh", "--json")).out)["changed"] is False
+
+    failed = await ctl("attach", "nothere", "--json")
+    assert failed.rc == 1
+    assert json.loads(failed.out) == {
+        "error": "org.personalityd.personality1.Error.NoSuchPersonality",
+        "message": json.loads(failed.out)["message"],
+    }
+    assert failed.err_line() == "personalityctl: " + json.loads(failed.out)["message"]
+    assert json.loads(failed.out)["message"].startswith("no personality named 'nothere'")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -205,7 +230,7 @@ async def test_usage_errors_exit_2(served: MessageBus) -> None:
         ("attach",),
         ("attach", "web", "--wait", "x"),
         ("nonsense",),
-        ("--json", "detach", "w"),
+        ("detach", "w", "--wait", "1"),
     ):
         result = await ctl(*argv)
         assert result.rc == 2, argv
