@@ -283,33 +283,45 @@ def test_reboot_during_a_trial_comes_back_confirmed(trials: Trials) -> None:
     assert before.number < trial.number
 
 
-def test_personality_units_wait_for_confirmation(trials: Trials) -> None:
-    t = trials
+def configure_confirm_timeout(t: Trials, seconds: int) -> None:
+    """`[transactions] confirm_timeout` in the daemon's configuration (restarted for it)."""
+    text = f"[transactions]\nconfirm_timeout = {seconds}\n"
+    if t.c.run("cat", CONFIG_DROPIN, check=False).stdout == text:
+        return
     t.c.run("mkdir", "-p", str(Path(CONFIG_DROPIN).parent))
-    t.c.run("sh", "-c", f"printf '[transactions]\\nconfirm_timeout = 20\\n' > {CONFIG_DROPIN}")
+    t.c.run("sh", "-c", f"printf '%s' '{text}' > {CONFIG_DROPIN}")
     t.c.run("systemctl", "restart", "personalityd.service", timeout=120)
     t.c.wait_active("personalityd.service")
+
+
+def test_unit_requiring_a_failing_personality_fails_on_its_dependency(trials: Trials) -> None:
+    t = trials
+    configure_confirm_timeout(t, 20)
     assert t.attached() == ["good"]
 
-    # bad fails its trial: its unit fails, and so the start of the unit that requires it.
+    # bad fails its trial (the default one, from the configuration): the stack is back...
     started = t.c.run("systemctl", "start", "needs-bad.service", check=False, timeout=150)
     assert started.returncode != 0, started
-    assert "dependency" in started.stderr, started.stderr
     assert t.c.is_active("needs-bad.service") == "inactive"
-    # Its ExecStart (personalityctl attach) was answered RolledBack: the unit failed on its own.
-    assert t.c.show("personality@bad.service", "ActiveState", "Result") == {
-        "ActiveState": "failed",
-        "Result": "exit-code",
-    }
     assert_back_at(t, ["good"], ["good.service"])
     trial = newest(t, ["good", "bad"], "rolled-back")
+    assert_trial_journalled(t, trial, 20)
     (entry,) = t.journalled(ROLLED_BACK_ID, PERSONALITY_GENERATION=trial.number)
     assert "bad.service: exit-code" in entry["PERSONALITY_REASON"], entry
+    # ...and personality@bad failed on its own, its ExecStart (personalityctl attach) answered
+    # RolledBack, so the start of the unit that requires it failed on that dependency.
+    unit = t.c.show("personality@bad.service", "ActiveState", "Result")
+    assert unit == {"ActiveState": "failed", "Result": "exit-code"}, unit
+    assert "dependency" in started.stderr, started.stderr
 
-    # alt passes its trial; the unit that requires it starts once it is confirmed.
+
+def test_unit_requiring_a_personality_starts_once_its_trial_is_confirmed(trials: Trials) -> None:
+    t = trials
+    configure_confirm_timeout(t, 20)
     t.c.run("systemctl", "start", "needs-alt.service", timeout=150)
     assert t.attached() == ["good", "alt"]
     assert t.c.is_active("personality@alt.service") == "active"
+    # needs-alt recorded the history when it started: alt's generation was confirmed by then.
     wait_until(lambda: t.exists("/run/needs-alt.generations"), 10, "needs-alt's record")
     (rows,) = json.loads(t.c.read("/run/needs-alt.generations"))["data"]
     seen = {int(g): (d, s) for g, d, _u, s, _c in rows}
