@@ -53,6 +53,7 @@ from nspawn import (
     write_udev_config,
 )
 from stacks_machine import STACKS_CONTAINER_KEY
+from trials_machine import TRIALS_CONTAINER_KEY, TRIALS_UNITS
 
 SYSTEM_TEST_ENV = "PERSONALITYD_SYSTEM_TEST"
 HERE = Path(__file__).resolve().parent
@@ -256,6 +257,9 @@ def pytest_runtest_makereport(
     if "stacks" in getattr(item, "fixturenames", ()):
         machine = item.config.stash.get(STACKS_CONTAINER_KEY, None)
         units: tuple[str, ...] = STACKS_UNITS
+    elif "trials" in getattr(item, "fixturenames", ()):
+        machine = item.config.stash.get(TRIALS_CONTAINER_KEY, None)
+        units = TRIALS_UNITS
     else:
         machine = item.config.stash.get(CONTAINER_KEY, None)
         units = (
