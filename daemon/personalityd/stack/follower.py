@@ -28,8 +28,9 @@ callers are answered right after them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -89,6 +90,7 @@ class Follower:
         # left in the registry, and its services must still be stopped.
         self._services: dict[str, tuple[str, ...]] = {}
         self._stopping: set[str] = set()  # names whose personality@ unit we are stopping
+        self._spared: frozenset[str] = frozenset()  # see sparing_starting_units
         self._queue: asyncio.Queue[_FollowUp] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
         self._current: _FollowUp | None = None
@@ -141,6 +143,9 @@ class Follower:
         # the very change we are in: waiting here would wait for ourselves.
         if state not in RUNNING_STATES:
             return
+        if state == "activating" and name in self._spared:
+            log.info("personality_unit_left_to_fail", unit=unit, personality=name)
+            return
         self._stopping.add(name)
         try:
             result = await self.services.stop(unit)
@@ -150,23 +155,17 @@ class Follower:
         finally:
             self._stopping.discard(name)
 
-    async def settle_personality_units(self, names: Sequence[str], timeout: float = 10.0) -> None:
-        """Wait (bounded) until no `personality@NAME.service` of `names` is still starting:
-        before a trial is rolled back, their ExecStart got its answer and is about to end."""
-        if self.services is None:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for name in names:
-            while loop.time() < deadline:
-                try:
-                    state = await self.services.unit_state(personality_unit(name))
-                except Exception as exc:
-                    log.warning("personality_unit_state_unknown", name=name, error=str(exc))
-                    break
-                if state != "activating":
-                    break
-                await asyncio.sleep(0.05)
+    @contextlib.contextmanager
+    def sparing_starting_units(self, names: Collection[str]) -> Iterator[None]:
+        """While a trial is rolled back: a `personality@NAME.service` of `names` that is still
+        starting is not stopped before the swap. Its ExecStart waits for the trial's answer
+        (the RolledBack error) and fails with it, and the units that require it fail on the
+        dependency; nothing of it runs yet that the swap could pull files from under."""
+        self._spared = frozenset(names)
+        try:
+            yield
+        finally:
+            self._spared = frozenset()
 
     async def unit_stop_is_ours(self, name: str) -> bool:
         """Whether a detach from `personality@NAME.service`'s ExecStop is to change nothing:

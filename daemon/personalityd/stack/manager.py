@@ -392,11 +392,12 @@ class Manager:
     async def _during_trial(self, active: ActiveTrial, edit: Edit) -> bool:
         """A request while a trial runs: an attach of a name already desired (the ExecStart
         of personality@NAME.service) waits for the trial's outcome; anything else is Busy."""
-        if edit.action == "attach" and edit.names[0] in self.desired:
+        if edit.action == "attach" and edit.names[0] in (*self.desired, *active.tried):
             error = await asyncio.shield(active.outcome)
             if error is not None:
                 raise error
-            return False
+            if edit.names[0] in self.desired:
+                return False
         record = active.record
         what = f"generation {record.generation}" if record is not None else "a new generation"
         raise Busy(
@@ -577,6 +578,7 @@ class Manager:
             _answer(job, job.changed)
             return
         active.record = record
+        active.tried = frozenset(self.desired)
         volumes = self.registry.volumes
         live = [volumes[n] for n in self.state.snapshot.live if n in volumes]
         units = [u for v in live for u in v.manifest.services]
@@ -613,6 +615,7 @@ class Manager:
         asked = outcome.job if isinstance(outcome, Requested) else None
         reason = outcome.reason if isinstance(outcome, Failed) else BY_REQUEST
         error = await self._roll_back_trial(record, reason, asked, active)
+        self._active = None
         _fail(job, error)
 
     async def _roll_back_trial(
@@ -621,7 +624,9 @@ class Manager:
         """Return from the trial `record` to its confirmed generation (or to the one an
         explicit Rollback, `asked`, names) in one change; the error the trial's callers get,
         once the services of the restored stack run again."""
-        self._active = None  # the rollback is a change like any other
+        # The trial stays the one under way until its rollback is done: requests meanwhile
+        # are Busy, and an attach of a name it tried gets its error (_during_trial).
+        active.ending = True
         # Whatever the target, the upper returns to its state before the trial.
         before = record.rollback_to if self.stack.data_supported() else None
         intent = Intent(CAUSE_ROLLBACK, ends_trial=record.generation, data_from=before)
@@ -639,13 +644,15 @@ class Manager:
         # Attaches waiting for the trial (the ExecStart of personality@NAME.service) are
         # answered first, so those units fail on their own and their dependents on the
         # dependency, rather than being cancelled by the stop before the swap back.
+        # The trial's own caller may be such an ExecStart too (`systemctl start` of a unit
+        # that requires personality@NAME): the units still starting are left to fail on
+        # their answer, never stopped (cancelled) before the swap back.
         active.end(_rolled_back(record.generation, reason, self.generation + 1, target))
-        leaving = [n for n in self.state.snapshot.live if n not in self.desired]
-        await self.follower.settle_personality_units(leaving)
         restored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
-            await self.rebuild(f"roll back generation {record.generation}: {reason}",
-                               frozenset(), [(restored, True)], intent)  # fmt: skip
+            with self.follower.sparing_starting_units(active.tried):
+                await self.rebuild(f"roll back generation {record.generation}: {reason}",
+                                   frozenset(), [(restored, True)], intent)  # fmt: skip
             await restored
         except PersonalityError as exc:
             log.error("rollback_failed", generation=record.generation, error=str(exc))

@@ -65,6 +65,8 @@ class ActiveTrial:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.record: TrialRecord | None = None  # set once the trial's change is swapped in
+        self.tried: frozenset[str] = frozenset()  # the desired names of the trial
+        self.ending = False  # being rolled back: no Rollback request is taken any more
         self.confirmed = asyncio.Event()
         self.rollback: asyncio.Future[object] = loop.create_future()
         self.aborted = asyncio.Event()
@@ -83,8 +85,8 @@ class ActiveTrial:
             self.outcome.set_result(error)
 
     def request_rollback(self, job: object) -> bool:
-        """False when the trial already ended a rollback's way."""
-        if self.rollback.done():
+        """False when the trial already ended, or is ending, a rollback's way."""
+        if self.rollback.done() or self.ending:
             return False
         self.rollback.set_result(job)
         return True
