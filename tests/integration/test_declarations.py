@@ -122,3 +122,15 @@ def test_a_failed_declaration_is_journalled_and_the_stack_stays(
     assert entry["PRIORITY"] == "3"
     assert entry["MESSAGE"].startswith("Declarations of 'broken' not applied at generation")
     assert "event=declaration_failed" in daemon.log_text()
+
+
+def test_a_failed_declaration_fails_a_trial(
+    daemon: Daemon, loop_devices: LoopDevices, image: Images, sandbox_root: Path
+) -> None:
+    files = {"usr/lib/sysusers.d/broken.conf": "x not-a-sysusers-line\n", "usr/share/b": "b"}
+    loop_devices.attach(image("broken", files))
+    daemon.start()
+    result = daemon.request({"action": "attach", "personality": "broken", "confirm": 60})
+    assert (result["_dir"], result["code"]) == ("failed", "rolled-back")
+    assert "(systemd-sysusers of 'broken': not applied)" in result["message"]
+    assert not (sandbox_root / "usr/share/b").exists()

@@ -157,7 +157,9 @@ class Intent:
     trial: TrialOptions = TrialOptions(0)
     origins: tuple[str, ...] = ()  # spool files of the requests (see TrialRecord.origins)
     ends_trial: int | None = None  # a rollback that ends this generation's trial
-    data_from: int | None = None  # the upper returns to this generation's state (btrfs)
+    # The upper returns to this generation's kept state: on a btrfs writable volume that
+    # kept it; elsewhere the change goes on without (a Rollback asking for it is refused).
+    data_from: int | None = None
 
 
 DEVICE_CHANGE = Intent(CAUSE_UDEV)  # a change no request asked for

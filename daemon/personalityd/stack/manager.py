@@ -586,7 +586,13 @@ class Manager:
         self.stack.journal.trial_started(record.generation, record.deadline_usec, record.manual)
         log.info("trial_started", generation=record.generation, manual=record.manual,
                  deadline_usec=record.deadline_usec, units=units, healthchecks=checks)  # fmt: skip
-        outcome = await judge(active, self.follower.services, units, checks, started)
+        failures = self.stack.declaration_failures
+        if failures:  # journalled already (stack/follower.py)
+            failed = failures[0].run
+            whose = f" of '{failed.personality}'" if failed.personality else ""
+            outcome: Outcome = Failed(f"{failed.tool or 'declarations'}{whose}: not applied")
+        else:
+            outcome = await judge(active, self.follower.services, units, checks, started)
         await self._end_trial(job, record, outcome)
 
     async def _end_trial(self, job: Job, record: TrialRecord, outcome: Outcome) -> None:
@@ -627,8 +633,9 @@ class Manager:
         # The trial stays the one under way until its rollback is done: requests meanwhile
         # are Busy, and an attach of a name it tried gets its error (_during_trial).
         active.ending = True
-        # Whatever the target, the upper returns to its state before the trial.
-        before = record.rollback_to if self.stack.data_supported() else None
+        # Whatever the target, the upper returns to its state before the trial (where it
+        # can: btrfs; the change decides).
+        before = record.rollback_to
         intent = Intent(CAUSE_ROLLBACK, ends_trial=record.generation, data_from=before)
         if isinstance(asked, Job) and self._edit(asked):
             target = asked.target
@@ -783,8 +790,10 @@ class Manager:
             back = history.find(self.state.saved.history, trial.rollback_to)
             if back is not None:
                 self.state.desired = back.desired
-            data = trial.rollback_to if self.stack.data_supported() else None
-            intent = Intent(CAUSE_ROLLBACK, ends_trial=trial.generation, data_from=data)
+            # The upper's data returns too where it can (btrfs; the change decides).
+            intent = Intent(
+                CAUSE_ROLLBACK, ends_trial=trial.generation, data_from=trial.rollback_to
+            )
             requested = f"roll back generation {trial.generation}: {INTERRUPTED}"
         if not await adopt(self.stack):
             try:

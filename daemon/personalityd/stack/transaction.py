@@ -104,6 +104,8 @@ class Stack:
     # so that an index is judged once, and one no longer live is not kept alive here.
     _protected: dict[str, tuple[VolumeIndex, str | None]] = field(default_factory=dict)
     upper_data: UpperData | None = None  # a btrfs writable volume's subvolumes, if any
+    # The declarations the last change could not apply: a trial fails on the first.
+    declaration_failures: list[ToolFailure] = field(default_factory=list)
 
     def current_upper(self) -> Upper:
         """The upper for the next generation: on a btrfs writable volume, its live
@@ -125,10 +127,6 @@ class Stack:
         if self.config.writable_fallback == "tmpfs":
             return self.engine.tmpfs_upper()
         return NO_UPPER
-
-    def data_supported(self) -> bool:
-        """Whether the upper's data can return to a generation's state (btrfs)."""
-        return self.upper_data is not None
 
     def upper_description(self) -> str:
         upper = self.state.upper
@@ -437,6 +435,7 @@ class Change:
         self._moved = 0  # undo token of putting them back
         self.swap_ms = 0.0
         self.declaration_failures: list[ToolFailure] = []  # for a trial to judge
+        self.left_live: str | None = None  # btrfs: the live subvolume this change leaves
 
     async def run(self) -> bool:
         """Prepare, commit and publish; True when the live stack changed. On failure nothing
@@ -476,6 +475,9 @@ class Change:
         self._mounts = checked.mounts
         self._drop_probed_again(checked, devnodes)
         await index_checked(stack, checked)
+        # The live subvolume in use (at start, before anything was adopted, the one
+        # state.json names), taken before this change records its own.
+        self.left_live = stack.state.upper.live or stack.state.saved.upper_data
         self.upper = stack.current_upper()
         await self._restore_data()
         self.plan = stack.plan(self.volumes)
@@ -524,7 +526,7 @@ class Change:
     def _keep_data(self) -> None:
         """Right before the swap (in a worker thread): the state of the generation being
         left, and, when the upper itself is replaced, the writes made since (never deleted)."""
-        data, left = self.stack.upper_data, self.stack.state.upper.live
+        data, left = self.stack.upper_data, self.left_live
         if data is None or left is None:
             return
         try:
@@ -684,6 +686,7 @@ class Change:
         self.declaration_failures = await stack.follower.after_swap(
             self.generation, arriving, self._gone(), mounted, self._answer
         )
+        stack.declaration_failures = self.declaration_failures
 
     def _record(self) -> None:
         """The files and journal entries of the change (in a worker thread)."""

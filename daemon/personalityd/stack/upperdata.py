@@ -28,10 +28,12 @@ import os
 import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from personalityd.adapters import btrfs
+from personalityd.adapters.state import fsync_dir
 from personalityd.core import snapshots as names
 
 log = structlog.get_logger()
@@ -202,8 +204,4 @@ def _check_live_name(name: str) -> str:
 
 
 def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(Path(path))
