@@ -16,7 +16,7 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from sandbox_view import our_mounts, read, stacked_overlays, wait_until
-from served_daemon import Images, Serve
+from served_daemon import Images, Serve, listing
 
 from testkit.daemon import Daemon
 from testkit.dbus import call_error, call_ok
@@ -321,3 +321,31 @@ def test_kill9_during_a_trial_on_btrfs_returns_the_data_too(
     assert kept.read_text() == "during\n"
     wait_until(lambda: has_result(daemon, "crash"), daemon)
     assert spool_result(daemon, "crash")["code"] == "rolled-back"
+
+
+async def test_rollback_to_a_generation_whose_volume_is_gone(
+    serve: Serve, daemon: Daemon, loop_devices: LoopDevices, image: Images, client: MessageBus,
+) -> None:  # fmt: skip
+    a = image("a", {"usr/bin/tool": "a"})
+    loop_devices.attach(a)
+    c = loop_devices.attach(image("c", {"usr/bin/tool": "c"}))
+    serve(daemon)
+    await call_ok(client, "Switch", "asa{sv}", ["a", "c"], {})
+    with_c = daemon_generation(daemon)
+    await call_ok(client, "Switch", "asa{sv}", ["a"], {})
+    loop_devices.yank(c)
+    deadline = time.monotonic() + 120
+    while "c" in await listing(client):
+        assert time.monotonic() < deadline, await listing(client)
+        await asyncio.sleep(0.1)
+    name, message = await call_error(client, "Rollback", "ta{sv}", with_c, {})
+    assert name == ERROR + "NoSuchPersonality" and "'c'" in message, message
+    # With a timeout, the volume may come back meanwhile.
+    back = asyncio.ensure_future(
+        call_ok(client, "Rollback", "ta{sv}", with_c, options(timeout=120))
+    )
+    await asyncio.sleep(0.5)
+    assert not back.done()
+    loop_devices.attach(image("c", {"usr/bin/tool": "c"}))
+    assert await asyncio.wait_for(back, 120) == [daemon_generation(daemon)]
+    assert read(daemon.root, "usr/bin/tool") == b"c"
